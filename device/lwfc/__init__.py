@@ -1,0 +1,13 @@
+"""lwfc device codec: table-lookup quantization and constriction-compatible range coding of split-DNN
+features. Pure Python, MicroPython-compatible; imports nothing outside the standard library."""
+
+from .encoder import Encoder
+from .errors import EncodeError, FrameError, LwfcError, TableError
+from .frame import parse_frame, parse_header
+from .tables import Tables, load_tables, parse_tables
+
+__version__ = "0.1.0"
+__all__ = [
+    "Encoder", "Tables", "load_tables", "parse_tables", "parse_frame", "parse_header",
+    "LwfcError", "TableError", "EncodeError", "FrameError",
+]

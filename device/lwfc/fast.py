@@ -1,0 +1,120 @@
+"""Optional fast paths with numpy and constriction; frames are byte-identical to the pure-Python core.
+
+Only for boards (and hosts) that have numpy; the host decoder reuses the context rule from here.
+"""
+
+import numpy as np
+
+from .frame import pack_frame
+from .scan import diagonal_positions
+
+
+def index_array(indices_hwc):
+    return np.asarray(indices_hwc, dtype=np.int64)
+
+
+def context_ids(above, left, channel, tables):
+    """Context number ``group * K^2 + class(above) * K + class(left)`` for elements whose above and left
+    neighbour indices are given (the value ``levels`` meaning "outside the tensor") and whose channel
+    index is ``channel``. All arrays broadcast together."""
+    k = tables.classes
+    group = np.asarray(tables.channel_group, dtype=np.int64)[channel]
+    if k == 1:
+        return group
+    ncls = np.asarray(tables.neighbour_class, dtype=np.int64)
+    return group * (k * k) + ncls[above] * k + ncls[left]
+
+
+def neighbours(idx):
+    """Above and left neighbour indices of every element of an (H, W, C) index array; positions outside
+    the tensor get ``levels``-valued markers filled in by the caller's convention (here: -1)."""
+    h, w, c = idx.shape
+    above = np.full_like(idx, -1)
+    left = np.full_like(idx, -1)
+    above[1:] = idx[:-1]
+    left[:, 1:] = idx[:, :-1]
+    return above, left
+
+
+def model_ids(idx, tables):
+    """Model index of every element of an (H, W, C) index array (raster order)."""
+    above, left = neighbours(idx)
+    n = tables.levels
+    above[above < 0] = n
+    left[left < 0] = n
+    ch = np.arange(idx.shape[2])
+    ctx = np.broadcast_to(context_ids(above, left, ch, tables), idx.shape)
+    return np.asarray(tables.model_of_context, dtype=np.int64)[ctx]
+
+
+def scan_permutation(height, width):
+    """Raster position index of each position in scan order."""
+    return np.fromiter(diagonal_positions(height, width), dtype=np.int64, count=height * width)
+
+
+def probability_rows(tables):
+    """Float64 rows ``frequency - 1`` per model: constriction's ``Categorical(perfect=False)`` turns
+    them back into exactly these integer frequencies (they sum to 2^24)."""
+    return np.asarray(tables.models, dtype=np.float64) - 1.0
+
+
+def plane_models(tables):
+    """For K = 1 tables: the constriction model coding each channel's plane."""
+    import constriction
+
+    probs = probability_rows(tables)
+    built = {}
+    out = []
+    for g in tables.channel_group:
+        m = tables.model_of_context[g]
+        if m not in built:
+            built[m] = constriction.stream.model.Categorical(probs[m], perfect=False)
+        out.append(built[m])
+    return out
+
+
+def encode_indices_constriction(idx_hwc, tables):
+    """Payload bytes for an (H, W, C) index array, coded with constriction."""
+    import constriction
+
+    h, w, c = idx_hwc.shape
+    idx = index_array(idx_hwc)
+    probs = probability_rows(tables)
+    encoder = constriction.stream.queue.RangeEncoder()
+    if tables.classes == 1:  # channel-planar order, one model per plane
+        planes = idx.reshape(h * w, c).T.astype(np.int32)
+        if len(tables.models) == 1:
+            encoder.encode(planes.reshape(-1), constriction.stream.model.Categorical(probs[0], perfect=False))
+        else:
+            models = plane_models(tables)
+            for ch in range(c):
+                encoder.encode(planes[ch], models[ch])
+    else:
+        models = model_ids(idx, tables)
+        perm = scan_permutation(h, w)
+        symbols = idx.reshape(h * w, c)[perm].reshape(-1).astype(np.int32)
+        mids = models.reshape(h * w, c)[perm].reshape(-1)
+        family = constriction.stream.model.Categorical(perfect=False)
+        encoder.encode(symbols, family, probs[mids])
+    words = encoder.get_compressed()
+    return words.astype("<u4").tobytes()
+
+
+def encode_int8_constriction(q_hwc, tables):
+    """Frame for an int8 (H, W, C) array, quantized with numpy and coded with constriction."""
+    q = np.asarray(q_hwc, dtype=np.int8)
+    lut = np.asarray(tables.index_of_q, dtype=np.int64)
+    idx = lut[q.astype(np.int64) + 128]
+    h, w, c = idx.shape
+    return pack_frame(tables.table_id, (h, w, c), encode_indices_constriction(idx, tables))
+
+
+def indices_from_float_np(x, tables):
+    """Indices of a float array under the table's fixed-point thresholds (SPEC.md, section 3.3)."""
+    from .errors import EncodeError
+
+    x = np.asarray(x, dtype=np.float64)
+    if np.isnan(x).any():
+        raise EncodeError("input contains NaN")
+    fixed = np.clip(np.floor(x * float(1 << tables.frac_bits)), -2147483648.0, 2147483647.0)
+    return np.searchsorted(np.asarray(tables.thresholds, dtype=np.float64), fixed, side="right")

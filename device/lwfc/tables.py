@@ -1,0 +1,190 @@
+"""Table files: load, validate, and prepare the lookups the encoder needs (SPEC.md, section 3).
+
+A table file is JSON. The device reads only integers from it (the int8 lookup table, thresholds,
+context maps and model frequencies); the floats (clip range, int8 scale, reconstruction values) are
+there for the host and for people.
+"""
+
+import json
+
+from .errors import TableError
+
+FORMAT = "lwfc-tables"
+VERSION = 1
+PRECISION = 24
+TOTAL = 1 << PRECISION
+MAX_LEVELS = 16
+MAX_GROUPS = 256
+MAX_CHANNELS = 65535
+
+
+def _require(cond, msg):
+    if not cond:
+        raise TableError(msg)
+
+
+def _int_list(obj, name, length=None):
+    _require(isinstance(obj, list), "%s must be a list" % name)
+    if length is not None:
+        _require(len(obj) == length, "%s must have %d entries, has %d" % (name, length, len(obj)))
+    for v in obj:
+        # bool is an int subclass in Python: reject it explicitly
+        _require(isinstance(v, int) and not isinstance(v, bool), "%s must hold integers, found %r" % (name, v))
+    return obj
+
+
+def _number(obj, name):
+    _require(isinstance(obj, (int, float)) and not isinstance(obj, bool), "%s must be a number" % name)
+    _require(obj == obj and obj not in (float("inf"), float("-inf")), "%s must be finite" % name)
+    return obj
+
+
+def _get(d, key, where="table"):
+    _require(isinstance(d, dict), "%s must be a JSON object" % where)
+    _require(key in d, "%s has no field %r" % (where, key))
+    return d[key]
+
+
+class Tables(object):
+    """A validated table file, with the lookups the encoder uses.
+
+    Attributes (all plain Python ints and lists):
+      table_id (4 bytes), channels (C), levels (N), classes (K), groups (G),
+      index_of_q (256 ints, q = -128..127), frac_bits, thresholds (N-1 ints),
+      neighbour_class (N+1 ints; entry N is "outside the tensor"), channel_group (C ints),
+      model_of_context (G*K*K ints), models (lists of N frequencies),
+      start, freq: the range coder's (cumulative start, frequency) per key
+      ``group * 256 + (class_above * K + class_left) * N + index``.
+      raw: the parsed JSON object.
+    """
+
+    def __init__(self, obj):
+        _require(isinstance(obj, dict), "a table file must hold a JSON object")
+        _require(_get(obj, "format") == FORMAT, "format must be %r, found %r" % (FORMAT, obj.get("format")))
+        version = _get(obj, "version")
+        _require(version == VERSION, "unsupported table version %r (this reader reads %d)" % (version, VERSION))
+        self.raw = obj
+        tid = _get(obj, "table_id")
+        _require(isinstance(tid, str) and len(tid) == 8, "table_id must be 8 hex digits")
+        try:
+            self.table_id = bytes(int(tid[i:i + 2], 16) for i in range(0, 8, 2))
+        except ValueError:
+            raise TableError("table_id must be 8 hex digits, found %r" % tid) from None
+        _require(_get(obj, "layout") == "NHWC", "layout must be 'NHWC'")
+
+        channels = _get(obj, "channels")
+        _require(isinstance(channels, int) and 1 <= channels <= MAX_CHANNELS,
+                 "channels must be an integer in 1..%d" % MAX_CHANNELS)
+        levels = _get(obj, "levels")
+        _require(isinstance(levels, int) and 2 <= levels <= MAX_LEVELS,
+                 "levels must be an integer in 2..%d, found %r" % (MAX_LEVELS, levels))
+        self.channels = channels
+        self.levels = levels
+
+        clip_min = _number(_get(obj, "clip_min"), "clip_min")
+        clip_max = _number(_get(obj, "clip_max"), "clip_max")
+        _require(clip_min < clip_max, "clip_min must be below clip_max")
+
+        int8 = _get(obj, "int8")
+        scale = _number(_get(int8, "scale", "int8"), "int8.scale")
+        _require(scale > 0, "int8.scale must be positive")
+        zp = _get(int8, "zero_point", "int8")
+        _require(isinstance(zp, int) and -128 <= zp <= 127, "int8.zero_point must be an integer in -128..127")
+        lut = _int_list(_get(int8, "index_of_q", "int8"), "int8.index_of_q", 256)
+        for i, v in enumerate(lut):
+            _require(0 <= v < levels, "int8.index_of_q[%d] = %d is outside 0..%d" % (i, v, levels - 1))
+            _require(i == 0 or v >= lut[i - 1], "int8.index_of_q must be non-decreasing (entry %d)" % i)
+        self.index_of_q = lut
+
+        fl = _get(obj, "float_input")
+        frac_bits = _get(fl, "frac_bits", "float_input")
+        _require(isinstance(frac_bits, int) and 0 <= frac_bits <= 24, "float_input.frac_bits must be in 0..24")
+        thr = _int_list(_get(fl, "thresholds", "float_input"), "float_input.thresholds", levels - 1)
+        for i in range(1, len(thr)):
+            _require(thr[i] > thr[i - 1], "float_input.thresholds must be strictly increasing")
+        for t in thr:
+            _require(-(1 << 31) < t < (1 << 31), "float_input.thresholds must fit in int32")
+        self.frac_bits = frac_bits
+        self.thresholds = thr
+
+        recon = _get(obj, "reconstruction")
+        _require(isinstance(recon, list) and len(recon) == levels,
+                 "reconstruction must list %d values" % levels)
+        for v in recon:
+            _number(v, "reconstruction value")
+        self.reconstruction = recon
+
+        ctx = _get(obj, "contexts")
+        groups = _get(ctx, "groups", "contexts")
+        _require(isinstance(groups, int) and 1 <= groups <= min(channels, MAX_GROUPS),
+                 "contexts.groups must be in 1..min(channels, %d)" % MAX_GROUPS)
+        classes = _get(ctx, "classes", "contexts")
+        _require(isinstance(classes, int) and classes >= 1 and classes * classes * levels <= 256,
+                 "contexts.classes K must be >= 1 with K*K*levels <= 256")
+        cg = _int_list(_get(ctx, "channel_group", "contexts"), "contexts.channel_group", channels)
+        for v in cg:
+            _require(0 <= v < groups, "contexts.channel_group entry %d outside 0..%d" % (v, groups - 1))
+        ncls = _int_list(_get(ctx, "neighbour_class", "contexts"), "contexts.neighbour_class", levels + 1)
+        for v in ncls:
+            _require(0 <= v < classes, "contexts.neighbour_class entry %d outside 0..%d" % (v, classes - 1))
+        moc = _int_list(_get(ctx, "model_of_context", "contexts"), "contexts.model_of_context",
+                        groups * classes * classes)
+        self.groups = groups
+        self.classes = classes
+        self.channel_group = cg
+        self.neighbour_class = ncls
+        self.model_of_context = moc
+
+        models = _get(obj, "models")
+        _require(isinstance(models, list) and 1 <= len(models) <= groups * classes * classes,
+                 "models must list 1..groups*classes^2 models")
+        for m, freqs in enumerate(models):
+            _int_list(freqs, "models[%d]" % m, levels)
+            for f in freqs:
+                _require(f >= 1, "models[%d] has a frequency below 1" % m)
+            _require(sum(freqs) == TOTAL, "models[%d] sums to %d, not 2^24" % (m, sum(freqs)))
+        for v in moc:
+            _require(0 <= v < len(models), "contexts.model_of_context entry %d outside 0..%d" % (v, len(models) - 1))
+        self.models = models
+        self._build_keys()
+
+    def _build_keys(self):
+        n, k = self.levels, self.classes
+        start = [0] * (self.groups * 256)
+        freq = [0] * (self.groups * 256)
+        cumulative = []
+        for freqs in self.models:
+            c, acc = [], 0
+            for f in freqs:
+                c.append(acc)
+                acc += f
+            cumulative.append(c)
+        for g in range(self.groups):
+            for ctx in range(k * k):
+                m = self.model_of_context[g * k * k + ctx]
+                for s in range(n):
+                    key = g * 256 + ctx * n + s
+                    start[key] = cumulative[m][s]
+                    freq[key] = self.models[m][s]
+        self.start = start
+        self.freq = freq
+
+    def table_id_hex(self):
+        return "".join("%02x" % b for b in self.table_id)
+
+
+def parse_tables(text):
+    """Parse and validate a table file's text (str or bytes). Raises TableError."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode()
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError; MicroPython raises ValueError
+        raise TableError("table file is not valid JSON: %s" % exc) from None
+    return Tables(obj)
+
+
+def load_tables(path):
+    """Read and validate a table file."""
+    with open(path, "rb") as f:
+        return parse_tables(f.read())

@@ -1,0 +1,126 @@
+"""Host decoder: validate a frame, range-decode it with constriction in vectorised calls, reconstruct.
+
+Decoding follows SPEC.md, section 6. With neighbour contexts (K > 1) one constriction call decodes a
+whole anti-diagonal of positions (all their channels), whose contexts depend only on the diagonal
+before; without them one call decodes the whole tensor. The payload must be exactly the canonical
+encoder output: it is re-encoded and compared, which catches words that run out, words left over and
+any other non-canonical payload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+
+from lwfc.errors import BadShape, PayloadError, TableMismatch
+from lwfc.fast import context_ids, plane_models, probability_rows
+from lwfc.frame import FrameHeader, parse_frame
+from lwfc.scan import diagonal_runs
+from lwfc.tables import Tables
+
+
+@dataclass
+class Decoded:
+    """A decoded frame: header, quantization indices (H, W, C) and the float32 tensor (1, H, W, C)."""
+
+    header: FrameHeader
+    indices: np.ndarray
+    tensor: np.ndarray
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.header.frame_length / self.header.element_count
+
+
+class Decoder:
+    """Decodes frames made with one table."""
+
+    def __init__(self, tables: Tables, verify: bool = True):
+        self.tables = tables
+        self.verify = verify
+        self._probs = probability_rows(tables)
+        self._model_of_context = np.asarray(tables.model_of_context, dtype=np.int64)
+        self._recon = np.asarray(tables.reconstruction, dtype=np.float32)
+        self._family = constriction.stream.model.Categorical(perfect=False)
+        self._plane_models = plane_models(tables) if tables.classes == 1 else None
+
+    def decode(self, frame: bytes) -> Decoded:
+        """Decode one complete frame. Raises a FrameError subclass for any malformed frame."""
+        header, payload = parse_frame(frame)
+        t = self.tables
+        if header.table_id != t.table_id:
+            raise TableMismatch(f"frame was coded with table {header.table_id.hex()}, "
+                                f"this decoder has table {t.table_id_hex()}")
+        h, w, c = header.shape
+        if c != t.channels:
+            raise BadShape(f"frame has {c} channels, the table is for {t.channels}")
+        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+        try:
+            if t.classes == 1:
+                idx, symbols, mids = self._decode_planes(words, h, w, c)
+            else:
+                idx, symbols, mids = self._decode_by_diagonals(words, h, w, c)
+        except BaseException as exc:  # constriction raises plain ValueError/AssertionError/...
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
+                raise
+            raise PayloadError(f"payload does not decode: {exc}") from exc
+        if self.verify:
+            self._check_canonical(words, symbols, mids)
+        tensor = self._recon[idx].reshape(1, h, w, c)
+        return Decoded(header, idx, tensor)
+
+    def _decode_planes(self, words, h, w, c):
+        """K = 1: channel-planar order, each plane with one fixed model (one call per plane)."""
+        decoder = constriction.stream.queue.RangeDecoder(words)
+        if len(self.tables.models) == 1:
+            planes = decoder.decode(self._plane_models[0], h * w * c).reshape(c, h * w)
+        else:
+            planes = np.empty((c, h * w), dtype=np.int32)
+            for ch, model in enumerate(self._plane_models):
+                planes[ch] = decoder.decode(model, h * w)
+        return np.ascontiguousarray(planes.T).reshape(h, w, c).astype(np.uint8), planes, None
+
+    def _decode_by_diagonals(self, words, h, w, c):
+        t = self.tables
+        n_lv = t.levels
+        decoder = constriction.stream.queue.RangeDecoder(words)
+        # one spare row and column of "outside" markers above and left of the tensor
+        padded = np.full((h + 1, w + 1, c), n_lv, dtype=np.int64)
+        channel = np.arange(c)
+        symbols_parts, mids_parts = [], []
+        for first, count in diagonal_runs(h, w):
+            pos = first + np.arange(count) * (w - 1)
+            hs, ws = pos // w + 1, pos % w + 1
+            ctx = context_ids(padded[hs - 1, ws], padded[hs, ws - 1], channel, t)
+            mids = self._model_of_context[ctx].reshape(-1)
+            sym = decoder.decode(self._family, self._probs[mids])
+            padded[hs, ws] = sym.reshape(count, c)
+            symbols_parts.append(sym)
+            mids_parts.append(mids)
+        idx = padded[1:, 1:].astype(np.uint8)
+        return idx, np.concatenate(symbols_parts), np.concatenate(mids_parts)
+
+    def _check_canonical(self, words, symbols, mids):
+        encoder = constriction.stream.queue.RangeEncoder()
+        if mids is None:  # planes
+            if len(self.tables.models) == 1:
+                encoder.encode(symbols.reshape(-1), self._plane_models[0])
+            else:
+                for plane, model in zip(symbols, self._plane_models):
+                    encoder.encode(plane, model)
+        else:
+            encoder.encode(symbols, self._family, self._probs[mids])
+        canonical = encoder.get_compressed()
+        if len(canonical) > len(words):
+            raise PayloadError(f"payload runs out: {len(words)} words, the symbols need {len(canonical)}")
+        if len(canonical) < len(words):
+            raise PayloadError(f"{len(words) - len(canonical)} payload words left over after the last symbol")
+        if not np.array_equal(canonical, words):
+            raise PayloadError("payload is not the canonical encoding of the symbols it decodes to")
+
+
+def decode_frame(frame: bytes, tables: Tables, verify: bool = True) -> Decoded:
+    """Decode one frame with ``tables`` (see ``Decoder``)."""
+    return Decoder(tables, verify=verify).decode(frame)

@@ -1,0 +1,84 @@
+"""Writing table files: canonical content, table id, integer model frequencies (SPEC.md, section 3).
+
+Reading and validating a table is the device's job (``lwfc.tables``); the host adds the one check the
+device cannot afford: that ``table_id`` is the hash of the canonical content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lwfc.errors import TableError
+from lwfc.tables import FORMAT, TOTAL, VERSION, Tables
+
+
+def canonical_bytes(table: dict) -> bytes:
+    """The canonical serialisation the table id hashes: every field but ``table_id``, keys sorted,
+    no white space, ASCII, floats in Python's shortest round-trip form."""
+    content = {k: v for k, v in table.items() if k != "table_id"}
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def compute_table_id(table: dict) -> str:
+    """First 4 bytes of SHA-256 of the canonical content, as 8 lower-case hex digits."""
+    return hashlib.sha256(canonical_bytes(table)).hexdigest()[:8]
+
+
+def finalize(table: dict) -> dict:
+    """Return a copy of ``table`` with format, version and table_id set, validated."""
+    out = dict(table)
+    out["format"] = FORMAT
+    out["version"] = VERSION
+    out["table_id"] = compute_table_id(out)
+    Tables(out)  # validate with the device's own reader
+    return out
+
+
+def load_verified(path: str | Path) -> Tables:
+    """Load a table file, validate it, and check that its table_id matches its content."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise TableError(f"cannot read table file {path}: {exc.strerror}") from exc
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise TableError(f"table file {path} is not valid JSON: {exc}") from exc
+    tables = Tables(obj)
+    expected = compute_table_id(obj)
+    if tables.table_id_hex() != expected:
+        raise TableError(f"table_id {tables.table_id_hex()} does not match the content's hash {expected}: "
+                         "the file was edited after it was written")
+    return tables
+
+
+def write_tables(table: dict, path: str | Path) -> dict:
+    """Finalize and write a table file (indented JSON; the id does not depend on formatting)."""
+    final = finalize(table)
+    Path(path).write_text(json.dumps(final, indent=1, sort_keys=True) + "\n")
+    return final
+
+
+def integer_frequencies(counts, total: int = TOTAL) -> list[int]:
+    """Scale non-negative counts to integer frequencies, each >= 1, summing exactly to ``total``.
+
+    Add-half smoothing first (so that no symbol has zero probability), then largest-remainder rounding
+    of the part above the floor of 1 per symbol."""
+    c = np.asarray(counts, dtype=np.float64) + 0.5
+    n = len(c)
+    if n < 1 or n > total:
+        raise ValueError("need between 1 and total symbols")
+    spare = total - n
+    ideal = c / c.sum() * spare
+    base = np.floor(ideal).astype(np.int64)
+    short = spare - int(base.sum())
+    order = np.argsort(-(ideal - base), kind="stable")
+    base[order[:short]] += 1
+    freqs = (base + 1).tolist()
+    assert sum(freqs) == total
+    return [int(f) for f in freqs]
