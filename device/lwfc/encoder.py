@@ -104,6 +104,7 @@ class Encoder(object):
         self.tables = tables
         self.fast = _FAST if fast is None else fast
         self._byte_table = byte_table(tables)
+        self.last_coder = None
 
     def encode_indices(self, indices, height, width):
         """Frame for index bytes (NHWC order, each < levels)."""
@@ -122,6 +123,7 @@ class Encoder(object):
                 keys = keys_slow(indices, height, width, t)
             coder.encode_keys(keys, t.start, t.freq)
         words = coder.finish()
+        self.last_coder = coder  # its inversion/carry counts are useful to tests
         payload = struct.pack("<%dI" % len(words), *words)
         return pack_frame(t.table_id, (height, width, t.channels), payload)
 

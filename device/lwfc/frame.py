@@ -39,9 +39,10 @@ _HEADER = "<2sBB4sHHHII"
 
 
 def max_payload_length(element_count):
-    """Largest payload (bytes) a conforming encoder can produce for ``element_count`` symbols: each symbol
-    costs at most 24 bits (every frequency is >= 1 out of 2^24), plus at most 2 sealing words."""
-    return 4 * ((24 * element_count + 31) // 32 + 2)
+    """Bound on the payload (bytes) a conforming encoder can produce for ``element_count`` symbols: each
+    symbol narrows the range by at most 24 bits (every frequency is >= 1 of 2^24) plus under 0.006 bits of
+    rounding, so 25 bits per symbol, plus at most 2 sealing words."""
+    return 4 * ((25 * element_count + 31) // 32 + 2)
 
 
 class FrameHeader(object):

@@ -21,6 +21,8 @@ class RangeEncoder(object):
         self.rng = _M64
         self.inverted = 0          # number of held-back words (0: normal situation)
         self.first_inverted = 0    # the first held-back word
+        self.inversions = 0        # statistics, for tests: how often words were held back ...
+        self.carries = 0           # ... and how often a carry settled them
 
     def encode_keys(self, keys, start, freq):
         """Encode one symbol per key: the symbol's interval is [start[key], start[key] + freq[key])."""
@@ -42,6 +44,7 @@ class RangeEncoder(object):
                     words.append(invw + 1)
                     words.extend([0] * (inv - 1))
                     inv = 0
+                    self.carries += 1
                 elif low + rng < _T64:
                     words.append(invw)
                     words.extend([_M32] * (inv - 1))
@@ -57,6 +60,7 @@ class RangeEncoder(object):
                 else:
                     inv = 1
                     invw = w
+                    self.inversions += 1
         self.low = low
         self.rng = rng
         self.inverted = inv
