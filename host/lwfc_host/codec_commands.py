@@ -59,7 +59,6 @@ def register(subparsers) -> None:
 
 def _load_tables(path: str):
     from lwfc.errors import TableError
-
     from lwfc_host.cli import CommandError
     from lwfc_host.tablefile import load_verified
 
@@ -89,7 +88,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from lwfc.errors import LwfcError
     from lwfc.fast import encode_indices_constriction, indices_from_float_np
     from lwfc.frame import pack_frame
-
     from lwfc_host.cli import CommandError
 
     tables = _load_tables(args.tables)
@@ -124,7 +122,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lwfc.errors import FrameError
-
     from lwfc_host.cli import CommandError
     from lwfc_host.decoder import Decoder
 
@@ -148,7 +145,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lwfc.errors import FrameError
     from lwfc.frame import parse_frame
-
     from lwfc_host.cli import CommandError
 
     try:

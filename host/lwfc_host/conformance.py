@@ -17,7 +17,7 @@ import numpy as np
 
 from lwfc.encoder import Encoder
 from lwfc.errors import LwfcError
-from lwfc.fast import encode_int8_constriction, encode_indices_constriction, indices_from_float_np
+from lwfc.fast import encode_indices_constriction, encode_int8_constriction, indices_from_float_np
 from lwfc.frame import pack_frame
 from lwfc.tables import Tables
 from lwfc_host.decoder import Decoder
