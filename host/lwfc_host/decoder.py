@@ -15,7 +15,7 @@ import constriction
 import numpy as np
 
 from lwfc.errors import BadShape, PayloadError, TableMismatch
-from lwfc.fast import context_ids, plane_models, probability_rows
+from lwfc.fast import plane_models, probability_rows, scan_permutation
 from lwfc.frame import FrameHeader, parse_frame
 from lwfc.scan import diagonal_runs
 from lwfc.tables import Tables
@@ -59,15 +59,15 @@ class Decoder:
         words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
         try:
             if t.classes == 1:
-                idx, symbols, mids = self._decode_planes(words, h, w, c)
+                idx, symbols, rows = self._decode_planes(words, h, w, c)
             else:
-                idx, symbols, mids = self._decode_by_diagonals(words, h, w, c)
+                idx, symbols, rows = self._decode_by_diagonals(words, h, w, c)
         except BaseException as exc:  # constriction raises plain ValueError/AssertionError/...
             if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
                 raise
             raise PayloadError(f"payload does not decode: {exc}") from exc
         if self.verify:
-            self._check_canonical(words, symbols, mids)
+            self._check_canonical(words, symbols, rows)
         tensor = self._recon[idx].reshape(1, h, w, c)
         return Decoded(header, idx, tensor)
 
@@ -83,35 +83,43 @@ class Decoder:
         return np.ascontiguousarray(planes.T).reshape(h, w, c).astype(np.uint8), planes, None
 
     def _decode_by_diagonals(self, words, h, w, c):
-        t = self.tables
-        n_lv = t.levels
-        decoder = constriction.stream.queue.RangeDecoder(words)
-        # one spare row and column of "outside" markers above and left of the tensor
-        padded = np.full((h + 1, w + 1, c), n_lv, dtype=np.int64)
-        channel = np.arange(c)
-        symbols_parts, mids_parts = [], []
-        for first, count in diagonal_runs(h, w):
-            pos = first + np.arange(count) * (w - 1)
-            hs, ws = pos // w + 1, pos % w + 1
-            ctx = context_ids(padded[hs - 1, ws], padded[hs, ws - 1], channel, t)
-            mids = self._model_of_context[ctx].reshape(-1)
-            sym = decoder.decode(self._family, self._probs[mids])
-            padded[hs, ws] = sym.reshape(count, c)
-            symbols_parts.append(sym)
-            mids_parts.append(mids)
-        idx = padded[1:, 1:].astype(np.uint8)
-        return idx, np.concatenate(symbols_parts), np.concatenate(mids_parts)
+        """K > 1: one constriction call per anti-diagonal.
 
-    def _check_canonical(self, words, symbols, mids):
+        ``last[r + 1]`` holds the neighbour classes of the most recently decoded position of row r
+        (row -1 and rows not reached yet hold the class of "outside"). After diagonal d - 1, for a
+        position (r, d - r) that is exactly its above neighbour in ``last[r]`` and its left neighbour in
+        ``last[r + 1]``, so every step is a slice, not a gather."""
+        t = self.tables
+        k = t.classes
+        ncls = np.asarray(t.neighbour_class, dtype=np.int64)
+        decoder = constriction.stream.queue.RangeDecoder(words)
+        last = np.full((h + 1, c), ncls[t.levels], dtype=np.int64)
+        group_base = np.asarray(t.channel_group, dtype=np.int64) * (k * k)
+        probs_of_context = self._probs[self._model_of_context]
+        symbols_parts, rows_parts = [], []
+        for first, count in diagonal_runs(h, w):
+            r0 = first // w
+            ctx = group_base + last[r0:r0 + count] * k + last[r0 + 1:r0 + count + 1]
+            rows = probs_of_context[ctx.reshape(-1)]
+            sym = decoder.decode(self._family, rows)
+            last[r0 + 1:r0 + count + 1] = ncls[sym.reshape(count, c)]
+            symbols_parts.append(sym)
+            rows_parts.append(rows)
+        symbols = np.concatenate(symbols_parts)
+        idx = np.empty((h * w, c), dtype=np.uint8)
+        idx[scan_permutation(h, w)] = symbols.reshape(h * w, c)
+        return idx.reshape(h, w, c), symbols, np.concatenate(rows_parts)
+
+    def _check_canonical(self, words, symbols, rows):
         encoder = constriction.stream.queue.RangeEncoder()
-        if mids is None:  # planes
+        if rows is None:  # planes
             if len(self.tables.models) == 1:
                 encoder.encode(symbols.reshape(-1), self._plane_models[0])
             else:
                 for plane, model in zip(symbols, self._plane_models):
                     encoder.encode(plane, model)
-        else:
-            encoder.encode(symbols, self._family, self._probs[mids])
+        else:  # diagonals: the probability rows the decoder used
+            encoder.encode(symbols, self._family, rows)
         canonical = encoder.get_compressed()
         if len(canonical) > len(words):
             raise PayloadError(f"payload runs out: {len(words)} words, the symbols need {len(canonical)}")
