@@ -1,0 +1,370 @@
+"""Quantizer design end to end: clip range, quantizer, entropy models, table file, rate targeting.
+
+``design`` builds one table from calibration statistics; ``target_rate`` searches levels, lambda and
+the clip range for the lowest MSE at a coded rate within 3% of a target; ``rd_curve`` gives the
+rate-distortion points of the ``--report``. Formulas: codec_spec/DESIGN-quantizer.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lwfc.fast import context_ids, indices_from_float_np
+from lwfc.frame import CRC_SIZE, HEADER_SIZE
+from lwfc.tables import MAX_GROUPS, MAX_LEVELS, Tables
+from lwfc_host import entropy_models as em
+from lwfc_host.calibration import Histogram, LoadedStats
+from lwfc_host.clipping import ClipChoice, choose_clip
+from lwfc_host.quantizers import DesignError, Quantizer, ecsq, evaluate, uniform
+from lwfc_host.tablefile import finalize, integer_frequencies
+from lwfc_host.tablegen import int8_lut, neighbour_class_map
+
+RATE_TOLERANCE = 0.03
+MAX_TARGET_BITS = 8.0
+# Besides its payload a frame carries a 22-byte header, a 4-byte CRC and, on average, about 2 bytes of
+# range-coder flush (the partly used last 32-bit word); measured on real frames (tests/test_design_rate.py).
+FLUSH_BYTES = 2
+
+
+@dataclass
+class Design:
+    """A designed table and what it was designed from / measured to do on the calibration data."""
+
+    table: dict
+    quantizer: Quantizer
+    clip: ClipChoice
+    groups: em.GroupChoice | None
+    classes: int
+    entropy_one_model: float  # bits/element, ideal, one model for all channels
+    model_bits_per_element: float  # bits/element of the payload with the table's integer models
+    overhead_bits_per_element: float  # frame header, CRC and flush, per element
+    mse: float
+    mse_clipped: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def coded_bits_per_element(self) -> float:
+        """Estimated coded rate: model bits plus the frame overhead (what ``lwfc encode`` would give)."""
+        return self.model_bits_per_element + self.overhead_bits_per_element
+
+
+def zeros_of(stats: LoadedStats) -> float:
+    """Exact number of zero activations (float input: they matter for the pile at c_min = 0)."""
+    return float(stats.arrays["ch_zeros"].sum())
+
+
+def overhead_bits(stats: LoadedStats) -> float:
+    h, w, c = stats.shape
+    return 8.0 * (HEADER_SIZE + CRC_SIZE + FLUSH_BYTES) / (h * w * c)
+
+
+def frac_bits_for(hist: Histogram, values: list[float]) -> tuple[int, list[str]]:
+    """Fixed-point fraction bits: as many as fit int32 for every threshold (at most 24), and at least
+    enough to represent the histogram's power-of-two bin edges exactly (so device = design)."""
+    notes = []
+    big = max([abs(v) for v in values] + [1e-30])
+    f = min(24, 30 - max(math.ceil(math.log2(big)), 0))
+    if not hist.exact_values:
+        need = -int(round(math.log2(hist.width)))
+        if need > f:
+            notes.append(f"thresholds rounded to 2^-{f}: the histogram resolves 2^-{need}")
+    return max(f, 0), notes
+
+
+def quantizer_indices(x: np.ndarray, table: dict) -> np.ndarray:
+    """Index array of float activations under a (finalized) table, by the device's fixed-point rule."""
+    return indices_from_float_np(x, Tables(table)).astype(np.uint8)
+
+
+def design_quantizer(stats: LoadedStats, levels: int, kind: str = "uniform", lam: float = 0.0,
+                     clip: str | ClipChoice = "mse", pin: bool | None = None) -> tuple[Quantizer, ClipChoice]:
+    """Clip range (method 'model' or 'mse', or a given ClipChoice) and the quantizer on it."""
+    if not 2 <= levels <= MAX_LEVELS:
+        raise DesignError(f"levels must be in 2..{MAX_LEVELS}, got {levels}")
+    hist = stats.histogram()
+    zeros = zeros_of(stats)
+    choice = clip if isinstance(clip, ClipChoice) else choose_clip(hist, levels, clip, zeros)
+    if kind == "uniform":
+        q = uniform(hist, levels, choice.c_min, choice.c_max, zeros, pin)
+    elif kind == "ecsq":
+        q = ecsq(hist, levels, lam, choice.c_min, choice.c_max, zeros, pin)
+    else:
+        raise DesignError(f"unknown quantizer {kind!r} (uniform or ecsq)")
+    return q, choice
+
+
+def _int8_params(stats: LoadedStats, q: Quantizer, scale: float | None, zp: int | None,
+                 notes: list[str]) -> tuple[float, int]:
+    if stats.kind == "int8":
+        s_scale, s_zp = stats.int8
+        if scale is not None and (abs(scale - s_scale) > 1e-9 * s_scale or zp != s_zp):
+            raise DesignError(f"--int8-scale/--int8-zero-point {scale}, {zp} differ from the calibration data's "
+                              f"{s_scale}, {s_zp}")
+        return s_scale, s_zp
+    if scale is not None:
+        if zp is None or not -128 <= zp <= 127 or not scale > 0:
+            raise DesignError("give --int8-scale > 0 together with --int8-zero-point in -128..127")
+        return float(scale), int(zp)
+    s = max(q.clip_max - q.clip_min, 1e-6) / 255.0
+    z = int(np.clip(-128 - round(q.clip_min / s), -128, 127))
+    notes.append(f"no int8 parameters given: index_of_q assumes scale {s:.6g}, zero point {z} "
+                 "(the clip range over 256 steps); pass the edge model's --int8-scale/--int8-zero-point")
+    return s, z
+
+
+def _base_table(stats: LoadedStats, q: Quantizer, int8: tuple[float, int], frac_bits: int, groups: int,
+                labels: np.ndarray, classes: int) -> dict:
+    fixed = [int(math.ceil(t * (1 << frac_bits))) for t in q.thresholds]
+    c = stats.channels
+    n = q.levels
+    return {
+        "layout": "NHWC",
+        "channels": c,
+        "levels": n,
+        "quantizer": q.kind,
+        "clip_min": float(q.clip_min),
+        "clip_max": float(q.clip_max),
+        "int8": {"scale": float(int8[0]), "zero_point": int(int8[1]),
+                 "index_of_q": int8_lut(fixed, frac_bits, int8[0], int8[1])},
+        "float_input": {"frac_bits": frac_bits, "thresholds": fixed},
+        "reconstruction": [float(r) for r in q.reconstruction],
+        "contexts": {
+            "groups": groups, "classes": classes, "channel_group": [int(v) for v in labels],
+            "neighbour_class": neighbour_class_map(n, classes),
+            "model_of_context": list(range(groups * classes * classes)),
+        },
+        "models": [[1] * (n - 1) + [(1 << 24) - n + 1]] * (groups * classes * classes),
+    }
+
+
+def sample_indices(stats: LoadedStats, table: dict) -> np.ndarray:
+    """Indices (B, H, W, C) of the reservoir tensors under ``table``, exactly as the device computes them."""
+    t = Tables(table)
+    q8 = stats.reservoir_int8()
+    if q8 is not None:
+        lut = np.asarray(t.index_of_q, dtype=np.uint8)
+        return lut[q8.astype(np.int64) + 128]
+    return indices_from_float_np(stats.reservoir_float(), t).astype(np.uint8)
+
+
+def design(stats: LoadedStats, levels: int, kind: str = "uniform", lam: float = 0.0, clip: str | ClipChoice = "mse",
+           groups: int | str = 1, classes: int = 1, int8_scale: float | None = None,
+           int8_zero_point: int | None = None, pin: bool | None = None, amortise: float = 1.0) -> Design:
+    """Design one table: clip range, quantizer, channel groups and entropy models."""
+    q, choice = design_quantizer(stats, levels, kind, lam, clip, pin)
+    return finish_design(stats, q, choice, groups, classes, int8_scale, int8_zero_point, amortise)
+
+
+def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: int | str = 1, classes: int = 1,
+                  int8_scale: float | None = None, int8_zero_point: int | None = None,
+                  amortise: float = 1.0) -> Design:
+    """Entropy models and the table file for a designed quantizer."""
+    hist = stats.histogram()
+    notes = list(choice.notes)
+    if q.kind == "ecsq" and q.levels < q.requested_levels:
+        notes.append(f"ECSQ at lambda {q.lam:g} emptied {q.requested_levels - q.levels} of {q.requested_levels} "
+                     f"cells: the table has {q.levels} levels")
+    n = q.levels
+    c = stats.channels
+    if classes < 1 or classes * classes * n > 256:
+        raise DesignError(f"classes K must be >= 1 with K*K*levels <= 256 (levels {n}), got {classes}")
+    gmax = min(c, MAX_GROUPS)
+    if groups != "auto" and not 1 <= int(groups) <= gmax:
+        if int(groups) > gmax:
+            notes.append(f"--groups {groups} exceeds min(C, {MAX_GROUPS}) = {gmax}: using {gmax}")
+            groups = gmax
+        else:
+            raise DesignError(f"--groups must be >= 1, got {groups}")
+    ev = evaluate(q, hist, zeros_of(stats))
+    gc = em.choose_groups(ev.ch_counts, groups, amortise)
+    int8 = _int8_params(stats, q, int8_scale, int8_zero_point, notes)
+    frac_bits, fnotes = frac_bits_for(hist, [q.clip_min, q.clip_max] + list(q.thresholds))
+    notes += fnotes
+    table = finalize(_base_table(stats, q, int8, frac_bits, gc.groups, gc.labels, classes))
+    proto = Tables(table)
+    elements = hist.total
+    if classes == 1:
+        # the group of each channel by the spec's rule (lwfc.fast.context_ids with K = 1)
+        ctx = np.asarray(context_ids(None, None, np.arange(c), proto))
+        counts = np.zeros((gc.groups, n))
+        np.add.at(counts, ctx, ev.ch_counts)
+        bits = em.coded_bits(counts)
+        model_counts = counts
+    else:
+        idx = sample_indices(stats, table)
+        model_counts = em.count_contexts(idx, proto)
+        bits = em.coded_bits(model_counts) * elements / idx.size  # measured on the sample, scaled up
+        notes.append(f"neighbour contexts counted on {idx.shape[0]} sampled tensors")
+    table["models"] = [integer_frequencies(row) for row in model_counts]
+    table = finalize(table)
+    p = ev.counts / ev.counts.sum()
+    ent = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+    return Design(table, q, choice, gc, classes, ent, bits / elements, overhead_bits(stats), ev.mse, ev.mse_clipped,
+                  notes)
+
+
+# ---- rate targeting ----------------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    levels: int
+    kind: str
+    lam: float
+    clip_scale: float
+    rate: float
+    mse: float
+
+
+def _rate_with_groups(ev, labels: np.ndarray, groups: int, overhead: float) -> float:
+    counts = np.zeros((groups, ev.ch_counts.shape[1]))
+    np.add.at(counts, labels, ev.ch_counts)
+    return em.coded_bits(counts) / ev.counts.sum() + overhead
+
+
+def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int | str = 1, classes: int = 1,
+                int8_scale: float | None = None, int8_zero_point: int | None = None,
+                levels: list[int] | None = None, clip_scales: tuple[float, ...] = (0.8, 1.0, 1.25),
+                progress: bool = False) -> tuple[Design, list[Candidate]]:
+    """The design whose coded rate on the calibration set is within 3% of ``bits`` per element and whose
+    MSE is lowest among the candidates tried: uniform and ECSQ (lambda by bisection) for each level
+    count, on the chosen clip range scaled by each of ``clip_scales``."""
+    if not math.isfinite(bits) or bits <= 0:
+        raise DesignError(f"target rate must be a positive number of bits per element, got {bits}")
+    if bits > MAX_TARGET_BITS:
+        raise DesignError(f"target rate {bits} bits/element is above 8 (the int8 input itself)")
+    hist = stats.histogram()
+    zeros = zeros_of(stats)
+    over = overhead_bits(stats)
+    c = stats.channels
+    levels = levels or [2, 3, 4, 5, 6, 8, 10, 12, 16]
+    if groups == "auto" or int(groups) > 1:
+        # group once, on the uniform quantizer closest to the target, then keep the grouping while
+        # searching (clustering every candidate would cost more than it changes); the final design
+        # groups again
+        guess = min(levels, key=lambda n: abs(math.log2(n) - bits))
+        q0, _ = design_quantizer(stats, guess, "uniform", 0.0, clip)
+        gc = em.choose_groups(evaluate(q0, hist, zeros).ch_counts,
+                              groups if groups == "auto" else min(int(groups), min(c, MAX_GROUPS)))
+        labels, g = gc.labels, gc.groups
+    else:
+        labels, g = np.zeros(c, dtype=np.int64), 1
+    tried: list[Candidate] = []
+    lo_tol, hi_tol = bits * (1 - RATE_TOLERANCE), bits * (1 + RATE_TOLERANCE)
+    it = levels
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(levels, desc="target rate", unit="levels")
+    best: tuple[float, Quantizer, ClipChoice] | None = None
+    for n in it:
+        base = choose_clip(hist, n, clip, zeros)
+        for s in clip_scales:
+            top = base.c_min + s * (base.c_max - base.c_min)
+            cc = ClipChoice(base.c_min, top, base.method, base.mse, base.model, list(base.notes))
+            try:
+                qu = uniform(hist, n, cc.c_min, cc.c_max, zeros)
+            except DesignError:
+                continue
+            ev = evaluate(qu, hist, zeros)
+            r = _rate_with_groups(ev, labels, g, over)
+            tried.append(Candidate(n, "uniform", 0.0, s, r, ev.mse))
+            if lo_tol <= r <= hi_tol and (best is None or ev.mse < best[0]):
+                best = (ev.mse, qu, cc)
+
+            def run(lam, cc=cc, n=n):
+                q = ecsq(hist, n, lam, cc.c_min, cc.c_max, zeros)
+                e = evaluate(q, hist, zeros)
+                return q, e, _rate_with_groups(e, labels, g, over)
+
+            q0, e0, r0 = run(0.0)
+            tried.append(Candidate(n, "ecsq", 0.0, s, r0, e0.mse))
+            if lo_tol <= r0 <= hi_tol and (best is None or e0.mse < best[0]):
+                best = (e0.mse, q0, cc)
+            if r0 < lo_tol:
+                continue  # even lambda = 0 codes below the target: more levels are needed
+            a, b = -12.0, 1.0  # log10 lambda: rate falls as lambda grows
+            for _ in range(30):
+                m = 0.5 * (a + b)
+                try:
+                    q, e, r = run(10.0 ** m)
+                except DesignError:  # a single cell left: lambda too large
+                    b = m
+                    continue
+                tried.append(Candidate(n, "ecsq", 10.0 ** m, s, r, e.mse))
+                if lo_tol <= r <= hi_tol:
+                    if best is None or e.mse < best[0]:
+                        best = (e.mse, q, cc)
+                    if abs(r - bits) < 0.002 * bits:
+                        break
+                if r > bits:
+                    a = m
+                else:
+                    b = m
+    if best is None:
+        rates = [t.rate for t in tried]
+        lo, hi = (min(rates), max(rates)) if rates else (float("nan"), float("nan"))
+        if bits < lo:
+            raise DesignError(f"target {bits} bits/element is below the lowest rate reached, {lo:.4f} "
+                              f"(the frame header alone costs {over:.4f} bits/element)")
+        if bits > hi:
+            raise DesignError(f"target {bits} bits/element is above the highest rate reached, {hi:.4f} "
+                              f"(at most {MAX_LEVELS} levels)")
+        raise DesignError(f"no quantizer tried came within 3% of {bits} bits/element (rates {lo:.4f}..{hi:.4f})")
+    _, q, cc = best
+    d = finish_design(stats, q, cc, groups, classes, int8_scale, int8_zero_point)
+    if abs(d.coded_bits_per_element - bits) > RATE_TOLERANCE * bits:
+        d.notes.append(f"regrouping moved the rate to {d.coded_bits_per_element:.4f} bits/element")
+    return d, tried
+
+
+# ---- rate-distortion report --------------------------------------------------------------------------------------
+@dataclass
+class RDPoint:
+    kind: str
+    levels: int
+    lam: float
+    entropy: float  # bits/element, one ideal global model, no overhead
+    grouped: float  # bits/element with channel-group integer models (G chosen automatically), no overhead
+    groups: int
+    mse: float
+
+
+def rd_point(stats: LoadedStats, q: Quantizer, groups: int | str = "auto") -> RDPoint:
+    hist = stats.histogram()
+    ev = evaluate(q, hist, zeros_of(stats))
+    gc = em.choose_groups(ev.ch_counts, groups)
+    one = em.coded_bits(ev.counts) / ev.counts.sum()
+    return RDPoint(q.kind, q.levels, q.lam, one, gc.data_bits / ev.counts.sum(), gc.groups, ev.mse)
+
+
+def equal_rate_ecsq(stats: LoadedStats, levels: int, clip: ClipChoice, rate: float) -> Quantizer | None:
+    """ECSQ with ``levels`` levels whose one-model entropy equals ``rate`` (bisection on lambda), or None
+    when even lambda = 0 codes below it."""
+    hist = stats.histogram()
+    zeros = zeros_of(stats)
+
+    def ent(q):
+        return evaluate(q, hist, zeros).entropy
+
+    q0 = ecsq(hist, levels, 0.0, clip.c_min, clip.c_max, zeros)
+    if ent(q0) <= rate:
+        return q0
+    a, b = -12.0, 1.0
+    best = q0
+    for _ in range(40):
+        m = 0.5 * (a + b)
+        try:
+            q = ecsq(hist, levels, 10.0 ** m, clip.c_min, clip.c_max, zeros)
+        except DesignError:
+            b = m
+            continue
+        r = ent(q)
+        if r > rate:
+            a = m
+        else:
+            b = m
+            best = q
+        if abs(r - rate) < 1e-4 * rate:
+            return q
+    return best
