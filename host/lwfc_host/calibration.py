@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -272,8 +273,8 @@ class CalibrationStats:
         if self.tensors == 0 or self.shape is None:
             raise CalibrationError("no calibration tensors were given (empty input)")
 
-    def save(self, path: str | Path, source: str = "") -> dict:
-        """Write the statistics as a .npz file; returns the summary written with them."""
+    def save(self, path, source: str = "") -> dict:
+        """Write the statistics as a .npz file (a path or a binary file object); returns the summary."""
         self.check_nonempty()
         summary = self.summary()
         meta = {
@@ -282,13 +283,22 @@ class CalibrationStats:
             "log2_width": self.log2_width, "bins": int(self.count.size), "source": source, "summary": summary,
         }
         res = np.stack(self.reservoir)
-        with open(path, "wb") as f:
+        with (open(path, "wb") if isinstance(path, (str, Path)) else nullcontext(path)) as f:
             np.savez_compressed(
                 f, meta=np.array(json.dumps(meta)), count=self.count, s1=self.s1, s2=self.s2,
                 ch_count=self.ch_count, ch_n=self.ch_n, ch_s1=self.ch_s1, ch_s2=self.ch_s2, ch_zeros=self.ch_zeros,
                 ch_min=self.ch_min, ch_max=self.ch_max, ch_at_min=self.ch_at_min, ch_at_max=self.ch_at_max,
                 reservoir=res)
         return summary
+
+    def loaded(self) -> LoadedStats:
+        """The statistics as ``load_stats`` would read them back (in memory, no file)."""
+        import io
+
+        buf = io.BytesIO()
+        self.save(buf)
+        buf.seek(0)
+        return load_stats(buf)
 
     def summary(self) -> dict:
         """Human-readable global numbers: elements, mean, std, min, max, fraction of zeros, saturation."""

@@ -239,6 +239,13 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
     over = overhead_bits(stats)
     c = stats.channels
     levels = levels or [2, 3, 4, 5, 6, 8, 10, 12, 16]
+    # cheap bounds first: the frame overhead is the least any quantizer costs, log2(N) + overhead the most
+    if bits * (1 + RATE_TOLERANCE) < over:
+        raise DesignError(f"target {bits} bits/element is below the lowest rate reached: the frame header alone "
+                          f"costs {over:.4f} bits/element on a {'x'.join(map(str, stats.shape))} tensor")
+    if bits * (1 - RATE_TOLERANCE) > math.log2(max(levels)) + over:
+        raise DesignError(f"target {bits} bits/element is above the highest rate reached: {max(levels)} levels "
+                          f"code at most {math.log2(max(levels)) + over:.4f} bits/element here")
     if groups == "auto" or int(groups) > 1:
         # group once, on the uniform quantizer closest to the target, then keep the grouping while
         # searching (clustering every candidate would cost more than it changes); the final design
@@ -283,8 +290,8 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
                 best = (e0.mse, q0, cc)
             if r0 < lo_tol:
                 continue  # even lambda = 0 codes below the target: more levels are needed
-            a, b = -12.0, 1.0  # log10 lambda: rate falls as lambda grows
-            for _ in range(30):
+            a, b = -8.0, 1.0  # log10 lambda: rate falls as lambda grows
+            for _ in range(20):
                 m = 0.5 * (a + b)
                 try:
                     q, e, r = run(10.0 ** m)
@@ -295,7 +302,7 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
                 if lo_tol <= r <= hi_tol:
                     if best is None or e.mse < best[0]:
                         best = (e.mse, q, cc)
-                    if abs(r - bits) < 0.002 * bits:
+                    if abs(r - bits) < 0.005 * bits:
                         break
                 if r > bits:
                     a = m

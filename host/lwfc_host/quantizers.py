@@ -154,67 +154,129 @@ def uniform(hist: Histogram, levels: int, c_min: float, c_max: float, zeros: flo
     return _finish("uniform", hist, c_min, c_max, edges, n, s1, _pins(hist, plo, phi, pin), requested=levels)
 
 
+class _Cumulative:
+    """Cumulative count and first moment of the clipped data at any point t of [c_min, c_max].
+
+    The data are the two piles (point masses at c_min and c_max) and the bins inside the clip range.
+    Within a float bin the values are taken as spread evenly over the bin, so that thresholds move
+    continuously during the iteration (with cells made of whole bins, Lloyd-type iterations stall once
+    a threshold moves less than half a bin per step). int8 bins hold single values: no interpolation."""
+
+    def __init__(self, hist: Histogram, c_min: float, c_max: float, zeros: float):
+        n = hist.count.copy()
+        s1 = hist.s1.copy()
+        exact = hist.exact_values
+        tol = 1e-9 * hist.width
+        if exact:
+            inside = (hist.lower > c_min + tol) & (hist.lower < c_max - tol)
+            self.pile_lo = float(n[hist.lower <= c_min + tol].sum())
+            self.pile_hi = float(n[hist.lower >= c_max - tol].sum())
+        else:
+            inside = (hist.lower >= c_min - tol) & (hist.lower + hist.width <= c_max + tol)
+            self.pile_lo = float(n[hist.lower + hist.width <= c_min + tol].sum())
+            self.pile_hi = float(n[hist.lower >= c_max - tol].sum())
+            if c_min == 0.0 and zeros:  # the exact zeros sit on the clip point: they join the pile
+                b0 = int(np.flatnonzero(np.isclose(hist.lower, 0.0, atol=tol))[0])
+                n[b0] -= zeros
+                self.pile_lo += zeros
+        self.exact = exact
+        self.lower = hist.lower[inside]
+        self.width = hist.width
+        self.n = np.maximum(n[inside], 0.0)
+        self.s1 = np.where(self.n > 0, s1[inside], 0.0)
+        self.mean = np.where(self.n > 0, self.s1 / np.where(self.n > 0, self.n, 1), self.lower + 0.5 * self.width)
+        self.c0 = np.concatenate([[0.0], np.cumsum(self.n)])
+        self.c1 = np.concatenate([[0.0], np.cumsum(self.s1)])
+        self.c_min, self.c_max = c_min, c_max
+        self.total = float(self.n.sum() + self.pile_lo + self.pile_hi)
+
+    def at(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(count, sum) of the clipped values below t (t inside (c_min, c_max)), piles included."""
+        t = np.asarray(t, dtype=np.float64)
+        if self.exact:
+            k = np.searchsorted(self.lower, t, side="left")
+            return self.pile_lo + self.c0[k], self.pile_lo * self.c_min + self.c1[k]
+        k = np.clip(np.searchsorted(self.lower, t, side="right") - 1, 0, max(len(self.lower) - 1, 0))
+        if len(self.lower) == 0:
+            return np.full_like(t, self.pile_lo), np.full_like(t, self.pile_lo * self.c_min)
+        f = np.clip((t - self.lower[k]) / self.width, 0.0, 1.0)
+        part_n = f * self.n[k]
+        part_s = part_n * (self.mean[k] - (1 - f) * 0.5 * self.width)
+        return (self.pile_lo + self.c0[k] + part_n, self.pile_lo * self.c_min + self.c1[k] + part_s)
+
+
 def ecsq(hist: Histogram, levels: int, lam: float, c_min: float, c_max: float, zeros: float = 0.0,
-         pin: bool | None = None, max_iter: int = 300, tol: float = 1e-10) -> Quantizer:
+         pin: bool | None = None, max_iter: int = 5000, tol: float = 1e-7) -> Quantizer:
     """Entropy-constrained scalar quantizer (Chou, Lookabaugh and Gray 1989), modified for clipped data.
 
     Minimises J = D / (c_max - c_min)^2 + lam * R over thresholds and reconstruction values, where D is
     the mean squared error of the clipped values and R the entropy (bits) of the index. Iteration, from
-    the uniform quantizer: (1) each bin goes to the cell minimising (v - r_j)^2 + lam' * l_j with
-    l_j = -log2 p_j and lam' = lam (c_max - c_min)^2; (2) p_j = cell mass, r_j = cell centroid. Cells
-    that empty are dropped. The modification: when data pile up at a clip point, that end's
-    reconstruction value stays pinned at the clip point instead of drifting to the centroid."""
+    the uniform quantizer: (1) with r_j and l_j = -log2 p_j fixed, the best threshold between cells j
+    and j+1 is t_j = (r_j + r_{j+1}) / 2 + lam' (l_{j+1} - l_j) / (2 (r_{j+1} - r_j)),
+    lam' = lam (c_max - c_min)^2; (2) with the thresholds fixed, p_j = cell mass and r_j = cell centroid.
+    Cells squeezed to nothing are dropped. The modification: when data pile up at a clip point, that
+    end's reconstruction value stays pinned at the clip point instead of drifting to the centroid. The
+    thresholds are finally snapped to the histogram's grid and the centroids recomputed there."""
     if levels < 2:
         raise DesignError("a quantizer needs at least 2 levels")
     if lam < 0 or not np.isfinite(lam):
         raise DesignError("lambda must be a finite number >= 0")
     c_min, c_max = snap_clip(hist, c_min, c_max)
-    n, s1, s2, plo, phi = clipped_moments(hist, c_min, c_max, zeros)
+    n, s1, _, plo, phi = clipped_moments(hist, c_min, c_max, zeros)
     pins = _pins(hist, plo, phi, pin)
-    q = _finish("ecsq", hist, c_min, c_max, uniform_edges(hist, levels, c_min, c_max), n, s1, pins)
-    scale = (c_max - c_min) ** 2
-    lam_abs = lam * scale
-    total = float(n.sum())
-    nz = n > 0
-    v = np.where(nz, s1 / np.where(nz, n, 1), np.clip(hist.value, c_min, c_max))
-    edges = q.edges
-    recon = q.reconstruction.copy()
-    best = np.inf
+    cum = _Cumulative(hist, c_min, c_max, zeros)
+    span = c_max - c_min
+    lam_abs = lam * span * span
+    step = span / (levels - 1)
+    t = c_min + (np.arange(levels - 1) + 0.5) * step  # the uniform quantizer's thresholds
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
-        cn = _cells(n, edges)
-        p = cn / total
-        with np.errstate(divide="ignore"):
-            length = np.where(p > 0, -np.log2(np.where(p > 0, p, 1)), np.inf)
-        # (1) assignment: contiguous cells, because the costs are parabolas of equal curvature in v
-        cost = (v[:, None] - recon[None, :]) ** 2 + lam_abs * length[None, :]
-        cell = np.argmin(cost, axis=1)
-        cell = np.maximum.accumulate(cell)  # guard against ties breaking monotonicity
-        # cells left without data are dropped; their (empty) bins join the previous kept cell
-        keep = np.bincount(cell, weights=n, minlength=len(recon)) > 0
-        remap = np.maximum(np.cumsum(keep) - 1, 0)
-        recon = recon[keep]
-        cell = remap[cell]
-        edges = np.concatenate([[0], np.flatnonzero(np.diff(cell)) + 1, [len(n)]]).astype(np.int64)
-        # (2) update probabilities and centroids
-        cn = _cells(n, edges)
-        cs = _cells(s1, edges)
+        bounds_n, bounds_s = cum.at(t)
+        cn = np.diff(np.concatenate([[0.0], bounds_n, [cum.total]]))
+        cs = np.diff(np.concatenate([[0.0], bounds_s, [cum.pile_lo * c_min + cum.c1[-1] + cum.pile_hi * c_max]]))
+        keep = cn > 1e-12 * cum.total
+        if not keep.all():  # drop emptied cells: cell j loses its upper threshold (the last cell its lower)
+            if keep.sum() < 2:
+                raise DesignError(f"lambda {lam:g} leaves a single cell: no information would be sent")
+            t = np.delete(t, sorted({min(int(j), len(t) - 1) for j in np.flatnonzero(~keep)}))
+            continue
+        lo_edge = np.concatenate([[c_min], t])
+        hi_edge = np.concatenate([t, [c_max]])
         with np.errstate(invalid="ignore", divide="ignore"):
-            recon = np.where(cn > 0, cs / cn, recon)
+            r = np.where(cn > 0, cs / cn, 0.5 * (lo_edge + hi_edge))
         if pins[0]:
-            recon[0] = c_min
+            r[0] = c_min
         if pins[1]:
-            recon[-1] = c_max
-        p = cn / total
-        rate = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
-        dist = float((_cells(s2, edges) - 2 * recon * cs + recon * recon * cn).sum() / total)
-        j = dist / scale + lam * rate
-        if best - j <= tol * max(abs(j), 1e-30):
-            best = min(best, j)
+            r[-1] = c_max
+        p = np.maximum(cn / cum.total, 1e-300)
+        length = -np.log2(p)
+        gap = np.maximum(np.diff(r), 1e-12 * span)
+        new_t = 0.5 * (r[:-1] + r[1:]) + lam_abs * np.diff(length) / (2 * gap)
+        new_t = np.clip(new_t, c_min, c_max)
+        # a threshold overtaking its neighbour empties the cell between them: drop that cell
+        if np.any(np.diff(new_t) <= 0) or new_t[0] <= c_min or new_t[-1] >= c_max:
+            ok = np.concatenate([[new_t[0] > c_min], np.diff(new_t) > 0])
+            ok &= new_t < c_max
+            new_t = new_t[ok]
+            if len(new_t) == 0:
+                raise DesignError(f"lambda {lam:g} leaves a single cell: no information would be sent")
+            new_t = np.maximum.accumulate(new_t)
+            t = np.unique(new_t)
+            continue
+        moved = float(np.max(np.abs(new_t - t))) if len(new_t) == len(t) else np.inf
+        t = new_t
+        if moved < tol * span:
             break
-        best = j
-    if len(recon) < 2:
+    # snap to the grid; thresholds landing on the same boundary merge their cells
+    inner = np.unique(boundary_of(hist, t))
+    inner = inner[(inner > 0) & (inner < len(n))]
+    if len(inner) == 0:
         raise DesignError(f"lambda {lam:g} leaves a single cell: no information would be sent")
+    edges = np.concatenate([[0], inner, [len(n)]]).astype(np.int64)
+    cn = _cells(n, edges)
+    if np.any(cn <= 0):  # a cell holding no calibration data after snapping: merge it into its neighbour
+        keep = np.concatenate([[True], cn[1:] > 0])
+        edges = np.concatenate([edges[:-1][keep], [len(n)]])
     return _finish("ecsq", hist, c_min, c_max, edges, n, s1, pins, lam, levels, it)
 
 
