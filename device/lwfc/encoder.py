@@ -88,6 +88,24 @@ def keys_slow(indices, height, width, tables):
             yield group_hi[ch] + (a * k + lft) * n_lv + indices[base + ch]
 
 
+# MicroPython passes *args on its small Python stack (about 2000 arguments with the default pystack, and
+# "pystack exhausted" beyond), so the payload is packed a bounded number of words at a time. On CPython
+# this costs about 5% over a single struct.pack call.
+_PACK_CHUNK = 256
+
+
+def pack_words(words):
+    """The payload bytes: each 32-bit word of ``words`` little-endian."""
+    n = len(words)
+    if n <= _PACK_CHUNK:
+        return struct.pack("<%dI" % n, *words)
+    parts = []
+    for i in range(0, n, _PACK_CHUNK):
+        chunk = words[i:i + _PACK_CHUNK]
+        parts.append(struct.pack("<%dI" % len(chunk), *chunk))
+    return b"".join(parts)
+
+
 def _check_shape(n_el, height, width, tables):
     if height < 1 or width < 1 or height > 65535 or width > 65535:
         raise EncodeError("height and width must be in 1..65535, got %dx%d" % (height, width))
@@ -124,7 +142,7 @@ class Encoder(object):
             coder.encode_keys(keys, t.start, t.freq)
         words = coder.finish()
         self.last_coder = coder  # its inversion/carry counts are useful to tests
-        payload = struct.pack("<%dI" % len(words), *words)
+        payload = pack_words(words)
         return pack_frame(t.table_id, (height, width, t.channels), payload)
 
     def encode_int8(self, data, height, width):
