@@ -199,9 +199,17 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
         bits = em.coded_bits(model_counts) * elements / idx.size  # measured on the sample, scaled up
         notes.append(f"neighbour contexts counted on {idx.shape[0]} sampled tensors")
     table["models"] = [integer_frequencies(row) for row in model_counts]
-    table = finalize(table)
     p = ev.counts / ev.counts.sum()
     ent = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+    # informative (SPEC.md 3.1): how the table was made and what it did on the calibration data
+    table["design"] = {
+        "tool": "lwfc design", "quantizer": q.kind, "lambda": float(q.lam), "requested_levels": q.requested_levels,
+        "clip_method": choice.method, "pinned": [bool(v) for v in q.pinned], "groups_chosen": gc.groups,
+        "calibration_tensors": stats.tensors, "shape": list(stats.shape),
+        "mse": float(ev.mse), "payload_bits_per_element": float(bits / elements),
+        "entropy_one_model": ent,
+    }
+    table = finalize(table)
     return Design(table, q, choice, gc, classes, ent, bits / elements, overhead_bits(stats), ev.mse, ev.mse_clipped,
                   notes)
 
