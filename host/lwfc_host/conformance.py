@@ -202,11 +202,14 @@ def _micropython_rows(loaded) -> list[Row]:
         from lwfc_host import micropython as mp
     except ImportError as exc:
         return [Row("*", "micropython", 0, 0, False, f"runner unavailable: {exc}")]
-    names = [name for name, (_, data, _, _) in loaded.items() if data.dtype == np.int8]
+    names = list(loaded)
     jobs = []
     for name in names:
         tables, data, _, _ = loaded[name]
-        jobs.append((json.dumps(tables.raw), data.tobytes(), data.shape[0], data.shape[1]))
+        if data.dtype == np.int8:
+            jobs.append((json.dumps(tables.raw), data.tobytes(), data.shape[0], data.shape[1], "int8"))
+        else:
+            jobs.append((json.dumps(tables.raw), data.astype("<f8").tobytes(), data.shape[0], data.shape[1], "float"))
     try:
         frames = mp.encode_frames_micropython(jobs)
     except Exception as exc:  # report, do not crash the table: the row says what failed

@@ -213,33 +213,41 @@ def read(path):
         return f.read()
 
 jobs = read("/in/jobs.txt").decode().split()
-for i in range(0, len(jobs), 3):
-    n = i // 3
+for i in range(0, len(jobs), 4):
+    n = i // 4
     tables = parse_tables(read("/in/%d.json" % n))
-    frame = Encoder(tables).encode_int8(read("/in/%d.bin" % n), int(jobs[i + 1]), int(jobs[i + 2]))
+    h, w = int(jobs[i + 1]), int(jobs[i + 2])
+    if jobs[i + 3] == "float":  # little-endian float64 values, NHWC
+        from array import array
+        frame = Encoder(tables).encode_float(array("d", read("/in/%d.bin" % n)), h, w)
+    else:
+        frame = Encoder(tables).encode_int8(read("/in/%d.bin" % n), h, w)
     with open("/out/%d.lwfc" % n, "wb") as f:
         f.write(frame)
     tables = frame = None
-print("encoded", len(jobs) // 3)
+print("encoded", len(jobs) // 4)
 """
 
 
-def _job_files(jobs: Sequence[tuple[str, bytes, int, int]]) -> dict[str, bytes]:
+def _job_files(jobs: Sequence[tuple]) -> dict[str, bytes]:
     files = device_files()
     manifest = []
-    for n, (table_text, data, height, width) in enumerate(jobs):
+    for n, job in enumerate(jobs):
+        table_text, data, height, width = job[:4]
+        kind = job[4] if len(job) > 4 else "int8"
         files[f"/in/{n}.json"] = table_text.encode("utf-8") if isinstance(table_text, str) else bytes(table_text)
         files[f"/in/{n}.bin"] = bytes(data)
-        manifest.append(f"{n} {int(height)} {int(width)}")
+        manifest.append(f"{n} {int(height)} {int(width)} {kind}")
     files["/in/jobs.txt"] = "\n".join(manifest).encode("ascii")
     return files
 
 
 def encode_frames_micropython(
-    jobs: Sequence[tuple[str, bytes, int, int]], timeout_s: float = 300
+    jobs: Sequence[tuple], timeout_s: float = 300
 ) -> list[bytes]:
-    """Encode each (table JSON text, int8 tensor bytes (NHWC), height, width) job under MicroPython, all
-    in one MicroPython process, with ``lwfc.encoder.Encoder(tables).encode_int8``; return the frames."""
+    """Encode each (table JSON text, tensor bytes (NHWC), height, width[, kind]) job under MicroPython,
+    all in one MicroPython process, and return the frames. ``kind`` is "int8" (the default: int8 bytes,
+    ``Encoder.encode_int8``) or "float" (little-endian float64 values, ``Encoder.encode_float``)."""
     if not jobs:
         return []
     _, out = run_micropython_files(_ENCODE_SCRIPT, _job_files(jobs), timeout_s)
@@ -261,7 +269,7 @@ with open("/in/0.json", "rb") as f:
     tables = parse_tables(f.read())
 with open("/in/0.bin", "rb") as f:
     data = f.read()
-h, w = [int(v) for v in open("/in/jobs.txt").read().split()[1:3]]
+h, w = [int(v) for v in open("/in/jobs.txt").read().split()[1:3]]  # "n h w kind"
 enc = Encoder(tables)
 enc.encode_int8(data, h, w)  # warm-up: first-call allocations are not part of the steady state
 t0 = time.ticks_us()
