@@ -1,0 +1,255 @@
+"""Byte-stream transports behind one small interface, and reconnection with backoff.
+
+A transport has ``write(data)`` (all of it, or raise OSError), ``read(n, timeout_s)`` (up to n bytes;
+b"" when nothing arrived in time; raises ConnectionClosed at the end of the stream) and ``close()``.
+
+- ``TcpTransport``: socket (CPython, Linux boards) or usocket (MicroPython with a network stack).
+- ``SerialTransport``: pyserial (Linux boards: /dev/ttyUSB0, /dev/ttyACM0, a pty).
+- ``UartTransport``: machine.UART (MicroPython boards).
+
+``open_transport("tcp://HOST:PORT" | "serial:///dev/ttyX?baud=N" | "uart://ID?baud=N")`` picks one.
+MicroPython-compatible Python 3.7.
+"""
+
+try:
+    import socket
+except ImportError:  # MicroPython
+    import usocket as socket  # type: ignore
+
+import time
+
+from .protocol import ConnectionClosed
+
+try:
+    _sleep_ms = time.sleep_ms
+except AttributeError:
+    def _sleep_ms(ms):
+        time.sleep(ms / 1000.0)
+
+
+class TransportError(OSError):
+    """A transport address is malformed or the transport cannot be opened."""
+
+
+def parse_address(url):
+    """(scheme, target, options) of a transport address: ("tcp", (host, port), {}),
+    ("serial", "/dev/ttyX", {"baud": 115200}), ("uart", 1, {"baud": 115200})."""
+    if "://" not in url:
+        raise TransportError("transport address %r must look like tcp://HOST:PORT or serial:///dev/ttyX" % url)
+    scheme, rest = url.split("://", 1)
+    opts = {}
+    if "?" in rest:
+        rest, query = rest.split("?", 1)
+        for kv in query.split("&"):
+            if "=" not in kv:
+                raise TransportError("bad option %r in %r (expected name=value)" % (kv, url))
+            k, v = kv.split("=", 1)
+            opts[k] = v
+    if scheme == "tcp":
+        if ":" not in rest:
+            raise TransportError("tcp address %r needs a port: tcp://HOST:PORT" % url)
+        host, port = rest.rsplit(":", 1)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            port = int(port)
+        except ValueError:
+            raise TransportError("port %r in %r is not a number" % (port, url)) from None
+        if not 0 < port < 65536:
+            raise TransportError("port %d in %r is out of range" % (port, url))
+        return "tcp", (host, port), opts
+    if scheme in ("serial", "uart"):
+        try:
+            opts["baud"] = int(opts.get("baud", 115200))
+        except ValueError:
+            raise TransportError("baud rate in %r is not a number" % url) from None
+        if not rest:
+            raise TransportError("serial address %r names no device" % url)
+        if scheme == "uart":
+            try:
+                rest = int(rest)
+            except ValueError:
+                raise TransportError("UART id in %r must be a number" % url) from None
+        return scheme, rest, opts
+    raise TransportError("unknown transport %r in %r (use tcp://, serial:// or uart://)" % (scheme, url))
+
+
+class TcpTransport(object):
+    """A TCP connection (TCP_NODELAY: frames are small and latency matters)."""
+
+    def __init__(self, host, port, connect_timeout_s=5.0):
+        self.name = "tcp://%s:%d" % (host, port)
+        addr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0][-1]
+        self.sock = socket.socket(socket.AF_INET if len(addr) == 2 else socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(connect_timeout_s)
+            self.sock.connect(addr)
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (AttributeError, OSError):
+                pass
+        except OSError:
+            self.sock.close()
+            raise
+        self._timeout = None
+
+    def write(self, data):
+        self._settimeout(30.0)
+        try:
+            if hasattr(self.sock, "sendall"):
+                self.sock.sendall(data)
+            else:
+                mv = memoryview(data)
+                while mv:
+                    n = self.sock.send(mv)
+                    mv = mv[n:]
+        except OSError as exc:
+            raise ConnectionClosed("%s: send failed: %s" % (self.name, exc)) from None
+
+    def _settimeout(self, t):
+        if t != self._timeout:
+            self.sock.settimeout(t)
+            self._timeout = t
+
+    def read(self, n, timeout_s):
+        self._settimeout(max(timeout_s, 0.0) if timeout_s else 0.0)
+        try:
+            data = self.sock.recv(n)
+        except OSError as exc:
+            # a timeout (socket.timeout / EAGAIN / ETIMEDOUT on MicroPython) just means nothing arrived
+            if _is_timeout(exc):
+                return b""
+            raise ConnectionClosed("%s: %s" % (self.name, exc)) from None
+        if not data:
+            raise ConnectionClosed("%s: connection closed by the host" % self.name)
+        return data
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _is_timeout(exc):
+    if type(exc).__name__ in ("timeout", "TimeoutError", "BlockingIOError"):
+        return True
+    code = exc.args[0] if exc.args else None
+    return code in (11, 110, 116, "timed out")  # EAGAIN, ETIMEDOUT (Linux, MicroPython)
+
+
+class SerialTransport(object):
+    """A serial line through pyserial (Linux boards, USB CDC, a pty)."""
+
+    def __init__(self, device, baud=115200):
+        import serial  # pyserial
+
+        self.name = "serial://%s" % device
+        try:
+            self.ser = serial.Serial(device, baudrate=baud, timeout=0.1, write_timeout=30.0)
+        except (serial.SerialException, OSError) as exc:
+            raise TransportError("cannot open %s: %s" % (device, exc)) from None
+        self._serial = serial
+
+    def write(self, data):
+        try:
+            self.ser.write(data)
+            self.ser.flush()
+        except (self._serial.SerialException, OSError) as exc:
+            raise ConnectionClosed("%s: write failed: %s" % (self.name, exc)) from None
+
+    def read(self, n, timeout_s):
+        try:
+            self.ser.timeout = max(timeout_s, 0.0)
+            first = self.ser.read(1)
+            if not first:
+                return b""
+            waiting = self.ser.in_waiting
+            return first + (self.ser.read(min(waiting, n - 1)) if waiting and n > 1 else b"")
+        except (self._serial.SerialException, OSError) as exc:
+            raise ConnectionClosed("%s: read failed: %s" % (self.name, exc)) from None
+
+    def close(self):
+        try:
+            self.ser.close()
+        except (self._serial.SerialException, OSError):
+            pass
+
+
+class UartTransport(object):
+    """machine.UART on a MicroPython board."""
+
+    def __init__(self, uart_id, baud=115200):
+        from machine import UART  # type: ignore
+
+        self.name = "uart://%d" % uart_id
+        self.uart = UART(uart_id, baud)
+        self.uart.init(baud, bits=8, parity=None, stop=1, timeout=0, rxbuf=4096)
+
+    def write(self, data):
+        mv = memoryview(data)
+        while mv:
+            n = self.uart.write(mv)
+            if n:
+                mv = mv[n:]
+
+    def read(self, n, timeout_s):
+        t0 = time.ticks_ms()
+        while not self.uart.any():
+            if time.ticks_diff(time.ticks_ms(), t0) >= timeout_s * 1000:
+                return b""
+            _sleep_ms(1)
+        return self.uart.read(min(self.uart.any(), n)) or b""
+
+    def close(self):
+        try:
+            self.uart.deinit()
+        except (AttributeError, OSError):
+            pass
+
+
+def open_transport(url):
+    """A connected transport for an address (see parse_address)."""
+    scheme, target, opts = parse_address(url)
+    if scheme == "tcp":
+        return TcpTransport(target[0], target[1])
+    if scheme == "serial":
+        return SerialTransport(target, opts["baud"])
+    return UartTransport(target, opts["baud"])
+
+
+class Backoff(object):
+    """Exponential backoff with a cap: 0.1 s, 0.2 s, 0.4 s, ... up to ``max_s``; ``reset()`` after success."""
+
+    def __init__(self, first_s=0.1, max_s=5.0, factor=2.0):
+        self.first_s = first_s
+        self.max_s = max_s
+        self.factor = factor
+        self.delay = first_s
+
+    def wait(self):
+        _sleep_ms(int(self.delay * 1000))
+        self.delay = min(self.delay * self.factor, self.max_s)
+
+    def reset(self):
+        self.delay = self.first_s
+
+
+def connect_with_backoff(url, attempts=10, backoff=None, log=None):
+    """Open ``url``, retrying with backoff; raises the last error after ``attempts`` failures."""
+    backoff = backoff or Backoff()
+    last = None
+    for i in range(attempts):
+        try:
+            t = open_transport(url)
+            backoff.reset()
+            return t
+        except TransportError:
+            raise  # a bad address does not get better with retries
+        except OSError as exc:
+            last = exc
+            if log is not None:
+                log("connect %s failed (%s); retry %d/%d in %.1f s" % (url, exc, i + 1, attempts, backoff.delay))
+            if i + 1 < attempts:
+                backoff.wait()
+    raise ConnectionClosed("cannot connect to %s after %d attempts: %s" % (url, attempts, last))

@@ -1,0 +1,183 @@
+"""Server benchmark: frames per second and latency percentiles for 1, 5 and 20 concurrent devices.
+
+Each device is a real ``lwfc.link.Link`` over a real TCP socket to a real server (in this process's
+background thread), sending real lwfc frames; the server really decodes them and runs a real ONNX cloud
+half (a small classifier head built here, or a bundle's cloud.onnx with ``--bundle``). Printed figures:
+frames per second (all devices together) and round-trip latency p50/p95/p99 seen by the devices, plus
+the server's own decode and inference percentiles.
+
+    python -m lwfc_host.server_bench [--devices 1 5 20] [--frames 400] [--bundle DIR]
+
+Also provides ``make_small_bundle``: a small bundle directory (bundle.json, tables.json, cloud.onnx) whose
+frames are small, used by the load and fault tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SMALL_SHAPE = (8, 8, 16)
+SMALL_CLASSES = [f"class{i}" for i in range(10)]
+
+
+def _relu_features(shape: tuple[int, int, int], seed: int, batch: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 1.0, size=(batch, *shape)).astype(np.float32)
+    # spatially smooth, channel-dependent scale: a ReLU layer's look, so contexts matter
+    x = (x + np.roll(x, 1, axis=1) + np.roll(x, 1, axis=2)) / 3 + np.linspace(-0.5, 0.5, shape[-1])
+    return np.maximum(x, 0.0)
+
+
+def write_cloud_head(path: Path, channels: int, classes: int, seed: int = 0) -> None:
+    """A real ONNX classifier head: NHWC float features -> global average pool -> linear -> logits."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 1, size=(channels, classes)).astype(np.float32)
+    b = rng.normal(0, 0.1, size=(classes,)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["pooled"], keepdims=0),
+         helper.make_node("MatMul", ["pooled", "w"], ["mm"]),
+         helper.make_node("Add", ["mm", "b"], ["logits"])],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, None, channels])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        [numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"), numpy_helper.from_array(w, "w"),
+         numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+
+
+def make_small_bundle(out: str | Path, shape: tuple[int, int, int] = SMALL_SHAPE, levels: int = 4,
+                      seed: int = 0) -> dict[str, Any]:
+    """A small bundle without an edge model (the device gets int8 tensors from ``small_tensors``):
+    bundle.json, tables.json (uniform quantizer, neighbour contexts) and cloud.onnx. Returns bundle.json."""
+    from lwfc_host.tablefile import write_tables
+    from lwfc_host.tablegen import uniform_table
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    calib = _relu_features(shape, seed, batch=4)
+    clip = float(np.quantile(calib[calib > 0], 0.99))
+    scale = clip / 127.0
+    table = uniform_table(calib, levels, clip_max=clip, groups=4, classes=3, int8_scale=scale,
+                          int8_zero_point=-128)
+    final = write_tables(table, out / "tables.json")
+    write_cloud_head(out / "cloud.onnx", shape[2], len(SMALL_CLASSES), seed)
+    info = {
+        "bundle_version": 1, "model": "small_head", "description": "small synthetic bundle for tests/benchmarks",
+        "split": "features", "activation": "relu",
+        "cloud": {"file": "cloud.onnx"},
+        "feature": {"shape_nhwc": [1, *shape], "layout": "NHWC", "scale": scale, "zero_point": -128,
+                    "activation": "relu"},
+        "class_names": SMALL_CLASSES, "tables": "tables.json", "table_id": final["table_id"],
+    }
+    (out / "bundle.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def small_tensors(info: dict[str, Any], n: int, seed: int = 1) -> list[bytes]:
+    """``n`` int8 feature tensors (bytes, NHWC) for a small bundle."""
+    shape = tuple(info["feature"]["shape_nhwc"][1:])
+    scale = info["feature"]["scale"]
+    x = _relu_features(shape, seed, batch=n)
+    q = np.clip(np.round(x / scale) - 128, -128, 127).astype(np.int8)
+    return [q[i].tobytes() for i in range(n)]
+
+
+def small_frames(bundle_dir: str | Path, n: int, seed: int = 1) -> list[bytes]:
+    """``n`` distinct real lwfc frames for a small bundle (encoded by the device encoder)."""
+    from lwfc.encoder import Encoder
+    from lwfc.tables import load_tables
+
+    info = json.loads(Path(bundle_dir, "bundle.json").read_text())
+    h, w, _c = info["feature"]["shape_nhwc"][1:]
+    enc = Encoder(load_tables(str(Path(bundle_dir, "tables.json"))))
+    return [enc.encode_int8(t, h, w) for t in small_tensors(info, n, seed)]
+
+
+def run_devices(url: str, bundle_dir: str | Path, frames: list[bytes], devices: int, per_device: int,
+                window: int = 4) -> dict[str, Any]:
+    """``devices`` threads, each a Link sending ``per_device`` frames; returns counts and latencies."""
+    from lwfc.link import Link
+    from lwfc_host.server import bundle_id
+
+    info = json.loads(Path(bundle_dir, "bundle.json").read_text())
+    table = json.loads(Path(bundle_dir, "tables.json").read_text())["table_id"]
+    results: list[dict[str, Any]] = [{} for _ in range(devices)]
+
+    def device(k: int) -> None:
+        hello = {"device": f"bench{k}", "model": info["model"], "bundle": bundle_id(bundle_dir), "table": table}
+        link = Link(url, hello, window=window, queue_frames=64, policy="block", answer_timeout_s=60)
+        link.connect()
+        answers = []
+        for i in range(per_device):
+            answers.extend(link.submit(frames[(k * per_device + i) % len(frames)], tag=i))
+        answers.extend(link.drain(120))
+        link.close()
+        results[k] = {"answers": answers}
+
+    threads = [threading.Thread(target=device, args=(k,)) for k in range(devices)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    answers = [a for r in results for a in r.get("answers", [])]
+    rtts = np.array([a.rtt_ms for a in answers if a.kind == "result"], dtype=np.float64)
+    return {
+        "devices": devices, "sent": devices * per_device, "answers": len(answers),
+        "results": int(sum(a.kind == "result" for a in answers)),
+        "errors": int(sum(a.kind == "error" for a in answers)),
+        "wall_s": wall, "fps": len(rtts) / wall if wall > 0 else 0.0,
+        "rtt_ms": {p: float(np.percentile(rtts, q)) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))}
+        if rtts.size else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lwfc_host.server_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--frames", type=int, default=400, help="frames per device count (total, split over devices)")
+    parser.add_argument("--workers", type=int, default=2, help="server worker threads")
+    parser.add_argument("--window", type=int, default=4, help="unanswered frames each device may have in flight")
+    parser.add_argument("--workdir", default="cache/server_bench")
+    args = parser.parse_args(argv)
+
+    from lwfc_host.server import CloudModel, ServerConfig, run_in_thread
+
+    bundle = Path(args.workdir) / "small_bundle"
+    make_small_bundle(bundle)
+    frames = small_frames(bundle, 64)
+    model = CloudModel(bundle)
+    print(f"frames: {len(frames[0])} bytes each ({8 * len(frames[0]) / np.prod(SMALL_SHAPE):.3f} bits/element), "
+          f"shape {SMALL_SHAPE}, server workers {args.workers}, device window {args.window}")
+    print(f"{'devices':>7} {'frames':>6} {'fps':>8} {'rtt p50':>8} {'p95':>8} {'p99':>8} "
+          f"{'decode p50':>10} {'infer p50':>9} {'lost':>5}")
+    for d in args.devices:
+        server, stop = run_in_thread(model, ServerConfig(workers=args.workers), tcp=["127.0.0.1:0"])
+        url = server.addresses[0]
+        per = max(1, args.frames // d)
+        r = run_devices(url, bundle, frames, d, per, args.window)
+        status = stop()
+        rtt = r["rtt_ms"] or {"p50": 0, "p95": 0, "p99": 0}
+        print(f"{d:>7} {r['results']:>6} {r['fps']:>8.1f} {rtt['p50']:>8.2f} {rtt['p95']:>8.2f} {rtt['p99']:>8.2f} "
+              f"{status['decode_ms']['p50']:>10.3f} {status['infer_ms']['p50']:>9.3f} "
+              f"{r['sent'] - r['results'] - r['errors']:>5}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
