@@ -753,7 +753,8 @@ async def serve(model: CloudModel, config: ServerConfig, tcp: list[str], serial:
 
 
 def run_in_thread(model: CloudModel, config: ServerConfig, tcp: list[str] | None = None,
-                  serial: list[str] | None = None, baud: int = 115200) -> tuple[Server, Callable[[], dict[str, Any]]]:
+                  serial: list[str] | None = None, baud: int = 115200,
+                  status: str | None = None) -> tuple[Server, Callable[[], dict[str, Any]]]:
     """Start a server in a background thread (for the demo, benchmark and tests); returns the server once it
     listens and a function that stops it and returns its final status."""
     started = threading.Event()
@@ -769,7 +770,8 @@ def run_in_thread(model: CloudModel, config: ServerConfig, tcp: list[str] | None
                 started.set()
 
             try:
-                box["status"] = await serve(model, config, tcp or [], serial or [], baud, None, ready, box["stop"])
+                box["status"] = await serve(model, config, tcp or [], serial or [], baud, status, ready,
+                                            box["stop"])
             except BaseException as exc:
                 box["error"] = exc
                 started.set()
