@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "lwfc_host.codec_commands",
     "lwfc_host.design_commands",
+    "lwfc_host.serve_commands",
     "lwfc_convert.commands",
 ]
 
