@@ -1,0 +1,162 @@
+"""End to end with real parts only: `lwfc serve` and the device runner (`python -m lwfc run`) as separate
+processes, the real int8 EfficientNet-Lite0 edge.tflite, a real TCP link on 127.0.0.1 and a real pty
+pair made by socat (serial). The host's answers must equal what decoding the same frames locally gives.
+
+The bundle is the demo's cached one (``$LWFC_CACHE/bundles/efficientnet_lite0``); the first run on a
+fresh machine converts it (a few minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lwfc_host.demo import ensure_bundle, ensure_tables, photo_files
+from lwfc_host.server import CloudModel
+
+N_IMAGES = 3
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Path:
+    b = ensure_bundle(log=lambda m: None)
+    photos = photo_files(b.parent.parent / "photos")
+    ensure_tables(b, photos, log=lambda m: None)
+    return b
+
+
+@pytest.fixture(scope="module")
+def images(bundle, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("images")
+    for p in photo_files(bundle.parent.parent / "photos")[:N_IMAGES]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+class Serve:
+    """`lwfc serve` in its own process; waits for its 'listening on' lines."""
+
+    def __init__(self, args: list[str], expect: int = 1):
+        self.proc = subprocess.Popen([sys.executable, "-m", "lwfc_host", "serve", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.addresses = []
+        t0 = time.time()
+        while len(self.addresses) < expect:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError("lwfc serve exited: " + self.proc.stderr.read())
+            if "listening on" in line:
+                self.addresses.append(line.split("listening on ", 1)[1].strip())
+            assert time.time() - t0 < 60
+
+    def stop(self) -> tuple[dict, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        _out, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, err
+        final = json.loads([ln for ln in err.splitlines() if ln.startswith("{")][-1])
+        return final, err
+
+
+def run_device(bundle: Path, url: str, images: Path, work: Path, *extra: str) -> dict:
+    frames = work / "frames"
+    report = work / "run.json"
+    proc = subprocess.run([sys.executable, "-m", "lwfc", "run", "--bundle", str(bundle), "--connect", url,
+                           "--images", str(images), "--save-frames", str(frames), "--json", str(report), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "summary:" in proc.stdout
+    run = json.loads(report.read_text())
+    run["stdout"] = proc.stdout
+    return run
+
+
+def check_answers_equal_local_decoding(bundle: Path, run: dict, frames_dir: Path) -> None:
+    local = CloudModel(bundle, top=5)
+    s = run["summary"]
+    assert s["frames"] == N_IMAGES and s["results"] == N_IMAGES and s["error_total"] == 0
+    for rec in run["frames"]:
+        frame = (frames_dir / f"{rec['index']:05d}.lwfc").read_bytes()
+        decoded, _ = local.decode(frame)
+        want, _ = local.infer(decoded.tensor)
+        assert rec["result"]["top"] == want["top"]
+        assert rec["result"]["bits_per_element"] == pytest.approx(8 * len(frame) / decoded.header.element_count,
+                                                                  abs=1e-6)
+
+
+def test_tcp_end_to_end(bundle, images, tmp_path):
+    log = tmp_path / "frames.jsonl"
+    srv = Serve(["--bundle", str(bundle), "--tcp", "127.0.0.1:0", "--log", str(log)])
+    try:
+        run = run_device(bundle, srv.addresses[0], images, tmp_path)
+        srv.proc.send_signal(signal.SIGUSR1)  # running totals on stderr, server keeps going
+        time.sleep(0.5)
+    finally:
+        final, err = srv.stop()
+    check_answers_equal_local_decoding(bundle, run, tmp_path / "frames")
+    assert final["frames"] == N_IMAGES and final["error_total"] == 0
+    assert sum(1 for ln in err.splitlines() if ln.startswith("{")) == 2  # SIGUSR1 and exit
+    records = [json.loads(ln) for ln in log.read_text().splitlines()]
+    frames = [r for r in records if r["event"] == "frame"]
+    assert len(frames) == N_IMAGES and all(r["decode_ms"] > 0 and r["bits_per_element"] > 0 for r in frames)
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (Debian package socat)")
+def test_serial_end_to_end_over_pty_pair(bundle, images, tmp_path):
+    host_end, dev_end = tmp_path / "host-tty", tmp_path / "dev-tty"
+    socat = subprocess.Popen(["socat", f"pty,raw,echo=0,link={host_end}", f"pty,raw,echo=0,link={dev_end}"],
+                             stderr=subprocess.PIPE)
+    try:
+        t0 = time.time()
+        while not (host_end.exists() and dev_end.exists()):
+            assert time.time() - t0 < 10, "socat made no pty pair"
+            time.sleep(0.05)
+        srv = Serve(["--bundle", str(bundle), "--serial", str(host_end), "--baud", "921600"])
+        try:
+            # garbage on the line before the device starts (a board's boot messages) must not matter
+            with open(dev_end, "wb", buffering=0) as f:
+                f.write(b"boot: rst:0x1 (POWERON_RESET)\r\nLK\x00garbage\r\n")
+            run = run_device(bundle, f"serial://{dev_end}?baud=921600", images, tmp_path)
+        finally:
+            final, _err = srv.stop()
+    finally:
+        socat.terminate()
+        socat.wait(10)
+    check_answers_equal_local_decoding(bundle, run, tmp_path / "frames")
+    assert final["frames"] == N_IMAGES and final["garbage_bytes"] > 0
+
+
+def test_refused_device_gets_a_clear_error(bundle, images, tmp_path):
+    other = tmp_path / "other.json"
+    table = json.loads((bundle / "tables.json").read_text())
+    table["clip_max"] = table["clip_max"] * 1.01  # another table: another id
+    from lwfc_host.tablefile import write_tables
+
+    write_tables(table, other)
+    srv = Serve(["--bundle", str(bundle), "--tcp", "127.0.0.1:0"])
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lwfc", "run", "--bundle", str(bundle), "--tables", str(other),
+                               "--connect", srv.addresses[0], "--images", str(images)],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        srv.stop()
+    assert proc.returncode == 2
+    assert "host refused the session (TABLE)" in proc.stderr and "unknown table" in proc.stderr
+
+
+def test_runner_bad_input(tmp_path):
+    env = dict(os.environ)
+    for args, msg in [
+        (["--bundle", str(tmp_path), "--connect", "tcp://127.0.0.1:1", "--images", str(tmp_path)], "bundle.json"),
+        (["--bundle", str(tmp_path), "--connect", "udp://x:1", "--images", str(tmp_path)], "bundle.json"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "lwfc", "run", *args], capture_output=True, text=True, env=env,
+                              timeout=60)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
