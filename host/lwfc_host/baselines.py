@@ -371,7 +371,7 @@ def rle(x: np.ndarray, levels: int, c_min: float, c_max: float) -> BaselineBatch
     dec = np.stack([rle_decode(p[0], levels, h * w * c).reshape(c, h, w).transpose(1, 2, 0) for p in parts])
     recon = (c_min + dec.astype(np.float32) * np.float32(step)).astype(np.float32)
     t_dec = time.perf_counter() - t0
-    return BaselineBatch("rle", f"{levels} levels", parts, recon, t_enc, t_dec)
+    return BaselineBatch("rle", f"{levels} levels clip=[{c_min!r}, {c_max!r}]", parts, recon, t_enc, t_dec)
 
 
 # ---- uniform b-bit + zlib ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "lwfc_host.codec_commands",
     "lwfc_host.design_commands",
     "lwfc_host.serve_commands",
+    "lwfc_host.eval_commands",
     "lwfc_convert.commands",
 ]
 

@@ -1,0 +1,61 @@
+"""``lwfc eval``: rate-accuracy curves of lwfc and the baselines on a real bundle (see evaluate.py)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="rate-accuracy evaluation of lwfc against HEVC, JPEG/WebP tiles, RLE and zlib on a bundle",
+        description="Runs the real pipeline (int8 TFLite edge half -> codec -> decoder -> ONNX cloud half) on a "
+                    "labeled test set or on augmented photos, at many rate points per method, and writes "
+                    "points.csv, rate_accuracy.png, report.md and evaluation.json to OUTPUT.")
+    p.add_argument("--bundle", required=True, help="bundle directory written by `lwfc convert`")
+    p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "photos"],
+                   help="evaluation data (auto: the bundle's own data set)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="number of evaluation images/views (default: all 10,000 test images, 320 photo views; "
+                        "--quick: 300)")
+    p.add_argument("--quick", action="store_true", help="fewer rate points and images (about 2 minutes)")
+    p.add_argument("--methods", default="lwfc,hevc,jpeg,webp,rle,zlib",
+                   help="comma-separated subset of lwfc,hevc,jpeg,webp,rle,zlib")
+    p.add_argument("--metric", default="classification", help="metric plug-in (classification)")
+    p.add_argument("--cache", default="cache/eval", help="where edge-half outputs are cached")
+    p.add_argument("--output", required=True, help="report directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lwfc_host.cli import CommandError
+    from lwfc_host.evaluate import METRICS, evaluate_bundle
+    from lwfc_host.report import headline, write_report
+
+    if args.metric not in METRICS:
+        raise CommandError(f"unknown metric {args.metric!r}; known: {', '.join(METRICS)}")
+    if args.limit is not None and args.limit < 1:
+        raise CommandError("--limit must be at least 1")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("lwfc", "hevc", "jpeg", "webp", "rle", "zlib")]
+    if bad:
+        raise CommandError(f"unknown methods {bad}")
+    t0 = time.time()
+    try:
+        ev = evaluate_bundle(args.bundle, args.dataset, args.limit, args.quick, args.cache, args.metric, methods,
+                             progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    ev.command = "lwfc " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else \
+        f"lwfc eval --bundle {args.bundle} --output {args.output}" + (" --quick" if args.quick else "")
+    ev.seconds["other"] = max(0.0, time.time() - t0 - sum(ev.seconds.values()))
+    paths = write_report(ev, args.output)
+    for row in headline(ev):
+        r = row["rate_within_1pp"]
+        shown = f"{r:.3f}" if r == r else "not reached"
+        print(f"{row['method']:40s} {shown:>12s} bits/element within 1 pp")
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.time() - t0:.0f} s")
+    return 0

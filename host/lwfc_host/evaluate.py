@@ -1,0 +1,467 @@
+"""Rate-accuracy evaluation of lwfc and the baselines on a real split model (``lwfc eval``).
+
+Pipeline, the same for every method: images -> int8 TFLite edge half (ai-edge-litert) -> codec -> decoder ->
+ONNX cloud half (onnxruntime, batched) -> metric. The edge outputs (int8) of the evaluation set and of a
+calibration set are computed once and cached in an .npz; every method then codes the same tensors.
+
+Rates come from the bytes each codec actually produced (lwfc frames with header and CRC; HEVC access units
+with parameter sets, plus min/max side info; ...), never from an entropy estimate.
+
+Metrics are pluggable (``METRICS``): a metric turns cloud outputs (and labels, and the reference outputs) into
+named numbers and names its primary one. Classifiers use labeled accuracy, or, on unlabeled photos, top-1
+agreement with the uncompressed pipeline; a detector can register mAP@0.5 the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+DEFAULT_CACHE = Path("cache") / "eval"
+CONFIDENT = 0.5  # a view is "confident" when the reference top-1 softmax probability reaches this
+
+
+# ---- settings ------------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Which methods and rate points to run."""
+
+    levels: list[int]
+    kinds: list[str]
+    clips: list[str]
+    contexts: list[str]  # "one" (one model), "groups" (channel groups), "groups+k2", "groups+k3"
+    hevc_qps: list[int]
+    hevc_bits: list[int]
+    jpeg_qualities: list[int]
+    webp_qualities: list[int]
+    rle_levels: list[int]
+    zlib_bits: list[int]
+    calib_images: int
+    eval_images: int | None  # None: the whole test set
+    decode_check: int  # tensors decoded per extra context variant (the main variant decodes them all)
+
+
+def full_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
+    return Plan(levels=[2, 3, 4, 5, 6, 7, 8], kinds=["uniform", "ecsq"], clips=["mse", "model"],
+                contexts=["one", "groups", "groups+k2", "groups+k3"],
+                hevc_qps=[22, 26, 30, 34, 37, 40, 43, 46, 49], hevc_bits=[8, 10],
+                jpeg_qualities=[5, 10, 20, 40, 60, 80, 95], webp_qualities=[5, 10, 20, 40, 60, 80, 95],
+                rle_levels=[2, 3, 4, 5, 6, 8], zlib_bits=[8, 4, 2], calib_images=512,
+                eval_images=limit if limit is not None else (None if dataset == "fashion-mnist" else 320),
+                decode_check=200)
+
+
+def quick_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
+    return Plan(levels=[2, 3, 4, 6], kinds=["uniform", "ecsq"], clips=["mse", "model"],
+                contexts=["one", "groups", "groups+k2"], hevc_qps=[30, 38, 44, 50], hevc_bits=[8],
+                jpeg_qualities=[10, 50, 90], webp_qualities=[10, 50, 90], rle_levels=[2, 4], zlib_bits=[4, 2],
+                calib_images=128, eval_images=limit if limit is not None else 300, decode_check=20)
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------------
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class ClassifierMetric:
+    """Top-1 accuracy on labeled data; top-1 agreement with the uncompressed int8 pipeline (edge half +
+    cloud half, no feature codec) and with the float model, on all views and on confident ones."""
+
+    name: str = "classification"
+
+    def primary(self, labeled: bool) -> str:
+        return "accuracy" if labeled else "agreement"
+
+    def __call__(self, outputs: np.ndarray, labels: np.ndarray, ref: dict[str, np.ndarray]) -> dict[str, float]:
+        top1 = outputs.argmax(axis=1)
+        res: dict[str, float] = {}
+        if (labels >= 0).all():
+            res["accuracy"] = float((top1 == labels).mean())
+        ref_int8 = ref["int8"].argmax(axis=1)
+        res["agreement"] = float((top1 == ref_int8).mean())
+        conf = _softmax(ref["int8"]).max(axis=1) >= CONFIDENT
+        res["agreement_confident"] = float((top1[conf] == ref_int8[conf]).mean()) if conf.any() else math.nan
+        if "float" in ref:
+            res["agreement_float"] = float((top1 == ref["float"].argmax(axis=1)).mean())
+        return res
+
+
+METRICS: dict[str, Callable[[], Any]] = {"classification": ClassifierMetric}
+
+
+# ---- edge outputs, cached -------------------------------------------------------------------------------------------
+@dataclass
+class EdgeData:
+    """Int8 edge outputs (N, H, W, C) of the evaluation and calibration sets, and reference outputs."""
+
+    q_eval: np.ndarray
+    q_calib: np.ndarray
+    labels: np.ndarray
+    scale: float
+    zero_point: int
+    ref: dict[str, np.ndarray]  # "int8": cloud(int8 edge), "float": the float model (when its weights load)
+    description: str
+    seconds: float
+
+    @property
+    def labeled(self) -> bool:
+        return bool((self.labels >= 0).all())
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return (self.scale * (q.astype(np.float32) - self.zero_point)).astype(np.float32)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def cache_key(bundle_dir: Path, dataset: str, eval_images: int | None, calib_images: int) -> str:
+    h = hashlib.sha256()
+    for name in ("edge.tflite", "cloud.onnx", "bundle.json"):
+        h.update(_file_digest(bundle_dir / name).encode())
+    h.update(json.dumps([dataset, eval_images, calib_images, 1]).encode())
+    return h.hexdigest()[:16]
+
+
+def cloud_outputs(session: Any, feats: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The ONNX cloud half on NHWC float features, in batches."""
+    outs = []
+    for i in range(0, len(feats), batch):
+        outs.append(session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(feats[i:i + batch],
+                                                                                         dtype=np.float32)})[0])
+    return np.concatenate(outs)
+
+
+def make_session(path: Path, threads: int = 2) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def edge_data(bundle_dir: Path, bundle: dict, dataset: str, plan: Plan, cache_dir: Path, session: Any,
+              progress: bool = True) -> EdgeData:
+    """Run the int8 edge half on the calibration and evaluation images once; later calls read the cache."""
+    key = cache_key(bundle_dir, dataset, plan.eval_images, plan.calib_images)
+    path = cache_dir / f"edge_{bundle['model']}_{key}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            ref = {k[4:]: z[k] for k in z.files if k.startswith("ref_")}
+            return EdgeData(z["q_eval"], z["q_calib"], z["labels"], float(z["scale"]), int(z["zero_point"]), ref,
+                            str(z["description"]), 0.0)
+    import torch
+    from tqdm import tqdm
+
+    from lwfc_convert.bundle import calibration_and_eval_data
+    from lwfc_convert.tflite_export import make_interpreter, run_tflite
+
+    t0 = time.time()
+    calib, ev, desc = calibration_and_eval_data(bundle["model"], plan.calib_images, plan.eval_images, seed=0,
+                                                progress=progress)
+    interp = make_interpreter(bundle_dir / bundle["edge"]["file"])
+    q_calib = np.concatenate([run_tflite(interp, x)[0] for x in tqdm(calib, desc="edge half (calibration)",
+                                                                     disable=not progress, leave=False)])
+    q_eval, labels, float_logits = [], [], []
+    model = None
+    try:  # the float model's own outputs, for agreement with it and its accuracy on exactly these images
+        from lwfc_convert.zoo import load_model
+
+        model = load_model(bundle["model"])
+    except Exception as exc:  # weights not installed here: the float numbers then come from bundle.json
+        desc += f"; float model not loaded ({type(exc).__name__}: {exc})"
+    for x, y in tqdm(ev, desc="edge half (evaluation)", disable=not progress, leave=False):
+        q_eval.append(run_tflite(interp, x)[0])
+        labels.append(np.asarray(y))
+        if model is not None:
+            with torch.no_grad():
+                float_logits.append(model(x).numpy())
+    q_eval_a = np.concatenate(q_eval)
+    scale, zp = bundle["feature"]["scale"], bundle["feature"]["zero_point"]
+    deq = (scale * (q_eval_a.astype(np.float32) - zp)).astype(np.float32)
+    ref = {"int8": cloud_outputs(session, deq)}
+    if float_logits:
+        ref["float"] = np.concatenate(float_logits)
+    data = EdgeData(q_eval_a, q_calib, np.concatenate(labels).astype(np.int64), float(scale), int(zp), ref, desc,
+                    time.time() - t0)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, q_eval=data.q_eval, q_calib=data.q_calib, labels=data.labels, scale=data.scale,
+                        zero_point=data.zero_point, description=np.array(desc),
+                        **{f"ref_{k}": v for k, v in ref.items()})
+    tmp.replace(path)
+    return data
+
+
+# ---- points --------------------------------------------------------------------------------------------------------
+@dataclass
+class Point:
+    """One rate point of one method, measured on every evaluation tensor."""
+
+    method: str
+    setting: str
+    bits_per_element: float  # 8 x all bytes sent per tensor / elements, averaged over tensors
+    metrics: dict[str, float]
+    encode_ms: float
+    decode_ms: float
+    tensors: int
+    bits_per_element_no_param_sets: float = math.nan  # HEVC: without the repeated VPS/SPS/PPS
+    mse: float = math.nan
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _mse(recon: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean((recon.astype(np.float64) - ref) ** 2))
+
+
+# ---- lwfc ------------------------------------------------------------------------------------------------------------
+ECSQ_RATE_RATIO = 0.8
+CONTEXTS = {"one": (1, 1), "groups": ("auto", 1), "groups+k2": ("auto", 2), "groups+k3": ("auto", 3)}
+
+
+def lwfc_designs(stats: Any, kind: str, clip: str, levels: int, contexts: list[str]) -> list[tuple[str, Any]]:
+    """(context name, Design) for one quantizer: the quantizer is designed once, each context variant only
+    changes the entropy models. ECSQ's lambda is chosen so that its one-model entropy is ``ECSQ_RATE_RATIO``
+    times that of the uniform quantizer with the same levels and clip range. (At equal entropy, on int8
+    edge outputs whose grid is coarse, ECSQ's thresholds snap back onto the uniform ones and its points
+    would duplicate uniform's; at a lower rate it trades levels for rate, which is what it is for.)"""
+    from lwfc_host.design import design_quantizer, equal_rate_ecsq, finish_design
+    from lwfc_host.quantizers import evaluate
+
+    q, choice = design_quantizer(stats, levels, "uniform", 0.0, clip)
+    if kind == "ecsq":
+        hist = stats.histogram()
+        from lwfc_host.design import zeros_of
+
+        target = ECSQ_RATE_RATIO * evaluate(q, hist, zeros_of(stats)).entropy
+        q = equal_rate_ecsq(stats, levels, choice, target)
+        if q is None:
+            return []
+    out = []
+    for ctx in contexts:
+        groups, classes = CONTEXTS[ctx]
+        if classes * classes * q.levels > 256:
+            continue
+        out.append((ctx, finish_design(stats, q, choice, groups, classes)))
+    return out
+
+
+def run_lwfc(data: EdgeData, session: Any, metric: Any, plan: Plan, progress: bool = True) -> list[Point]:
+    """lwfc points: for each quantizer (kind, clip, levels) the cloud runs once on the decoded tensors of the
+    first context variant; every variant's frames are all encoded (their sizes are the rate), the first is
+    decoded in full and each other one on ``plan.decode_check`` tensors, checked to give the same indices."""
+    from tqdm import tqdm
+
+    from lwfc.fast import encode_int8_constriction
+    from lwfc.tables import Tables
+    from lwfc_host.calibration import CalibrationStats
+    from lwfc_host.decoder import Decoder
+
+    cs = CalibrationStats()
+    cs.add_int8(data.q_calib, data.scale, data.zero_point, where="calibration edge outputs")
+    stats = cs.loaded()
+    ref_float = data.dequantize(data.q_eval)
+    n, h, w, c = data.q_eval.shape
+    n_el = h * w * c
+    points = []
+    combos = [(k, cl, lv) for k in plan.kinds for cl in plan.clips for lv in plan.levels]
+    for kind, clip, levels in tqdm(combos, desc="lwfc", disable=not progress):
+        try:
+            designs = lwfc_designs(stats, kind, clip, levels, plan.contexts)
+        except Exception as exc:  # a design that cannot exist (e.g. ECSQ emptying all cells) is reported
+            points.append(Point(f"lwfc {kind} clip={clip}", f"{levels} levels", math.nan, {}, math.nan, math.nan, 0,
+                                notes=f"design failed: {exc}"))
+            continue
+        first_idx = None
+        first_metrics: dict[str, float] = {}
+        first_mse = math.nan
+        for vi, (ctx, d) in enumerate(designs):
+            tables = Tables(d.table)
+            t0 = time.perf_counter()
+            frames = [encode_int8_constriction(data.q_eval[i], tables) for i in range(n)]
+            t_enc = time.perf_counter() - t0
+            dec = Decoder(tables)
+            m = n if vi == 0 else min(n, plan.decode_check)
+            t0 = time.perf_counter()
+            decoded = [dec.decode(frames[i]) for i in range(m)]
+            t_dec = time.perf_counter() - t0
+            idx = np.stack([dd.indices for dd in decoded])
+            lut = np.asarray(tables.index_of_q, dtype=np.uint8)
+            if not np.array_equal(idx, lut[data.q_eval[:m].astype(np.int64) + 128]):
+                raise RuntimeError(f"lwfc {kind} {clip} {levels} {ctx}: decoded indices differ from the encoder's")
+            if vi == 0:
+                first_idx = idx
+                recon = np.concatenate([dd.tensor for dd in decoded])
+                first_metrics = metric(cloud_outputs(session, recon), data.labels, data.ref)
+                first_mse = _mse(recon, ref_float)
+            elif not np.array_equal(idx, first_idx[:m]):
+                raise RuntimeError("context variants of one quantizer must give the same indices")
+            nbytes = np.asarray([len(f) for f in frames], dtype=np.int64)
+            q = d.quantizer
+            setting = f"{q.levels} levels" + (f" lambda={q.lam:.3g}" if kind == "ecsq" else "")
+            g = d.table["contexts"]["groups"]
+            points.append(Point(
+                f"lwfc {kind} clip={clip} ctx={ctx}", setting, float(8 * nbytes.mean() / n_el), dict(first_metrics),
+                1000 * t_enc / n, 1000 * t_dec / m, n, mse=first_mse,
+                notes=(f"G={g} K={d.classes}; decoded {m} of {n}" if vi else f"G={g} K={d.classes}"),
+                extra={"clip_min": q.clip_min, "clip_max": q.clip_max, "groups": g, "classes": d.classes,
+                       "levels": q.levels, "kind": kind, "design_bits": d.coded_bits_per_element,
+                       "table": d.table}))
+    return points
+
+
+# ---- baselines -----------------------------------------------------------------------------------------------------
+def run_baseline(name: str, fn: Callable[[np.ndarray], Any], data: EdgeData, session: Any, metric: Any,
+                 chunk: int = 500) -> Point:
+    """Code the evaluation tensors in chunks with one baseline setting, run the cloud on the reconstructions."""
+    x_all = data.dequantize(data.q_eval)
+    n = len(x_all)
+    n_el = int(np.prod(x_all.shape[1:]))
+    nbytes, optional, outs = [], [], []
+    t_enc = t_dec = 0.0
+    se = 0.0
+    setting = ""
+    for i in range(0, n, chunk):
+        x = x_all[i:i + chunk]
+        b = fn(x)
+        setting = b.setting
+        nbytes.append(b.nbytes)
+        optional.append(b.optional_bytes if b.optional_bytes.size else np.zeros(len(x), dtype=np.int64))
+        t_enc += b.encode_seconds
+        t_dec += b.decode_seconds
+        se += float(np.sum((b.recon.astype(np.float64) - x) ** 2))
+        outs.append(cloud_outputs(session, b.recon))
+    nb = np.concatenate(nbytes)
+    opt = np.concatenate(optional)
+    return Point(name, setting, float(8 * nb.mean() / n_el), metric(np.concatenate(outs), data.labels, data.ref),
+                 1000 * t_enc / n, 1000 * t_dec / n, n,
+                 bits_per_element_no_param_sets=float(8 * (nb - opt).mean() / n_el) if opt.any() else math.nan,
+                 mse=se / (n * n_el))
+
+
+def baseline_jobs(plan: Plan, clip_of_levels: Callable[[int], tuple[float, float]]) -> list[tuple[str, Callable]]:
+    from lwfc_host import baselines as bl
+
+    jobs: list[tuple[str, Callable]] = []
+    for bits in plan.hevc_bits:
+        for qp in plan.hevc_qps:
+            jobs.append((f"hevc {bits}-bit", lambda x, qp=qp, bits=bits: bl.hevc(x, qp, bits)))
+    for q in plan.jpeg_qualities:
+        jobs.append(("jpeg tiles", lambda x, q=q: bl.image_tiles(x, q, "JPEG")))
+    for q in plan.webp_qualities:
+        jobs.append(("webp tiles", lambda x, q=q: bl.image_tiles(x, q, "WEBP")))
+    for lv in plan.rle_levels:
+        lo, hi = clip_of_levels(lv)
+        jobs.append(("uniform+rle", lambda x, lv=lv, lo=lo, hi=hi: bl.rle(x, lv, lo, hi)))
+    for bits in plan.zlib_bits:
+        jobs.append(("uniform+zlib", lambda x, bits=bits: bl.zlib_codec(x, bits)))
+    return jobs
+
+
+# ---- the whole evaluation ------------------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    bundle: dict
+    bundle_dir: str
+    dataset: str
+    plan: Plan
+    points: list[Point]
+    reference: dict[str, float]  # the float model and the uncompressed int8 pipeline on the same images
+    primary: str
+    shape: tuple[int, int, int]
+    tensors: int
+    description: str
+    seconds: dict[str, float]
+    hevc_single_process_ms: dict[str, float]
+    edge_cache: str = ""
+    command: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return d
+
+
+def resolve_dataset(bundle: dict, dataset: str) -> str:
+    ds = bundle.get("dataset", "fashion-mnist") if dataset == "auto" else dataset
+    if ds not in ("fashion-mnist", "photos"):
+        raise ValueError(f"unknown dataset {dataset!r}: fashion-mnist, photos or auto")
+    if ds != bundle.get("dataset"):
+        raise ValueError(f"bundle {bundle['model']} is evaluated on {bundle.get('dataset')}, not {ds}")
+    return ds
+
+
+def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | None = None, quick: bool = False,
+                    cache_dir: str | Path = DEFAULT_CACHE, metric: str = "classification",
+                    methods: Iterable[str] | None = None, progress: bool = True) -> Evaluation:
+    """Run every method of the plan on the bundle's evaluation set."""
+    from lwfc_convert.bundle import read_bundle
+
+    bundle_dir = Path(bundle_dir)
+    bundle = read_bundle(bundle_dir)
+    ds = resolve_dataset(bundle, dataset)
+    plan = quick_plan(limit, ds) if quick else full_plan(limit, ds)
+    if ds == "photos" and (plan.eval_images or 0) < 300 and not quick:
+        raise ValueError("the photo evaluation needs at least 300 views")
+    methods = set(methods or ["lwfc", "hevc", "jpeg", "webp", "rle", "zlib"])
+    session = make_session(bundle_dir / bundle["cloud"]["file"])
+    met = METRICS[metric]()
+    seconds: dict[str, float] = {}
+    t0 = time.time()
+    data = edge_data(bundle_dir, bundle, ds, plan, Path(cache_dir), session, progress)
+    key = cache_key(bundle_dir, ds, plan.eval_images, plan.calib_images)
+    edge_cache = str(Path(cache_dir) / f"edge_{bundle['model']}_{key}.npz")
+    seconds["edge_outputs"] = time.time() - t0
+    reference: dict[str, float] = {}
+    for k, v in met(data.ref["int8"], data.labels, data.ref).items():
+        reference[f"int8 {k}"] = v
+    if "float" in data.ref:
+        for k, v in met(data.ref["float"], data.labels, data.ref).items():
+            reference[f"float {k}"] = v
+    elif data.labeled and "float_accuracy" in bundle.get("accuracy", {}):
+        reference["float accuracy"] = float(bundle["accuracy"]["float_accuracy"])  # whole test set (bundle.json)
+    points: list[Point] = []
+    if "lwfc" in methods:
+        t0 = time.time()
+        points += run_lwfc(data, session, met, plan, progress)
+        seconds["lwfc"] = time.time() - t0
+    # RLE uses the MSE clip ranges of lwfc's uniform quantizers (the same quantizer, another entropy coder)
+    from lwfc_host.calibration import CalibrationStats
+    from lwfc_host.design import design_quantizer
+
+    cs = CalibrationStats()
+    cs.add_int8(data.q_calib, data.scale, data.zero_point)
+    stats = cs.loaded()
+
+    def clip_of_levels(lv: int) -> tuple[float, float]:
+        q, _ = design_quantizer(stats, lv, "uniform", 0.0, "mse")
+        return float(q.clip_min), float(q.clip_max)
+
+    from tqdm import tqdm
+
+    jobs = [j for j in baseline_jobs(plan, clip_of_levels) if j[0].split()[0].split("+")[-1] in methods]
+    hevc_single: dict[str, float] = {}
+    for name, fn in tqdm(jobs, desc="baselines", disable=not progress):
+        t0 = time.time()
+        points.append(run_baseline(name, fn, data, session, met))
+        key = name.split()[0]
+        seconds[key] = seconds.get(key, 0.0) + time.time() - t0
+    if "hevc" in methods and plan.hevc_qps:
+        from lwfc_host.baselines import hevc_single_process_ms
+
+        qp = plan.hevc_qps[len(plan.hevc_qps) // 2]
+        e, d = hevc_single_process_ms(data.dequantize(data.q_eval[:1]), qp, 8)
+        hevc_single = {"qp": qp, "encode_ms": e, "decode_ms": d}
+    n, h, w, c = data.q_eval.shape
+    return Evaluation(bundle, str(bundle_dir), ds, plan, points, reference, met.primary(data.labeled), (h, w, c), n,
+                      data.description, seconds, hevc_single, edge_cache)

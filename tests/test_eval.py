@@ -1,0 +1,154 @@
+"""``lwfc eval --quick`` on a real bundle: report structure, and every rate re-measured from real frames.
+
+The bundle is found in $LWFC_EVAL_BUNDLE or under cache/bundles/ (``lwfc convert`` output; resnet_fmnist is
+preferred, being the cheapest); without one the end-to-end test is skipped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lwfc_host.report import curve, metric_at, rate_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_bundle() -> Path | None:
+    env = os.environ.get("LWFC_EVAL_BUNDLE")
+    if env:
+        return Path(env)
+    root = ROOT / "cache" / "bundles"
+    for pattern in ("resnet_fmnist*/bundle.json", "*/bundle.json"):
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[0].parent
+    return None
+
+
+class _P:
+    def __init__(self, rate: float, acc: float) -> None:
+        self.bits_per_element = rate
+        self.metrics = {"accuracy": acc}
+
+
+def test_curve_envelope_and_interpolation():
+    pts = [_P(0.4, 0.80), _P(0.6, 0.88), _P(0.5, 0.90), _P(1.0, 0.92), _P(2.0, 0.91)]
+    r, a = curve(pts, "accuracy")
+    assert r.tolist() == [0.4, 0.5, 1.0]  # dominated points dropped
+    assert rate_for(r, a, 0.85) == pytest.approx(0.4 + 0.05 / 0.10 * 0.1)
+    assert math.isnan(rate_for(r, a, 0.95))
+    assert rate_for(r, a, 0.5) == 0.4  # reached at the cheapest point: an upper bound
+    assert metric_at(r, a, 0.75) == pytest.approx(0.91)
+    assert math.isnan(metric_at(r, a, 0.3))
+    assert metric_at(r, a, 3.0) == pytest.approx(0.92)
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    bundle = find_bundle()
+    if bundle is None or not (bundle / "bundle.json").exists():
+        pytest.skip("no bundle: run `lwfc convert --model resnet_fmnist --output cache/bundles/resnet_fmnist` "
+                    "or set LWFC_EVAL_BUNDLE")
+    out = tmp_path_factory.mktemp("eval")
+    cmd = [sys.executable, "-m", "lwfc_host", "eval", "--bundle", str(bundle), "--quick", "--output", str(out),
+           "--cache", str(ROOT / "cache" / "eval"), "--no-progress"]
+    if os.environ.get("LWFC_EVAL_LIMIT"):  # fewer images, e.g. for a large-feature bundle on a slow machine
+        cmd += ["--limit", os.environ["LWFC_EVAL_LIMIT"]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stdout
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "points.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_eval_structure(quick_report):
+    out, stdout = quick_report
+    for name in ("points.csv", "rate_accuracy.png", "report.md", "evaluation.json"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "rate_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _rows(out)
+    assert list(rows[0])[:8] == ["method", "setting", "bits_per_element", "bits_per_element_no_param_sets",
+                                 "accuracy", "agreement", "agreement_confident", "agreement_float"]
+    methods = {r["method"] for r in rows}
+    for kind in ("uniform", "ecsq"):
+        for clip in ("mse", "model"):
+            for ctx in ("one", "groups", "groups+k2"):
+                assert f"lwfc {kind} clip={clip} ctx={ctx}" in methods
+    for m in ("hevc 8-bit", "jpeg tiles", "webp tiles", "uniform+rle", "uniform+zlib"):
+        assert m in methods
+    ev = json.loads((out / "evaluation.json").read_text())
+    primary = ev["primary"]
+    for r in rows:
+        assert float(r["bits_per_element"]) > 0
+        assert 0.0 <= float(r[primary]) <= 1.0
+        assert float(r["encode_ms"]) > 0 and float(r["decode_ms"]) > 0
+    hevc = [r for r in rows if r["method"].startswith("hevc")]
+    assert all(float(r["bits_per_element_no_param_sets"]) < float(r["bits_per_element"]) for r in hevc)
+    md = (out / "report.md").read_text()
+    assert "## Headline" in md and "## Against the goal" in md
+    head = md.split("## Headline")[1].split("##")[0]
+    for m in methods:
+        assert f"| {m} |" in head
+    assert len(ev["headline"]) == len(methods)
+    assert "bits/element within 1 pp" in stdout
+
+
+def test_quick_eval_rates_are_measured(quick_report):
+    """Re-encode the cached edge outputs: every lwfc rate is the mean size of real frames made with the table
+    saved next to the report, and one setting of each baseline reproduces its rate from real bytes."""
+    from lwfc.encoder import Encoder
+    from lwfc.fast import encode_int8_constriction
+    from lwfc_host import baselines as bl
+    from lwfc_host.tablefile import load_verified
+
+    out, _ = quick_report
+    ev = json.loads((out / "evaluation.json").read_text())
+    with np.load(ev["edge_cache"]) as z:
+        q = z["q_eval"]
+        scale, zp = float(z["scale"]), int(z["zero_point"])
+    n_el = int(np.prod(q.shape[1:]))
+    rows = _rows(out)
+    lwfc_rows = [r for r in rows if r["method"].startswith("lwfc")]
+    assert lwfc_rows
+    for r in lwfc_rows:
+        table_file = re.search(r"table (tables/\S+\.json)", r["notes"]).group(1)
+        tables = load_verified(out / table_file)
+        frames = [encode_int8_constriction(t, tables) for t in q]
+        assert float(r["bits_per_element"]) == pytest.approx(8 * np.mean([len(f) for f in frames]) / n_el, abs=1e-5)
+    # the device's pure-Python encoder gives the same bytes
+    dev = Encoder(tables)
+    assert dev.encode_int8(q[0].tobytes(), q.shape[1], q.shape[2]) == frames[0]
+    x = (scale * (q.astype(np.float32) - zp)).astype(np.float32)
+
+    def check(method: str, coder) -> None:
+        r = next(r for r in rows if r["method"] == method)
+        b = coder(r["setting"])
+        assert b.setting == r["setting"]
+        assert float(r["bits_per_element"]) == pytest.approx(b.bits_per_element().mean(), abs=1e-5)
+
+    def hevc(setting):
+        bits, qp = re.fullmatch(r"(\d+)bit qp(\d+)", setting).groups()
+        return bl.hevc(x, int(qp), int(bits))
+
+    check("hevc 8-bit", hevc)
+    check("jpeg tiles", lambda s: bl.image_tiles(x, int(s[1:]), "JPEG"))
+    check("webp tiles", lambda s: bl.image_tiles(x, int(s[1:]), "WEBP"))
+
+    def rle(setting):
+        lv, lo, hi = re.fullmatch(r"(\d+) levels clip=\[(\S+), (\S+)\]", setting).groups()
+        return bl.rle(x, int(lv), float(lo), float(hi))
+
+    check("uniform+rle", rle)
+    check("uniform+zlib", lambda s: bl.zlib_codec(x, int(s[:-3])))
