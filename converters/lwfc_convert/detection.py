@@ -1,0 +1,232 @@
+"""Detection quality without labeled data: deterministic photo views and mAP@0.5 against reference
+detections (the uncompressed model's own, above a score threshold).
+
+Photos: the Debian ``darknet`` demo photos (``/usr/share/darknet/data/*.jpg``: dog, eagle, giraffe, horses,
+kite, person, scream) plus the photos bundled with scikit-image, matplotlib and scikit-learn
+(:func:`lwfc_convert.datasets.photo_paths`). :func:`views` derives a fixed set of augmented views from
+them (crops, flips, photometric changes) from a seed, so every run sees the same pixels.
+
+:func:`map50` is the usual VOC/COCO-style average precision at IoU 0.5 per class (all-point interpolated
+precision envelope), averaged over the classes that occur in the reference. Both the reference and the
+detections under test go through the same post-processing as the ``@vladmandic/human`` library applies to
+this model: a score threshold and class-agnostic non-maximum suppression (IoU 0.4).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+DARKNET_DIRS = [os.environ.get("LWFC_DARKNET_DIR", ""), "/usr/share/darknet/data"]
+DARKNET_PHOTOS = ("dog.jpg", "eagle.jpg", "giraffe.jpg", "horses.jpg", "kite.jpg", "person.jpg", "scream.jpg")
+
+# human's defaults for this detector (config.object): minConfidence 0.2, iouThreshold 0.4.
+REFERENCE_THRESHOLD = 0.3
+NMS_IOU = 0.4
+MIN_SCORE = 0.05  # detections under test are kept down to this score, to trace the precision-recall curve
+
+
+def darknet_photo_paths() -> dict[str, Path]:
+    """The darknet demo photos that are installed (``apt-get install darknet``), name -> path."""
+    for d in DARKNET_DIRS:
+        if d and Path(d).is_dir():
+            found = {f"darknet/{n.rsplit('.', 1)[0]}": Path(d) / n for n in DARKNET_PHOTOS if (Path(d) / n).exists()}
+            if found:
+                return found
+    return {}
+
+
+def photo_paths(require_darknet: bool = False) -> dict[str, Path]:
+    """All photos for detection views: darknet's demo photos and the bundled package photos, sorted by name.
+    With ``require_darknet`` a missing darknet package is an error naming the apt package."""
+    from .datasets import DatasetMissing
+    from .datasets import photo_paths as package_photos
+
+    found = darknet_photo_paths()
+    if require_darknet and not found:
+        raise DatasetMissing("darknet demo photos not found in /usr/share/darknet/data: apt-get install darknet "
+                             "(or set LWFC_DARKNET_DIR)")
+    found.update(package_photos())
+    return dict(sorted(found.items()))
+
+
+def _rng(name: str, index: int, seed: int) -> np.random.Generator:
+    # crc32, not hash(): Python salts str hashes per process.
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), index])
+
+
+def make_view(image: np.ndarray, rng: np.random.Generator, index: int, size: int) -> np.ndarray:
+    """One deterministic view of ``image`` (uint8 H x W x 3) as uint8 ``size`` x ``size`` x 3: view 0 is the
+    whole photo resized (as the human library feeds this model); others crop 55-100% of each side at a
+    random place, flip half of the time, and jitter brightness, contrast and saturation."""
+    from PIL import Image, ImageEnhance
+
+    im = Image.fromarray(image).convert("RGB")
+    if index > 0:
+        w, h = im.size
+        cw = int(round(w * rng.uniform(0.55, 1.0)))
+        ch = int(round(h * rng.uniform(0.55, 1.0)))
+        left = int(rng.integers(0, w - cw + 1))
+        top = int(rng.integers(0, h - ch + 1))
+        im = im.crop((left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    im = im.resize((size, size), Image.BILINEAR)
+    if index > 0:
+        im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.75, 1.25)))
+        im = ImageEnhance.Contrast(im).enhance(float(rng.uniform(0.75, 1.25)))
+        im = ImageEnhance.Color(im).enhance(float(rng.uniform(0.7, 1.3)))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def views(n_views: int = 120, size: int = 512, seed: int = 0, names: Sequence[str] | None = None,
+          require_darknet: bool = False) -> list[tuple[str, np.ndarray]]:
+    """At least ``n_views`` deterministic views (``"photo#k"``, uint8 size x size x 3), the same number for
+    each photo (view 0 of each photo is the plain resize)."""
+    from .datasets import load_photo
+
+    paths = photo_paths(require_darknet)
+    if names is not None:
+        missing = [n for n in names if n not in paths]
+        if missing:
+            raise KeyError(f"photos not available: {missing}; available: {sorted(paths)}")
+        paths = {n: paths[n] for n in names}
+    if not paths:
+        raise FileNotFoundError("no photos found: apt-get install darknet, or install scikit-image/matplotlib/"
+                                "scikit-learn")
+    per_photo = max(1, math.ceil(n_views / len(paths)))
+    out = []
+    for name, path in paths.items():
+        image = load_photo(path)
+        for k in range(per_photo):
+            out.append((f"{name}#{k}", make_view(image, _rng(name, k, seed), k, size)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Boxes, NMS, AP
+# --------------------------------------------------------------------------------------------------
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix between boxes ``a`` (M x 4) and ``b`` (K x 4), corners (x1, y1, x2, y2)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    ix1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def postprocess(rows: np.ndarray, min_score: float, nms_iou: float | None = NMS_IOU) -> np.ndarray:
+    """Keep rows ``(x1, y1, x2, y2, score, class)`` with score >= ``min_score``, then greedy class-agnostic
+    NMS at ``nms_iou`` (what human does with this model's output); sorted by score, highest first."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 6)
+    rows = rows[rows[:, 4] >= min_score]
+    rows = rows[np.argsort(-rows[:, 4], kind="stable")]
+    if nms_iou is None or len(rows) == 0:
+        return rows
+    keep: list[int] = []
+    iou = box_iou(rows[:, :4], rows[:, :4])
+    suppressed = np.zeros(len(rows), dtype=bool)
+    for i in range(len(rows)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= iou[i] > nms_iou
+    return rows[keep]
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Area under the precision envelope (all-point interpolation, VOC 2010+)."""
+    r = np.concatenate([[0.0], recall, [1.0]])
+    p = np.concatenate([[0.0], precision, [0.0]])
+    p = np.maximum.accumulate(p[::-1])[::-1]
+    idx = np.nonzero(r[1:] != r[:-1])[0]
+    return float(np.sum((r[idx + 1] - r[idx]) * p[idx + 1]))
+
+
+def map50(reference: Sequence[np.ndarray], detections: Sequence[np.ndarray], threshold: float = REFERENCE_THRESHOLD,
+          iou: float = 0.5, min_score: float = MIN_SCORE, nms_iou: float | None = NMS_IOU) -> dict[str, Any]:
+    """mAP at IoU ``iou`` of ``detections`` against ``reference``, one array of rows per view.
+
+    The reference boxes are the reference rows with score >= ``threshold`` (after NMS); the detections
+    under test are kept down to ``min_score`` (after NMS) and ranked by score. Each detection matches the
+    unmatched reference box of its class in its view with the highest IoU >= ``iou``. Returns ``map50``
+    (mean AP over the classes present in the reference; nan if there are none), ``ap`` per class index,
+    ``n_reference`` boxes, ``n_views``, and ``recall`` / ``precision`` at the reference threshold."""
+    if len(reference) != len(detections):
+        raise ValueError(f"{len(reference)} reference views but {len(detections)} detection views")
+    gts = [postprocess(r, threshold, nms_iou) for r in reference]
+    preds = [postprocess(d, min_score, nms_iou) for d in detections]
+    classes = sorted({int(c) for g in gts for c in g[:, 5]})
+    ap: dict[int, float] = {}
+    tp_at, fp_at, n_total = 0, 0, 0
+    for c in classes:
+        items = []  # (score, view, box)
+        n_gt = 0
+        for v, (g, p) in enumerate(zip(gts, preds)):
+            n_gt += int(np.sum(g[:, 5] == c))
+            for row in p[p[:, 5] == c]:
+                items.append((row[4], v, row[:4]))
+        items.sort(key=lambda t: -t[0])
+        matched = [np.zeros(int(np.sum(g[:, 5] == c)), dtype=bool) for g in gts]
+        tp = np.zeros(len(items))
+        for i, (score, v, box) in enumerate(items):
+            g = gts[v][gts[v][:, 5] == c]
+            if len(g):
+                ious = box_iou(box[None], g[:, :4])[0]
+                ious[matched[v]] = -1.0
+                j = int(np.argmax(ious))
+                if ious[j] >= iou:
+                    matched[v][j] = True
+                    tp[i] = 1
+            if score >= threshold:
+                tp_at += int(tp[i])
+                fp_at += int(1 - tp[i])
+        ctp = np.cumsum(tp)
+        recall = ctp / max(n_gt, 1)
+        precision = ctp / np.arange(1, len(items) + 1) if len(items) else np.zeros(0)
+        ap[c] = average_precision(recall, precision)
+        n_total += n_gt
+    return {
+        "map50": float(np.mean(list(ap.values()))) if ap else float("nan"),
+        "ap": ap,
+        "n_reference": n_total,
+        "n_views": len(reference),
+        "recall": tp_at / n_total if n_total else float("nan"),
+        "precision": tp_at / (tp_at + fp_at) if (tp_at + fp_at) else float("nan"),
+    }
+
+
+def run_detector(fn: Callable[[Any], Any], images: Iterable[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+    """Apply ``fn`` (NCHW float 0..255 tensor -> ``[N, K, 6]`` rows) to uint8 HWC images in batches;
+    returns one ``K x 6`` float array per image."""
+    import torch
+
+    out: list[np.ndarray] = []
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        x = torch.from_numpy(np.stack(batch).astype(np.float32).transpose(0, 3, 1, 2).copy())
+        with torch.no_grad():
+            y = fn(x)
+        out.extend(np.asarray(y.detach().numpy() if hasattr(y, "detach") else y, dtype=np.float32))
+        batch.clear()
+
+    for img in images:
+        batch.append(np.asarray(img))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return out
