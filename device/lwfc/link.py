@@ -78,7 +78,9 @@ class Link(object):
             while len(self.queue):
                 _frame, tag = self.queue.pop()
                 answers.append(Answer(0, "error", E_SEND_FAILED, "cannot reconnect: %s" % exc, tag=tag))
-            raise ConnectionClosed("cannot reconnect to %s: %s" % (self.url, exc)) from None
+            err = ConnectionClosed("cannot reconnect to %s: %s" % (self.url, exc))
+            err.answers = answers  # the caller still learns what became of every frame
+            raise err from None
         return answers
 
     def pump(self, timeout_s=0.0):
@@ -103,14 +105,18 @@ class Link(object):
     def submit(self, frame, tag=None):
         """Queue a frame; returns the Answers that became known meanwhile (DROPPED ones included)."""
         answers = []
-        while True:
-            ok, dropped = self.queue.put(frame, tag)
-            for _f, t in dropped:
-                answers.append(Answer(0, "error", E_DROPPED, "send queue full (drop-oldest)", tag=t))
-            if ok:
-                break
-            answers.extend(self.pump(0.05))  # block policy: make room by draining the link
-        answers.extend(self.pump(0.0))
+        try:
+            while True:
+                ok, dropped = self.queue.put(frame, tag)
+                for _f, t in dropped:
+                    answers.append(Answer(0, "error", E_DROPPED, "send queue full (drop-oldest)", tag=t))
+                if ok:
+                    break
+                answers.extend(self.pump(0.05))  # block policy: make room by draining the link
+            answers.extend(self.pump(0.0))
+        except ConnectionClosed as exc:
+            exc.answers = answers + getattr(exc, "answers", [])
+            raise
         return answers
 
     def pending(self):
@@ -121,8 +127,12 @@ class Link(object):
         answers = []
         t0 = now_ms()
         limit = (timeout_s if timeout_s is not None else self.answer_timeout_s + 5.0) * 1000.0
-        while self.pending() and elapsed_ms(t0) < limit:
-            answers.extend(self.pump(0.05))
+        try:
+            while self.pending() and elapsed_ms(t0) < limit:
+                answers.extend(self.pump(0.05))
+        except ConnectionClosed as exc:
+            exc.answers = answers + getattr(exc, "answers", [])
+            raise
         if self.pending():
             why = "no answer before the end of the run"
             if self.session is not None:

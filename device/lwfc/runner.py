@@ -15,7 +15,7 @@ import sys
 import time
 
 from .encoder import Encoder
-from .protocol import ERROR_NAMES, Refused
+from .protocol import ERROR_NAMES, ConnectionClosed, Refused
 from .tables import load_tables
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".gif", ".webp", ".tif", ".tiff")
@@ -298,6 +298,7 @@ def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=Non
                 out.flush()
 
     t_start = time.time()
+    link_error = None
     try:
         for i, path in enumerate(paths):
             img = load_image(path)
@@ -315,6 +316,9 @@ def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=Non
                           "encode_ms": (t2 - t1) * 1000, "kind": None}
             take(link.submit(frame, tag=i))
         take(link.drain())
+    except ConnectionClosed as exc:  # the host is gone for good; every sent frame is still accounted for
+        take(getattr(exc, "answers", []))
+        link_error = str(exc)
     finally:
         link.close()
     wall = time.time() - t_start
@@ -324,6 +328,9 @@ def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=Non
         raise RunnerError("%d frames were never accounted for: a bug" % len(missing))
     summary = summarize(recs, wall)
     summary["reconnects"] = link.reconnects
+    summary["link_error"] = link_error
+    if link_error and not quiet:
+        out.write("link failed: %s (stopped after %d of %d images)\n" % (link_error, len(recs), len(paths)))
     if not quiet:
         print_summary(summary, out)
     return summary, recs
@@ -367,4 +374,4 @@ def run_from_args(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary, "frames": records}, f, indent=1)
-    return 0
+    return 1 if summary.get("link_error") else 0

@@ -273,7 +273,7 @@ class SerialStream(Stream):
                 continue
             try:
                 asyncio.run_coroutine_threadsafe(self.queue.put(data or b""), self.loop).result()
-            except RuntimeError:  # the loop is gone
+            except (RuntimeError, concurrent.futures.CancelledError):  # the loop is gone or stopping
                 return
             if not data:
                 return

@@ -6,7 +6,7 @@ half (a small classifier head built here, or a bundle's cloud.onnx with ``--bund
 frames per second (all devices together) and round-trip latency p50/p95/p99 seen by the devices, plus
 the server's own decode and inference percentiles.
 
-    python -m lwfc_host.server_bench [--devices 1 5 20] [--frames 400] [--bundle DIR]
+    python -m lwfc_host.server_bench [--devices 1 5 20] [--frames 2000] [--bundle DIR --images DIR]
 
 Also provides ``make_small_bundle``: a small bundle directory (bundle.json, tables.json, cloud.onnx) whose
 frames are small, used by the load and fault tests.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -107,41 +106,73 @@ def small_frames(bundle_dir: str | Path, n: int, seed: int = 1) -> list[bytes]:
     return [enc.encode_int8(t, h, w) for t in small_tensors(info, n, seed)]
 
 
+def bundle_frames(bundle: Path, images: str) -> list[bytes]:
+    """Real frames: the bundle's edge.tflite on the images, encoded with its tables."""
+    from lwfc.encoder import Encoder
+    from lwfc.runner import EdgeModel, list_images, load_image, preprocess
+    from lwfc.tables import load_tables
+
+    info = json.loads((bundle / "bundle.json").read_text())
+    edge = EdgeModel(str(bundle / "edge.tflite"))
+    enc = Encoder(load_tables(str(bundle / "tables.json")))
+    out = []
+    for p in list_images(images):
+        q = edge.run(preprocess(load_image(p), info["preprocessing"]))
+        out.append(enc.encode_int8(q.tobytes(), q.shape[0], q.shape[1]))
+    return out
+
+
+def _device_process(url: str, hello: dict[str, Any], frames: list[bytes], per_device: int, window: int,
+                    start: Any, out: Any) -> None:
+    """One device in its own process (so devices do not share the server's interpreter lock)."""
+    from lwfc.link import Link
+
+    link = Link(url, hello, window=window, queue_frames=64, policy="block", answer_timeout_s=60)
+    link.connect()
+    start.wait()
+    answers = []
+    t0 = time.perf_counter()
+    for i in range(per_device):
+        answers.extend(link.submit(frames[i % len(frames)], tag=i))
+    answers.extend(link.drain(120))
+    t1 = time.perf_counter()
+    link.close()
+    out.put({"results": sum(a.kind == "result" for a in answers), "errors": sum(a.kind == "error" for a in answers),
+             "answers": len(answers), "rtt": [a.rtt_ms for a in answers if a.kind == "result"], "t0": t0, "t1": t1})
+
+
 def run_devices(url: str, bundle_dir: str | Path, frames: list[bytes], devices: int, per_device: int,
                 window: int = 4) -> dict[str, Any]:
-    """``devices`` threads, each a Link sending ``per_device`` frames; returns counts and latencies."""
-    from lwfc.link import Link
+    """``devices`` processes, each a Link sending ``per_device`` frames; returns counts, frames per second
+    (all devices, from the first send to the last answer) and round-trip percentiles."""
+    import multiprocessing as mp
+
     from lwfc_host.server import bundle_id
 
     info = json.loads(Path(bundle_dir, "bundle.json").read_text())
     table = json.loads(Path(bundle_dir, "tables.json").read_text())["table_id"]
-    results: list[dict[str, Any]] = [{} for _ in range(devices)]
-
-    def device(k: int) -> None:
+    ctx = mp.get_context("spawn")  # the server's threads live in this process: do not fork it
+    start = ctx.Event()
+    out = ctx.Queue()
+    procs = []
+    for k in range(devices):
         hello = {"device": f"bench{k}", "model": info["model"], "bundle": bundle_id(bundle_dir), "table": table}
-        link = Link(url, hello, window=window, queue_frames=64, policy="block", answer_timeout_s=60)
-        link.connect()
-        answers = []
-        for i in range(per_device):
-            answers.extend(link.submit(frames[(k * per_device + i) % len(frames)], tag=i))
-        answers.extend(link.drain(120))
-        link.close()
-        results[k] = {"answers": answers}
-
-    threads = [threading.Thread(target=device, args=(k,)) for k in range(devices)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    answers = [a for r in results for a in r.get("answers", [])]
-    rtts = np.array([a.rtt_ms for a in answers if a.kind == "result"], dtype=np.float64)
+        p = ctx.Process(target=_device_process, args=(url, hello, frames[k::devices] or frames, per_device, window,
+                                                      start, out))
+        p.start()
+        procs.append(p)
+    time.sleep(0.5)
+    start.set()
+    rs = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(30)
+    wall = max(r["t1"] for r in rs) - min(r["t0"] for r in rs)  # perf_counter is system-wide on Linux
+    rtts = np.array([x for r in rs for x in r["rtt"]], dtype=np.float64)
+    results = sum(r["results"] for r in rs)
     return {
-        "devices": devices, "sent": devices * per_device, "answers": len(answers),
-        "results": int(sum(a.kind == "result" for a in answers)),
-        "errors": int(sum(a.kind == "error" for a in answers)),
-        "wall_s": wall, "fps": len(rtts) / wall if wall > 0 else 0.0,
+        "devices": devices, "sent": devices * per_device, "answers": sum(r["answers"] for r in rs),
+        "results": results, "errors": sum(r["errors"] for r in rs), "wall_s": wall,
+        "fps": results / wall if wall > 0 else 0.0,
         "rtt_ms": {p: float(np.percentile(rtts, q)) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))}
         if rtts.size else None,
     }
@@ -150,20 +181,33 @@ def run_devices(url: str, bundle_dir: str | Path, frames: list[bytes], devices: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lwfc_host.server_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 5, 20])
-    parser.add_argument("--frames", type=int, default=400, help="frames per device count (total, split over devices)")
+    parser.add_argument("--frames", type=int, default=2000, help="frames per run (split over the devices)")
     parser.add_argument("--workers", type=int, default=2, help="server worker threads")
     parser.add_argument("--window", type=int, default=4, help="unanswered frames each device may have in flight")
     parser.add_argument("--workdir", default="cache/server_bench")
+    parser.add_argument("--bundle", help="a real bundle (with tables.json) instead of the small synthetic one")
+    parser.add_argument("--images", help="with --bundle: images whose features make the frames")
     args = parser.parse_args(argv)
 
     from lwfc_host.server import CloudModel, ServerConfig, run_in_thread
 
-    bundle = Path(args.workdir) / "small_bundle"
-    make_small_bundle(bundle)
-    frames = small_frames(bundle, 64)
+    if args.bundle:
+        if not args.images:
+            parser.error("--bundle needs --images")
+        bundle = Path(args.bundle)
+        frames = bundle_frames(bundle, args.images)
+        n_el = int(np.prod(json.loads((bundle / "bundle.json").read_text())["feature"]["shape_nhwc"]))
+        shape = "x".join(map(str, json.loads((bundle / "bundle.json").read_text())["feature"]["shape_nhwc"][1:]))
+    else:
+        bundle = Path(args.workdir) / "small_bundle"
+        make_small_bundle(bundle)
+        frames = small_frames(bundle, 64)
+        n_el = int(np.prod(SMALL_SHAPE))
+        shape = "x".join(map(str, SMALL_SHAPE))
     model = CloudModel(bundle)
-    print(f"frames: {len(frames[0])} bytes each ({8 * len(frames[0]) / np.prod(SMALL_SHAPE):.3f} bits/element), "
-          f"shape {SMALL_SHAPE}, server workers {args.workers}, device window {args.window}")
+    mean_bytes = sum(map(len, frames)) / len(frames)
+    print(f"bundle {model.model_name}: frames of {mean_bytes:.0f} bytes on average ({8 * mean_bytes / n_el:.3f} "
+          f"bits/element), shape {shape}, server workers {args.workers}, device window {args.window}")
     print(f"{'devices':>7} {'frames':>6} {'fps':>8} {'rtt p50':>8} {'p95':>8} {'p99':>8} "
           f"{'decode p50':>10} {'infer p50':>9} {'lost':>5}")
     for d in args.devices:
