@@ -4,6 +4,8 @@ which the real device runner then runs."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -56,6 +58,20 @@ def test_flash_micropython_board_over_serial_and_encode_there(small, tmp_path):
                 "print(cfg['device'], cfg['connect'], cfg['table'])\n"
                 "print(binascii.hexlify(frame).decode())\n"
                 "print(binascii.hexlify(pack_message(DATA, 7, frame)).decode())\n"
+                "from lwfc.protocol import Parser, hmac_sha256\n"
+                "p = Parser()\n"
+                "p.feed(b'boot LK junk' + pack_message(DATA, 9, frame))\n"
+                "m = p.next()\n"
+                "print(m.seq, len(m.body) == len(frame), p.garbage)\n"
+                "print(binascii.hexlify(hmac_sha256(b'k' * 16, frame)).decode())\n"
+                "from lwfc.sendqueue import SendQueue\n"
+                "q = SendQueue(2, 1000)\n"
+                "q.put(b'a', 1)\n"
+                "q.put(b'b', 2)\n"
+                "print(q.put(b'c', 3)[1][0][1])\n"
+                "from lwfc.link import Link\n"
+                "from lwfc.transport import parse_address\n"
+                "print(parse_address('tcp://192.0.2.1:5005')[1][1])\n"
             ).replace("TENSOR", repr(tensor.hex())).replace("H, W", f"{h}, {w}")
             out, err = t.exec_raw(script, timeout=120)
         finally:
@@ -67,6 +83,10 @@ def test_flash_micropython_board_over_serial_and_encode_there(small, tmp_path):
     assert lines[1:4] == ["b1", "tcp://192.0.2.1:5005", json.loads((small / "tables.json").read_text())["table_id"]]
     assert bytes.fromhex(lines[4]) == want
     assert bytes.fromhex(lines[5]) == pack_message(DATA, 7, want)
+    # the protocol, queue and transports run there too: resync, HMAC, drop-oldest, addresses
+    assert lines[6:9] == ["9", "True", "12"]
+    assert lines[9] == hmac.new(b"k" * 16, want, hashlib.sha256).hexdigest()
+    assert lines[10:12] == ["1", "5005"]
 
 
 def test_flash_directory_for_a_linux_board_and_run_from_it(tmp_path):

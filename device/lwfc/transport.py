@@ -13,8 +13,11 @@ MicroPython-compatible Python 3.7.
 
 try:
     import socket
-except ImportError:  # MicroPython
-    import usocket as socket  # type: ignore
+except ImportError:  # MicroPython names it usocket; a board without networking has neither (UART only)
+    try:
+        import usocket as socket  # type: ignore
+    except ImportError:
+        socket = None
 
 import time
 
@@ -79,6 +82,8 @@ class TcpTransport(object):
 
     def __init__(self, host, port, connect_timeout_s=5.0):
         self.name = "tcp://%s:%d" % (host, port)
+        if socket is None:
+            raise TransportError("this board has no socket module: use a serial or UART transport")
         addr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0][-1]
         self.sock = socket.socket(socket.AF_INET if len(addr) == 2 else socket.AF_INET6, socket.SOCK_STREAM)
         try:
