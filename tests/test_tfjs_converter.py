@@ -140,6 +140,40 @@ def test_module_paths_follow_tf_scopes(model):
     assert conv.pad == (0, 1, 0, 1) and conv.conv.stride == (2, 2)
 
 
+def test_zoo_entry():
+    from lwfc_convert.zoo import get_spec, list_models
+
+    assert "centernet_mbv3_coco" in list_models()
+    spec = get_spec("centernet_mbv3_coco")
+    assert spec.input_shape == (3, 512, 512) and spec.default_split in spec.recommended_splits
+    assert spec.preprocess["mean"] == [0.0, 0.0, 0.0] and spec.preprocess["order"] == "RGB"
+
+
+@pytest.mark.slow
+def test_zoo_split_points(model):
+    """The zoo's centernet_mbv3_coco: split points are real single-tensor cuts with the stated shapes, and
+    the default split is exact."""
+    from lwfc_convert import split as sp
+    from lwfc_convert.zoo import get_spec
+
+    spec = get_spec("centernet_mbv3_coco")
+    points = {p.path: p for p in sp.list_split_points(model)}
+    shapes = {p: points[p].shape_chw for p in spec.recommended_splits}
+    assert shapes == {"MobilenetV3.expanded_conv.add": (16, 256, 256),
+                      "MobilenetV3.expanded_conv_2.add": (24, 128, 128),
+                      "MobilenetV3.expanded_conv_3.expand.Relu": (72, 128, 128),
+                      "CenternetHead.Relu_2": (128, 128, 128)}
+    assert points[spec.default_split].activation == "relu"
+    # No cut inside the stride-8..32 stages: the FPN's lateral taps make two tensors cross there.
+    assert not any(p.startswith(("MobilenetV3.expanded_conv_4.", "MobilenetV3.expanded_conv_9.")) for p in points)
+    edge, cloud = sp.split(model, spec.default_split)
+    x = torch.from_numpy(np.random.default_rng(1).uniform(0, 255, (1, 3, 512, 512)).astype(np.float32))
+    with torch.no_grad():
+        feats = edge(x)
+        assert tuple(feats.shape) == (1, 72, 128, 128)
+        np.testing.assert_array_equal(cloud(feats).numpy(), model(x).numpy())
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def model_copy(model_json, tmp_path) -> Path:

