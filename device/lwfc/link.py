@@ -88,6 +88,8 @@ class Link(object):
         ones, keep the link alive. Returns Answers."""
         answers = []
         try:
+            if self.session is None:  # a reconnection failed earlier: try again
+                answers.extend(self._broken("not connected"))
             s = self.session
             while len(self.queue) and len(s.outstanding) < self.window:
                 frame, tag = self.queue.pop()
@@ -99,7 +101,12 @@ class Link(object):
                 s.ping()
                 self.last_tx_ms = now_ms()
         except ConnectionClosed as exc:
-            answers.extend(self._broken(str(exc)))
+            answers.extend(getattr(exc, "answers", []))
+            try:
+                answers.extend(self._broken(str(exc)))
+            except ConnectionClosed as final:
+                final.answers = answers + getattr(final, "answers", [])
+                raise
         return answers
 
     def submit(self, frame, tag=None):

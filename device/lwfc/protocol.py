@@ -467,8 +467,13 @@ class Session(object):
         data = self.transport.read(65536, timeout_s)
         if data:
             self.parser.feed(data)
-        for ev in self.parser:
-            out.extend(self.handle(ev))
+        try:
+            for ev in self.parser:
+                out.extend(self.handle(ev))
+        except ConnectionClosed as exc:
+            # answers already taken off the outstanding table must reach the caller with the error
+            exc.answers = out + getattr(exc, "answers", [])
+            raise
         return out
 
     def expire(self):
