@@ -144,6 +144,7 @@ class ServerConfig:
     keepalive_s: float = 10.0
     max_connections: int = 256
     workers: int = 2
+    pipeline: int = 4  # frames of one connection in work at once (answers still go out in order)
     keys: dict[str, bytes] = field(default_factory=dict)
     require_auth: bool = False
     log: Callable[[dict[str, Any]], None] | None = None  # structured per-frame log sink
@@ -309,21 +310,36 @@ class Connection:
         self.closing = False
         self.frames = 0
         self.errors = 0
+        # Answers in the order they are due: futures of message bytes. Bounded: reading stops while it is
+        # full, so a connection holds at most ``pipeline`` frames in work (memory and fairness).
+        self.outq: asyncio.Queue[asyncio.Future[bytes | None] | None] = asyncio.Queue(maxsize=max(1, self.cfg.pipeline))
+        self.sender: asyncio.Task[None] | None = None
 
     def _pack(self, mtype: int, seq: int, body: bytes = b"") -> bytes:
         return P.pack_message(mtype, seq, body, self.auth)
 
     async def send(self, data: bytes) -> None:
-        await self.stream.write(data)
+        """Queue a message behind every answer already due."""
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        fut.set_result(data)
+        await self._enqueue(fut)
+
+    async def _enqueue(self, fut: asyncio.Future[bytes | None]) -> None:
+        if self.sender is not None and self.sender.done():
+            raise ConnectionError("the peer stopped taking answers")
+        await self.outq.put(fut)
+
+    async def _send_loop(self) -> None:
+        while True:
+            item = await self.outq.get()
+            if item is None:
+                return
+            data = await item
+            if data:
+                await self.stream.write(data)
 
     async def error(self, seq: int, code: int, text: str, count: int = 1) -> None:
-        m = self.server.metrics
-        with m.lock:
-            m.errors[P.ERROR_NAMES.get(code, str(code))] += count
-        if code not in (P.E_GARBAGE,):
-            self.errors += count
-        self.server.emit({"event": "error", "peer": self.stream.name, "device": self._device(), "seq": seq,
-                          "count": count, "code": P.ERROR_NAMES.get(code, code), "message": text})
+        self._count_error(seq, code, text, count)
         await self.send(P.pack_error(seq, code, text, count, self.auth))
 
     def _device(self) -> str | None:
@@ -416,17 +432,30 @@ class Connection:
         await self.process(seq, bytes(msg.body))
 
     async def process(self, seq: int, frame: bytes) -> None:
+        """Start decoding and inference of one frame; its answer takes its place in the answer queue."""
+        task = asyncio.get_running_loop().create_task(self._work(seq, frame, self.table_id, self.auth))
+        await self._enqueue(task)
+
+    def _count_error(self, seq: int, code: int, text: str, count: int = 1) -> None:
+        m = self.server.metrics
+        with m.lock:
+            m.errors[P.ERROR_NAMES.get(code, str(code))] += count
+        self.errors += count
+        self.server.emit({"event": "error", "peer": self.stream.name, "device": self._device(), "seq": seq,
+                          "count": count, "code": P.ERROR_NAMES.get(code, code), "message": text})
+
+    async def _work(self, seq: int, frame: bytes, table_id: bytes | None, auth: P.Auth | None) -> bytes:
         srv = self.server
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            kind, payload = await loop.run_in_executor(srv.executor, srv.work, frame, self.table_id)
+            kind, payload = await loop.run_in_executor(srv.executor, srv.work, frame, table_id)
         except Exception as exc:  # noqa: BLE001 - a bug in a worker must not take the server down
             kind, payload = "error", (P.E_INFERENCE, f"internal error: {type(exc).__name__}: {exc}")
         if kind == "error":
             code, text = payload
-            await self.error(seq, code, text)
-            return
+            self._count_error(seq, code, text)
+            return P.pack_error(seq, code, text, 1, auth)
         result, n_el, dec_ms, inf_ms = payload
         total_ms = (time.perf_counter() - t0) * 1000
         m = srv.metrics
@@ -442,7 +471,7 @@ class Connection:
                   "bytes": len(frame), "elements": n_el, "bits_per_element": result["bits_per_element"],
                   "decode_ms": round(dec_ms, 3), "infer_ms": round(inf_ms, 3), "server_ms": round(total_ms, 3),
                   "top1": result.get("top", [[None]])[0] if result.get("top") else None})
-        await self.send(self._pack(P.RESULT, seq, json.dumps(result).encode()))
+        return P.pack_message(P.RESULT, seq, json.dumps(result).encode(), auth)
 
     async def on_message(self, msg: P.Message) -> None:
         t = msg.type
@@ -500,8 +529,9 @@ class Connection:
 
     async def run(self) -> None:
         srv = self.server
+        self.sender = asyncio.get_running_loop().create_task(self._send_loop())
         try:
-            while not self.closing:
+            while not self.closing and not self.sender.done():
                 timeout = self.cfg.idle_timeout_s if self.session is not None else self.cfg.hello_timeout_s
                 try:
                     data = await asyncio.wait_for(self.stream.read(), timeout)
@@ -535,8 +565,29 @@ class Connection:
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
             srv.emit({"event": "disconnect", "peer": self.stream.name, "device": self._device(), "why": str(exc)})
         finally:
+            await self._finish_sending()
             if self.stream.closable:
                 await self.stream.close()
+
+    async def _finish_sending(self) -> None:
+        """Send the answers still due (frames in work finish first), then stop the sender."""
+        sender = self.sender
+        if sender is None:
+            return
+        try:
+            if not sender.done():
+                await asyncio.wait_for(self.outq.put(None), self.cfg.idle_timeout_s)
+            await asyncio.wait_for(sender, self.cfg.idle_timeout_s)
+        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            self.server.emit({"event": "disconnect", "peer": self.stream.name, "device": self._device(),
+                              "why": f"answers not delivered: {exc}"})
+        finally:
+            if not sender.done():
+                sender.cancel()
+            while not self.outq.empty():  # work whose answers can no longer be sent: let it finish quietly
+                item = self.outq.get_nowait()
+                if item is not None and not item.done():
+                    item.cancel()
 
 
 class Server:
