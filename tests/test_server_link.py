@@ -189,3 +189,33 @@ def test_serial_line_with_garbage_and_bit_flips(bundle, frames, tmp_path):
         socat.wait(10)
     assert got == want
     assert st["garbage_bytes"] > 0 and st["frames"] == sum(1 for c in want.values() if c == 0)
+
+
+def test_keepalive_holds_the_session_and_reconnect_recovers(bundle, frames):
+    server, stop = run_in_thread(CloudModel(bundle), ServerConfig(idle_timeout_s=0.5), tcp=["127.0.0.1:0"])
+    try:
+        # pings every 0.1 s keep an otherwise idle session open past the host's 0.5 s idle timeout
+        link = Link(server.addresses[0], hello(bundle), keepalive_s=0.1)
+        link.connect()
+        t0 = time.time()
+        while time.time() - t0 < 1.2:
+            assert link.pump(0.05) == []
+        ans = link.submit(frames[0], tag="a") + link.drain(10)
+        assert [a.kind for a in ans] == ["result"] and link.reconnects == 0
+        # without keep-alive the host closes the idle session (BYE); the link reconnects and goes on
+        quiet = Link(server.addresses[0], hello(bundle, "quiet"), keepalive_s=60)
+        quiet.connect()
+        time.sleep(0.8)
+        got = []
+        for i in range(3):
+            got += quiet.submit(frames[i], tag=i)
+            time.sleep(0.05)
+        got += quiet.drain(10)
+        quiet.close()
+        link.close()
+    finally:
+        stop()
+    assert quiet.reconnects == 1
+    assert sorted(a.tag for a in got) == [0, 1, 2]
+    assert all(a.kind == "result" or a.code == P.E_LOST for a in got)
+    assert sum(a.kind == "result" for a in got) >= 2

@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--require-auth", action="store_true", help="refuse devices that do not authenticate")
     s.add_argument("--top", type=int, default=5, help="classes in each answer (default 5)")
     s.add_argument("--workers", type=int, default=2, help="decode/inference threads (default 2)")
-    s.add_argument("--max-connections", type=int, default=256)
+    s.add_argument("--pipeline", type=int, default=4,
+                   help="frames of one connection decoded at once; answers stay in order (default 4)")
+    s.add_argument("--max-connections", type=int, default=256, help="connections served at once (default 256)")
     s.add_argument("--max-message", type=int, default=0,
                    help="largest accepted message body in bytes (default: the largest legal frame of the bundle's "
                         "feature shape, at least 64 KiB)")
@@ -85,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _error("--require-auth needs --keys")
     config = ServerConfig(max_message=args.max_message, max_garbage=args.max_garbage,
                           hello_timeout_s=args.hello_timeout, idle_timeout_s=args.idle_timeout,
-                          max_connections=args.max_connections, workers=args.workers, keys=keys,
+                          max_connections=args.max_connections, workers=args.workers, pipeline=args.pipeline, keys=keys,
                           require_auth=args.require_auth, log=json_log_sink(args.log) if args.log else None)
     tcp = args.tcp or ([] if args.serial else ["127.0.0.1:5005"])
 
