@@ -400,3 +400,14 @@ def test_status_endpoint(server, bundle, frames):
         st = json.loads(r.read())
     assert st["frames"] == 1 and st["decode_ms"]["n"] == 1 and st["bits_per_element"] > 0
     assert set(st["decode_ms"]) >= {"p50", "p95", "p99"}
+
+
+def test_connection_limit_refuses_busy(server, bundle):
+    srv = server(max_connections=1)
+    first = Link(srv.addresses[0], hello_fields(bundle))
+    first.connect()
+    raw = Raw(srv.addresses[0])
+    raw.wait(lambda m: m)
+    assert raw.msgs[0].type == P.REFUSE and json.loads(raw.msgs[0].body)["code"] == P.R_BUSY
+    assert raw.closed.wait(5)
+    first.close()

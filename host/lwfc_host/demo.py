@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -19,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -39,10 +41,27 @@ def bundle_complete(path: Path) -> bool:
     return all((path / f).exists() for f in ("bundle.json", "edge.tflite", "cloud.onnx"))
 
 
+@contextlib.contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock file, so that parallel demos or test workers convert and design only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_bundle(model: str = DEFAULT_MODEL, bundle_dir: Path | None = None, calib_images: int = 64,
                   log=print) -> Path:
     """The bundle directory for ``model``: reused when complete, else converted (minutes, once)."""
     out = bundle_dir or cache_root() / "bundles" / model
+    with _cache_lock(out.with_name(out.name + ".lock")):
+        return _ensure_bundle(model, out, calib_images, log)
+
+
+def _ensure_bundle(model: str, out: Path, calib_images: int, log) -> Path:
     if bundle_complete(out):
         log(f"bundle: reusing {out}")
         return out
@@ -103,6 +122,11 @@ def ensure_tables(bundle: Path, photos: list[Path], levels: int = 4, classes: in
                   log=print) -> Path:
     """The bundle's tables.json: designed (uniform quantizer, MSE clip, automatic channel groups,
     above/left neighbour contexts) on int8 features of random crops, unless already there."""
+    with _cache_lock(bundle.with_name(bundle.name + ".lock")):
+        return _ensure_tables(bundle, photos, levels, classes, calib, log)
+
+
+def _ensure_tables(bundle: Path, photos: list[Path], levels: int, classes: int, calib: int, log) -> Path:
     path = bundle / "tables.json"
     if path.exists():
         log(f"tables: reusing {path}")

@@ -638,7 +638,14 @@ class Server:
         conn = Connection(self, stream)
         try:
             if m.connections_open > self.config.max_connections:
-                await conn.refuse(P.R_BUSY, f"too many connections (limit {self.config.max_connections})")
+                reason = f"too many connections (limit {self.config.max_connections})"
+                with m.lock:
+                    m.refused += 1
+                self.emit({"event": "refuse", "peer": stream.name, "code": "BUSY", "reason": reason})
+                try:  # no session, no answer queue: say why directly, then hang up
+                    await stream.write(P.pack_json(P.REFUSE, 0, {"code": P.R_BUSY, "reason": reason}))
+                except (ConnectionError, OSError, asyncio.TimeoutError):
+                    pass
                 await stream.close()
                 return
             await conn.run()
