@@ -172,3 +172,17 @@ def test_parse_address():
                      ("udp://h:1", "unknown transport")]:
         with pytest.raises(TransportError, match=msg):
             parse_address(bad)
+
+
+def test_device_link_modules_are_python37_syntax():
+    """Coral's Mendel Linux ships Python 3.7: the device package must parse there (MicroPython imports the
+    link modules: tests/test_flash.py runs them on a MicroPython board)."""
+    import ast
+    from pathlib import Path
+
+    import lwfc
+
+    root = Path(lwfc.__file__).parent
+    for name in ("protocol", "transport", "sendqueue", "link", "runner", "__main__"):
+        src = (root / f"{name}.py").read_text()
+        ast.parse(src, f"{name}.py", feature_version=(3, 7))

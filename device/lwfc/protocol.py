@@ -241,6 +241,7 @@ class Parser(object):
     def __init__(self, max_message=DEFAULT_MAX_MESSAGE):
         self.max_message = max_message
         self.buf = b""
+        self.pos = 0  # consumed bytes at the front of buf (dropped at the next feed: no copy per message)
         self.garbage = 0  # bytes dropped in total
         self.garbage_since_valid = 0  # since the last valid message
         self.auth = None  # an Auth once the session is authenticated
@@ -250,6 +251,9 @@ class Parser(object):
     def feed(self, data):
         if self.broken:
             return
+        if self.pos:
+            self.buf = self.buf[self.pos:]
+            self.pos = 0
         self.buf = self.buf + bytes(data) if self.buf else bytes(data)
         if len(self.buf) > self.max_buffered:
             self.max_buffered = len(self.buf)
@@ -257,49 +261,51 @@ class Parser(object):
     def _drop(self, n):
         self.garbage += n
         self.garbage_since_valid += n
-        self.buf = self.buf[n:]
+        self.pos += n
 
     def pending(self):
         """Bytes held that are not yet a complete message."""
-        return len(self.buf)
+        return len(self.buf) - self.pos
 
     def next(self):
         while not self.broken:
             buf = self.buf
-            i = buf.find(SYNC)
+            pos = self.pos
+            i = buf.find(SYNC, pos)
             if i < 0:
                 keep = 1 if buf[-1:] == SYNC[:1] else 0
-                if len(buf) > keep:
-                    self._drop(len(buf) - keep)
+                if len(buf) - pos > keep:
+                    self._drop(len(buf) - pos - keep)
                 return None
-            if i > 0:
-                self._drop(i)
-                buf = self.buf
-            if len(buf) < HEADER_SIZE:
+            if i > pos:
+                self._drop(i - pos)
+                pos = i
+            if len(buf) - pos < HEADER_SIZE:
                 return None
-            (hcrc,) = struct.unpack("<I", buf[12:16])
-            if crc32(buf[:12]) != hcrc:
+            (hcrc,) = struct.unpack("<I", buf[pos + 12:pos + 16])
+            if crc32(buf[pos:pos + 12]) != hcrc:
                 self._drop(1)
                 continue
-            _sync, mtype, flags, seq, length = struct.unpack(_HEAD, buf[:12])
+            _sync, mtype, flags, seq, length = struct.unpack(_HEAD, buf[pos:pos + 12])
             if length > self.max_message:
                 self.broken = True
                 self.buf = b""
+                self.pos = 0
                 return (TOO_LARGE, mtype, seq, length)
             total = HEADER_SIZE + length + CRC_SIZE + (TAG_SIZE if flags & FLAG_AUTH else 0)
-            if len(buf) < total:
+            if len(buf) - pos < total:
                 return None
-            body = buf[HEADER_SIZE:HEADER_SIZE + length]
-            (bcrc,) = struct.unpack("<I", buf[HEADER_SIZE + length:HEADER_SIZE + length + CRC_SIZE])
-            msg_bytes = buf[:HEADER_SIZE + length + CRC_SIZE]
-            tag = buf[HEADER_SIZE + length + CRC_SIZE:total]
-            self.buf = buf[total:]
+            b0 = pos + HEADER_SIZE
+            body = buf[b0:b0 + length]
+            (bcrc,) = struct.unpack("<I", buf[b0 + length:b0 + length + CRC_SIZE])
+            self.pos = pos + total
             if crc32(body) != bcrc:
                 # the header passed its CRC, so its length (and seq) can be trusted: skip exactly this message
                 return (CORRUPT, mtype, seq, length)
-            if self.auth is not None and (not flags & FLAG_AUTH or
-                                          not compare_digest(tag, self.auth.tag(msg_bytes))):
-                return (BAD_AUTH, mtype, seq, length)
+            if self.auth is not None:
+                tag = buf[b0 + length + CRC_SIZE:pos + total]
+                if not flags & FLAG_AUTH or not compare_digest(tag, self.auth.tag(buf[pos:b0 + length + CRC_SIZE])):
+                    return (BAD_AUTH, mtype, seq, length)
             self.garbage_since_valid = 0
             return Message(mtype, flags, seq, body)
         return None
