@@ -82,6 +82,12 @@ def test_postprocess_threshold_and_class_agnostic_nms():
     assert len(det.postprocess(rows, 0.2, None)) == 3
 
 
+def test_describe_for_replies():
+    rows = _rows([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], [0.8, 0.9, 0.1], [0, 1, 2])
+    out = det.describe(rows, ["person", "bicycle", "car"])
+    assert out == [{"box": [1.0, 1.0, 11.0, 11.0], "score": 0.9, "class": 1, "label": "bicycle"}]
+
+
 def test_box_iou_and_average_precision():
     iou = det.box_iou([[0, 0, 10, 10]], [[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 10, 10]])
     np.testing.assert_allclose(iou, [[1 / 3, 0.0, 1.0]])

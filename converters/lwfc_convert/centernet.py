@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -248,17 +248,3 @@ def tfjs_reference(images_nhwc: np.ndarray, outputs: Sequence[str] = (DETECTIONS
         np.savez(tmp_path, **{f"out{i}": r for i, r in enumerate(results)})
         tmp_path.replace(cache)
     return results
-
-
-def describe_detections(dets: np.ndarray, classes: list[str] | None = None,
-                        threshold: float = 0.2) -> list[dict[str, Any]]:
-    """Rows above ``threshold`` as dicts (box in input pixels, score, class index and name), for replies
-    and reports."""
-    out = []
-    for x1, y1, x2, y2, score, cls in np.asarray(dets, dtype=np.float64).reshape(-1, 6):
-        if score < threshold:
-            continue
-        c = int(cls)
-        out.append({"box": [float(x1), float(y1), float(x2), float(y2)], "score": float(score), "class": c,
-                    "label": classes[c] if classes and 0 <= c < len(classes) else str(c)})
-    return out

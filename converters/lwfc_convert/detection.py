@@ -146,6 +146,19 @@ def postprocess(rows: np.ndarray, min_score: float, nms_iou: float | None = NMS_
     return rows[keep]
 
 
+def describe(rows: np.ndarray, classes: Sequence[str] | None = None, min_score: float = 0.2,
+             nms_iou: float | None = NMS_IOU) -> list[dict[str, Any]]:
+    """Detector output rows ``(x1, y1, x2, y2, score, class)`` as a JSON-able list (what ``lwfc serve``
+    replies): :func:`postprocess` (human's defaults: score >= 0.2, class-agnostic NMS at 0.4), then one dict
+    per detection with its box (input pixels), score, class index and label."""
+    out = []
+    for x1, y1, x2, y2, score, cls in postprocess(rows, min_score, nms_iou):
+        c = int(cls)
+        out.append({"box": [round(float(v), 2) for v in (x1, y1, x2, y2)], "score": round(float(score), 4),
+                    "class": c, "label": classes[c] if classes is not None and 0 <= c < len(classes) else str(c)})
+    return out
+
+
 def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     """Area under the precision envelope (all-point interpolation, VOC 2010+)."""
     r = np.concatenate([[0.0], recall, [1.0]])
@@ -285,3 +298,59 @@ def detection_eval_data(name: str, calib_images: int, eval_images: int | None, s
     ev = [(x, torch.full((len(x),), -1)) for x in batches(ev_views)]
     photos = sorted({n.split("#")[0] for n, _ in ev_views})
     return calib, ev, f"{len(ev_views)} views (whole photo + random crops/flips/colour) of {len(photos)} photos"
+
+
+def bundle_metrics(model: Any, edge: Any, cloud: Any, tflite_path: Path, onnx_path: Path,
+                   data: list[tuple[Any, Any]], progress: bool = True) -> dict[str, Any]:
+    """The detector's counterpart of :func:`lwfc_convert.bundle.evaluate` (same arguments): run the float
+    model, the int8 TFLite edge half (ai-edge-litert) and the ONNX cloud half (onnxruntime) on ``data`` and
+    report mAP@0.5 of the int8 pipeline (and of the float edge + ONNX cloud) against the float model's
+    detections, the int8 error of the edge output, and the ONNX error."""
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from .onnx_export import onnx_session, run_onnx
+    from .tflite_export import make_interpreter, run_tflite
+
+    interp = make_interpreter(tflite_path)
+    sess = onnx_session(onnx_path)
+    ref, int8, onnx_float = [], [], []
+    err_num = err_den = 0.0
+    onnx_err = 0.0
+    t_edge = 0.0
+    n = 0
+    for x, _ in tqdm(data, desc="evaluating", unit="batch", disable=not progress, leave=False):
+        with torch.no_grad():
+            dets = model(x).numpy()
+            feats = edge(x).permute(0, 2, 3, 1).numpy()
+        t = time.perf_counter()
+        _, deq = run_tflite(interp, x)
+        t_edge += time.perf_counter() - t
+        err_num += float(np.sum((deq - feats) ** 2))
+        err_den += float(np.sum(feats ** 2))
+        d_int8 = run_onnx(sess, deq)
+        d_float = run_onnx(sess, feats)
+        # Rows can swap order on near-equal scores: compare the confident ones through the metric, and the
+        # raw numbers only where the float model is confident.
+        conf = dets[..., 4] >= REFERENCE_THRESHOLD
+        if conf.any():
+            onnx_err = max(onnx_err, float(np.abs(d_float[..., 4][conf] - dets[..., 4][conf]).max()))
+        ref.extend(dets)
+        int8.extend(d_int8)
+        onnx_float.extend(d_float)
+        n += len(x)
+    m_int8 = map50(ref, int8)
+    return {
+        "images": n,
+        "reference": f"float model detections with score >= {REFERENCE_THRESHOLD}, class-agnostic NMS {NMS_IOU}",
+        "reference_detections": m_int8["n_reference"],
+        "map50_int8_vs_float": m_int8["map50"],
+        "recall_int8_vs_float": m_int8["recall"],
+        "precision_int8_vs_float": m_int8["precision"],
+        "map50_onnx_float_vs_float": map50(ref, onnx_float)["map50"],
+        "edge_int8_rel_l2_error": float(np.sqrt(err_num / max(err_den, 1e-30))),
+        "cloud_onnx_vs_torch_max_score_error": onnx_err,
+        "edge_tflite_ms_per_image": 1000 * t_edge / max(n, 1),
+    }
