@@ -127,3 +127,17 @@ def test_int8_input_design_is_exact():
     model = np.asarray(t.model_of_context)[np.asarray(t.channel_group)]
     bits = sum((np.bincount(idx[..., c].ravel(), minlength=t.levels) * lengths[model[c]]).sum() for c in range(8))
     assert bits / idx.size == pytest.approx(d.model_bits_per_element, rel=1e-9)
+
+
+@pytest.mark.parametrize("levels", [3, 4])
+def test_group_aware_ecsq_not_worse_than_uniform_at_equal_grouped_rate(stats, levels):
+    """ECSQ designed for the rate of channel-group models, compared with uniform at the same payload
+    rate of those models."""
+    qu, clip = dz.design_quantizer(stats, levels, "uniform")
+    pu = dz.rd_point(stats, qu, 4)
+    qe = dz.equal_rate_ecsq(stats, levels, clip, pu.grouped, pu.labels)
+    pe = dz.rd_point(stats, qe, 4)
+    ev = dz.evaluate(qe, stats.histogram(), dz.zeros_of(stats))
+    rate_same_groups = dz._rate_with_groups(ev, pu.labels, 4, 0.0)
+    assert rate_same_groups <= pu.grouped * 1.002
+    assert pe.mse <= pu.mse * 1.001

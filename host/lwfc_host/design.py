@@ -80,8 +80,10 @@ def quantizer_indices(x: np.ndarray, table: dict) -> np.ndarray:
 
 
 def design_quantizer(stats: LoadedStats, levels: int, kind: str = "uniform", lam: float = 0.0,
-                     clip: str | ClipChoice = "mse", pin: bool | None = None) -> tuple[Quantizer, ClipChoice]:
-    """Clip range (method 'model' or 'mse', or a given ClipChoice) and the quantizer on it."""
+                     clip: str | ClipChoice = "mse", pin: bool | None = None,
+                     labels: np.ndarray | None = None) -> tuple[Quantizer, ClipChoice]:
+    """Clip range (method 'model' or 'mse', or a given ClipChoice) and the quantizer on it. With
+    channel-group ``labels``, ECSQ counts the rate of one model per group (quantizers.ecsq)."""
     if not 2 <= levels <= MAX_LEVELS:
         raise DesignError(f"levels must be in 2..{MAX_LEVELS}, got {levels}")
     hist = stats.histogram()
@@ -90,7 +92,10 @@ def design_quantizer(stats: LoadedStats, levels: int, kind: str = "uniform", lam
     if kind == "uniform":
         q = uniform(hist, levels, choice.c_min, choice.c_max, zeros, pin)
     elif kind == "ecsq":
-        q = ecsq(hist, levels, lam, choice.c_min, choice.c_max, zeros, pin)
+        grp = None
+        if labels is not None and int(labels.max()) > 0:
+            grp = (labels, stats.arrays["ch_zeros"])
+        q = ecsq(hist, levels, lam, choice.c_min, choice.c_max, zeros, pin, groups=grp)
     else:
         raise DesignError(f"unknown quantizer {kind!r} (uniform or ecsq)")
     return q, choice
@@ -153,8 +158,18 @@ def sample_indices(stats: LoadedStats, table: dict) -> np.ndarray:
 def design(stats: LoadedStats, levels: int, kind: str = "uniform", lam: float = 0.0, clip: str | ClipChoice = "mse",
            groups: int | str = 1, classes: int = 1, int8_scale: float | None = None,
            int8_zero_point: int | None = None, pin: bool | None = None, amortise: float = 1.0) -> Design:
-    """Design one table: clip range, quantizer, channel groups and entropy models."""
-    q, choice = design_quantizer(stats, levels, kind, lam, clip, pin)
+    """Design one table: clip range, quantizer, channel groups and entropy models.
+
+    ECSQ with channel groups alternates once: channels are grouped on the uniform quantizer with the same
+    levels and clip range, ECSQ is designed for the rate of those group models, then the channels are
+    grouped again for the final models."""
+    labels = None
+    if kind == "ecsq" and groups != 1:
+        qu, clip = design_quantizer(stats, levels, "uniform", 0.0, clip, pin)
+        ev = evaluate(qu, stats.histogram(), zeros_of(stats))
+        g = groups if groups == "auto" else min(int(groups), min(stats.channels, MAX_GROUPS))
+        labels = em.choose_groups(ev.ch_counts, g, amortise).labels
+    q, choice = design_quantizer(stats, levels, kind, lam, clip, pin, labels)
     return finish_design(stats, q, choice, groups, classes, int8_scale, int8_zero_point, amortise)
 
 
@@ -214,6 +229,22 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
                   notes)
 
 
+def measure_coded_rate(stats: LoadedStats, table: dict, limit: int | None = None) -> tuple[float, float, int]:
+    """Encode the reservoir tensors with the device encoder. Returns (real bits/element of the frames,
+    bits/element the table's models promise for the same tensors plus the estimated frame overhead,
+    number of tensors)."""
+    from lwfc.encoder import Encoder
+
+    t = Tables(table)
+    idx = sample_indices(stats, table)[:limit]
+    enc = Encoder(t)
+    real = sum(len(enc.encode_indices(x.tobytes(), x.shape[0], x.shape[1])) for x in idx)
+    counts = em.count_contexts(idx, t)
+    lengths = -np.log2(np.asarray(t.models, dtype=np.float64) / (1 << 24))
+    promised = float((counts * lengths[np.asarray(t.model_of_context)]).sum())
+    return 8.0 * real / idx.size, promised / idx.size + overhead_bits(stats), int(idx.shape[0])
+
+
 # ---- rate targeting ----------------------------------------------------------------------------------------------
 @dataclass
 class Candidate:
@@ -265,6 +296,7 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
         labels, g = gc.labels, gc.groups
     else:
         labels, g = np.zeros(c, dtype=np.int64), 1
+    grp = (labels, stats.arrays["ch_zeros"]) if g > 1 else None
     tried: list[Candidate] = []
     lo_tol, hi_tol = bits * (1 - RATE_TOLERANCE), bits * (1 + RATE_TOLERANCE)
     it = levels
@@ -288,7 +320,7 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
                 best = (ev.mse, qu, cc)
 
             def run(lam, cc=cc, n=n):
-                q = ecsq(hist, n, lam, cc.c_min, cc.c_max, zeros)
+                q = ecsq(hist, n, lam, cc.c_min, cc.c_max, zeros, groups=grp)
                 e = evaluate(q, hist, zeros)
                 return q, e, _rate_with_groups(e, labels, g, over)
 
@@ -336,6 +368,8 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
 # ---- rate-distortion report --------------------------------------------------------------------------------------
 @dataclass
 class RDPoint:
+    """One point of the rate-distortion report."""
+
     kind: str
     levels: int
     lam: float
@@ -343,38 +377,46 @@ class RDPoint:
     grouped: float  # bits/element with channel-group integer models (G chosen automatically), no overhead
     groups: int
     mse: float
+    labels: np.ndarray | None = None
 
 
 def rd_point(stats: LoadedStats, q: Quantizer, groups: int | str = "auto") -> RDPoint:
+    """Rate (one model, and channel groups) and MSE of a quantizer on the calibration data."""
     hist = stats.histogram()
     ev = evaluate(q, hist, zeros_of(stats))
     gc = em.choose_groups(ev.ch_counts, groups)
     one = em.coded_bits(ev.counts) / ev.counts.sum()
-    return RDPoint(q.kind, q.levels, q.lam, one, gc.data_bits / ev.counts.sum(), gc.groups, ev.mse)
+    return RDPoint(q.kind, q.levels, q.lam, one, gc.data_bits / ev.counts.sum(), gc.groups, ev.mse, gc.labels)
 
 
-def equal_rate_ecsq(stats: LoadedStats, levels: int, clip: ClipChoice, rate: float) -> Quantizer | None:
-    """ECSQ with ``levels`` levels whose one-model entropy equals ``rate`` (bisection on lambda), or None
-    when even lambda = 0 codes below it."""
+def equal_rate_ecsq(stats: LoadedStats, levels: int, clip: ClipChoice, rate: float,
+                    labels: np.ndarray | None = None) -> Quantizer | None:
+    """ECSQ with ``levels`` levels whose rate equals ``rate`` (bisection on lambda): the one-model entropy,
+    or with ``labels`` the payload bits/element of channel-group integer models (grouping fixed). Returns
+    the lambda = 0 design when even that codes below ``rate``."""
     hist = stats.histogram()
     zeros = zeros_of(stats)
 
-    def ent(q):
-        return evaluate(q, hist, zeros).entropy
+    def rate_of(q):
+        e = evaluate(q, hist, zeros)
+        if labels is None:
+            return e.entropy
+        return _rate_with_groups(e, labels, int(labels.max()) + 1, 0.0)
 
-    q0 = ecsq(hist, levels, 0.0, clip.c_min, clip.c_max, zeros)
-    if ent(q0) <= rate:
+    grp = (labels, stats.arrays["ch_zeros"]) if labels is not None and int(labels.max()) > 0 else None
+    q0 = ecsq(hist, levels, 0.0, clip.c_min, clip.c_max, zeros, groups=grp)
+    if rate_of(q0) <= rate:
         return q0
-    a, b = -12.0, 1.0
+    a, b = -10.0, 1.0
     best = q0
     for _ in range(40):
         m = 0.5 * (a + b)
         try:
-            q = ecsq(hist, levels, 10.0 ** m, clip.c_min, clip.c_max, zeros)
+            q = ecsq(hist, levels, 10.0 ** m, clip.c_min, clip.c_max, zeros, groups=grp)
         except DesignError:
             b = m
             continue
-        r = ent(q)
+        r = rate_of(q)
         if r > rate:
             a = m
         else:

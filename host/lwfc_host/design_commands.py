@@ -131,6 +131,9 @@ def cmd_design(args: argparse.Namespace) -> int:
         raise _error(str(exc)) from exc
     if result is not None:
         _print_design(result)
+        real, promised, frames = dz.measure_coded_rate(stats, result.table)
+        print(f"  encoded {frames} sampled tensors with lwfc.encoder: {real:.4f} bits/element "
+              f"(the models promise {promised:.4f} for them, frame overhead included)")
         if args.output:
             final = write_tables(result.table, args.output)
             print(f"wrote {args.output} (table id {final['table_id']})")
@@ -174,17 +177,21 @@ def report(stats, clip: str, png: str) -> dict:
         qu, cc = dz.design_quantizer(stats, n, "uniform", 0.0, clip)
         pu = dz.rd_point(stats, qu)
         uni.append(pu)
-        q0 = dz.ecsq(hist, n, 0.0, cc.c_min, cc.c_max, dz.zeros_of(stats))
+        # ECSQ for the rate of channel-group models (the uniform quantizer's grouping)
+        grp = (pu.labels, stats.arrays["ch_zeros"]) if pu.groups > 1 else None
+        q0 = dz.ecsq(hist, n, 0.0, cc.c_min, cc.c_max, dz.zeros_of(stats), groups=grp)
         pts = [dz.rd_point(stats, q0)]
         for lam in REPORT_LAMBDAS:
             try:
-                pts.append(dz.rd_point(stats, dz.ecsq(hist, n, lam, cc.c_min, cc.c_max, dz.zeros_of(stats))))
+                q = dz.ecsq(hist, n, lam, cc.c_min, cc.c_max, dz.zeros_of(stats), groups=grp)
             except DesignError:
                 break
+            pts.append(dz.rd_point(stats, q))
         ec.append(pts)
         if n in TABLE_LEVELS:
-            qe = dz.equal_rate_ecsq(stats, n, cc, pu.entropy)
-            pe = dz.rd_point(stats, qe) if qe is not None else None
+            # ECSQ at the uniform quantizer's coded rate (channel-group models, the uniform's grouping)
+            qe = dz.equal_rate_ecsq(stats, n, cc, pu.grouped, pu.labels)
+            pe = dz.rd_point(stats, qe)
             rows.append((n, pu, pts[0], pe))
     print()
     print("rate-distortion on the calibration data (bits/element without frame overhead; "
@@ -193,9 +200,8 @@ def report(stats, clip: str, png: str) -> dict:
     for n, pu, p0, pe in rows:
         print(f"{n:>3} {'uniform':<22} {pu.entropy:9.4f} {pu.grouped:9.4f} {pu.groups:4d} {pu.mse:11.5g}")
         print(f"{n:>3} {'ECSQ lambda=0':<22} {p0.entropy:9.4f} {p0.grouped:9.4f} {p0.groups:4d} {p0.mse:11.5g}")
-        if pe is not None:
-            print(f"{n:>3} {f'ECSQ equal rate ({pe.levels} lv)':<22} {pe.entropy:9.4f} {pe.grouped:9.4f} "
-                  f"{pe.groups:4d} {pe.mse:11.5g}")
+        print(f"{n:>3} {f'ECSQ equal rate ({pe.levels} lv)':<22} {pe.entropy:9.4f} {pe.grouped:9.4f} "
+              f"{pe.groups:4d} {pe.mse:11.5g}")
     print()
     print("gain of channel-group models over one model (uniform quantizer):")
     for pu in uni:
@@ -222,7 +228,12 @@ def report(stats, clip: str, png: str) -> dict:
     fig.savefig(png, dpi=120)
     plt.close(fig)
     print(f"wrote {png}")
-    out = {"uniform": [p.__dict__ for p in uni], "ecsq": [[p.__dict__ for p in pts] for pts in ec]}
+    def row(p):
+        return {k: v for k, v in p.__dict__.items() if k != "labels"}
+
+    out = {"uniform": [row(p) for p in uni], "ecsq": [[row(p) for p in pts] for pts in ec],
+           "table": [{"levels": n, "uniform": row(pu), "ecsq_lambda0": row(p0), "ecsq_equal_rate": row(pe)}
+                     for n, pu, p0, pe in rows]}
     Path(png).with_suffix(".json").write_text(json.dumps(out, indent=1, default=float))
     return out
 

@@ -162,23 +162,43 @@ class _Cumulative:
     continuously during the iteration (with cells made of whole bins, Lloyd-type iterations stall once
     a threshold moves less than half a bin per step). int8 bins hold single values: no interpolation."""
 
-    def __init__(self, hist: Histogram, c_min: float, c_max: float, zeros: float):
+    def __init__(self, hist: Histogram, c_min: float, c_max: float, zeros: float,
+                 groups: tuple[np.ndarray, np.ndarray] | None = None):
         n = hist.count.copy()
+        # per-group bin counts (G, B) and exact zeros per group, for the rate of channel-group models
+        gn = None
+        if groups is not None:
+            labels, ch_zeros = groups
+            g = int(labels.max()) + 1
+            gn = np.zeros((g, len(n)))
+            np.add.at(gn, labels, hist.ch_count)
+            gz = np.bincount(labels, weights=np.asarray(ch_zeros, dtype=np.float64), minlength=g)
         s1 = hist.s1.copy()
         exact = hist.exact_values
         tol = 1e-9 * hist.width
         if exact:
             inside = (hist.lower > c_min + tol) & (hist.lower < c_max - tol)
-            self.pile_lo = float(n[hist.lower <= c_min + tol].sum())
-            self.pile_hi = float(n[hist.lower >= c_max - tol].sum())
+            lo_mask = hist.lower <= c_min + tol
         else:
             inside = (hist.lower >= c_min - tol) & (hist.lower + hist.width <= c_max + tol)
-            self.pile_lo = float(n[hist.lower + hist.width <= c_min + tol].sum())
-            self.pile_hi = float(n[hist.lower >= c_max - tol].sum())
-            if c_min == 0.0 and zeros:  # the exact zeros sit on the clip point: they join the pile
-                b0 = int(np.flatnonzero(np.isclose(hist.lower, 0.0, atol=tol))[0])
-                n[b0] -= zeros
-                self.pile_lo += zeros
+            lo_mask = hist.lower + hist.width <= c_min + tol
+        hi_mask = hist.lower >= c_max - tol
+        self.pile_lo = float(n[lo_mask].sum())
+        self.pile_hi = float(n[hi_mask].sum())
+        if gn is not None:
+            self.g_pile_lo = gn[:, lo_mask].sum(axis=1)
+            self.g_pile_hi = gn[:, hi_mask].sum(axis=1)
+        if not exact and c_min == 0.0 and zeros:  # the exact zeros sit on the clip point: they join the pile
+            b0 = int(np.flatnonzero(np.isclose(hist.lower, 0.0, atol=tol))[0])
+            n[b0] -= zeros
+            self.pile_lo += zeros
+            if gn is not None:
+                gn[:, b0] = np.maximum(gn[:, b0] - gz, 0.0)
+                self.g_pile_lo = self.g_pile_lo + gz
+        self.gn = gn[:, inside] if gn is not None else None
+        if gn is not None:
+            self.g_c0 = np.concatenate([np.zeros((gn.shape[0], 1)), np.cumsum(self.gn, axis=1)], axis=1)
+            self.g_total = self.g_pile_lo + self.g_c0[:, -1] + self.g_pile_hi
         self.exact = exact
         self.lower = hist.lower[inside]
         self.width = hist.width
@@ -204,9 +224,32 @@ class _Cumulative:
         part_s = part_n * (self.mean[k] - (1 - f) * 0.5 * self.width)
         return (self.pile_lo + self.c0[k] + part_n, self.pile_lo * self.c_min + self.c1[k] + part_s)
 
+    def group_at(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-group counts below each t, (G, len(t)), and the groups' shares of the density at each t."""
+        t = np.asarray(t, dtype=np.float64)
+        if len(self.lower) == 0:
+            below = np.repeat(self.g_pile_lo[:, None], len(t), axis=1)
+            return below, np.full_like(below, 1.0 / len(self.g_pile_lo))
+        if self.exact:
+            k = np.searchsorted(self.lower, t, side="left")
+            below = self.g_pile_lo[:, None] + self.g_c0[:, k]
+            near = self.gn[:, np.clip(k - 1, 0, len(self.lower) - 1)] + self.gn[:, np.clip(k, 0, len(self.lower) - 1)]
+        else:
+            k = np.clip(np.searchsorted(self.lower, t, side="right") - 1, 0, len(self.lower) - 1)
+            f = np.clip((t - self.lower[k]) / self.width, 0.0, 1.0)
+            below = self.g_pile_lo[:, None] + self.g_c0[:, k] + f * self.gn[:, k]
+            # shares over a window of bins: smoother in t than one bin's counts
+            lo_k = np.clip(k - 8, 0, len(self.lower))
+            hi_k = np.clip(k + 9, 0, len(self.lower))
+            near = self.g_c0[:, hi_k] - self.g_c0[:, lo_k]
+        tot = near.sum(axis=0, keepdims=True)
+        share = np.where(tot > 0, near / np.where(tot > 0, tot, 1), (self.g_total / self.g_total.sum())[:, None])
+        return below, share
+
 
 def ecsq(hist: Histogram, levels: int, lam: float, c_min: float, c_max: float, zeros: float = 0.0,
-         pin: bool | None = None, max_iter: int = 5000, tol: float = 1e-7) -> Quantizer:
+         pin: bool | None = None, max_iter: int = 3000, tol: float = 1e-7,
+         groups: tuple[np.ndarray, np.ndarray] | None = None) -> Quantizer:
     """Entropy-constrained scalar quantizer (Chou, Lookabaugh and Gray 1989), modified for clipped data.
 
     Minimises J = D / (c_max - c_min)^2 + lam * R over thresholds and reconstruction values, where D is
@@ -216,7 +259,12 @@ def ecsq(hist: Histogram, levels: int, lam: float, c_min: float, c_max: float, z
     lam' = lam (c_max - c_min)^2; (2) with the thresholds fixed, p_j = cell mass and r_j = cell centroid.
     Cells squeezed to nothing are dropped. The modification: when data pile up at a clip point, that
     end's reconstruction value stays pinned at the clip point instead of drifting to the centroid. The
-    thresholds are finally snapped to the histogram's grid and the centroids recomputed there."""
+    thresholds are finally snapped to the histogram's grid and the centroids recomputed there.
+
+    ``groups`` = (channel -> group labels, per-channel zero counts): R is then the rate the coder pays
+    with one model per channel group, R = -sum_g sum_j p_gj log2 q_gj (q_g: group g's smoothed index
+    distribution), and l_{j+1} - l_j in step (1) becomes the average over groups weighted by each
+    group's share of the data density at the threshold (the thresholds are shared by all channels)."""
     if levels < 2:
         raise DesignError("a quantizer needs at least 2 levels")
     if lam < 0 or not np.isfinite(lam):
@@ -224,11 +272,12 @@ def ecsq(hist: Histogram, levels: int, lam: float, c_min: float, c_max: float, z
     c_min, c_max = snap_clip(hist, c_min, c_max)
     n, s1, _, plo, phi = clipped_moments(hist, c_min, c_max, zeros)
     pins = _pins(hist, plo, phi, pin)
-    cum = _Cumulative(hist, c_min, c_max, zeros)
+    cum = _Cumulative(hist, c_min, c_max, zeros, groups)
     span = c_max - c_min
     lam_abs = lam * span * span
     step = span / (levels - 1)
     t = c_min + (np.arange(levels - 1) + 0.5) * step  # the uniform quantizer's thresholds
+    alpha, last_step = 1.0, None
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
         bounds_n, bounds_s = cum.at(t)
@@ -248,10 +297,17 @@ def ecsq(hist: Histogram, levels: int, lam: float, c_min: float, c_max: float, z
             r[0] = c_min
         if pins[1]:
             r[-1] = c_max
-        p = np.maximum(cn / cum.total, 1e-300)
-        length = -np.log2(p)
         gap = np.maximum(np.diff(r), 1e-12 * span)
-        new_t = 0.5 * (r[:-1] + r[1:]) + lam_abs * np.diff(length) / (2 * gap)
+        if groups is None:
+            p = np.maximum(cn / cum.total, 1e-300)
+            dlen = np.diff(-np.log2(p))
+        else:
+            below, share = cum.group_at(t)
+            gcn = np.diff(np.concatenate([np.zeros((below.shape[0], 1)), below, cum.g_total[:, None]], axis=1), axis=1)
+            gcn = np.maximum(gcn, 0.0)
+            q = (gcn + 0.5) / (gcn + 0.5).sum(axis=1, keepdims=True)  # as the integer models will smooth
+            dlen = (share * np.diff(-np.log2(q), axis=1)).sum(axis=0)
+        new_t = 0.5 * (r[:-1] + r[1:]) + lam_abs * dlen / (2 * gap)
         new_t = np.clip(new_t, c_min, c_max)
         # a threshold overtaking its neighbour empties the cell between them: drop that cell
         if np.any(np.diff(new_t) <= 0) or new_t[0] <= c_min or new_t[-1] >= c_max:
@@ -263,9 +319,18 @@ def ecsq(hist: Histogram, levels: int, lam: float, c_min: float, c_max: float, z
             new_t = np.maximum.accumulate(new_t)
             t = np.unique(new_t)
             continue
-        moved = float(np.max(np.abs(new_t - t))) if len(new_t) == len(t) else np.inf
-        t = new_t
-        if moved < tol * span:
+        if len(new_t) != len(t):
+            t = new_t
+            alpha, last_step = 1.0, None
+            continue
+        # damping: a step pointing against the previous one means the iteration cycles (with group
+        # models the shares at a threshold change from bin to bin); halve the step until it settles
+        step_t = new_t - t
+        if last_step is not None and len(last_step) == len(step_t) and float(step_t @ last_step) < 0:
+            alpha = max(alpha * 0.5, 1.0 / 256)
+        last_step = step_t
+        t = t + alpha * step_t
+        if float(np.max(np.abs(step_t))) * alpha < tol * span:
             break
     # snap to the grid; thresholds landing on the same boundary merge their cells
     inner = np.unique(boundary_of(hist, t))
