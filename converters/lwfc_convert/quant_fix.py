@@ -52,23 +52,85 @@ def _int8_weight_error(w: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(w / scale), -127, 127) * scale - w
 
 
-def bias_correct(edge: nn.Module, calib: Iterable[torch.Tensor]) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """Fold BN and apply weight-rounding bias correction to every conv of ``edge`` (an fx GraphModule);
-    returns the corrected copy and a summary (per conv: largest |shift| relative to the output std)."""
+def _patches(conv: nn.Conv2d, x: torch.Tensor, max_positions: int, gen: torch.Generator) -> torch.Tensor:
+    """Input patches of ``conv`` as [groups, n = cin/groups * kh * kw, samples] (subsampled positions)."""
+    pad = getattr(conv, "static_padding", None)
+    if pad is not None:  # the conv sees the zero-padded input
+        x = pad(x)
+        padding: Any = 0
+    else:
+        padding = conv.padding
+    cols = torch.nn.functional.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)  # N, n*g, L
+    n_img, rows, length = cols.shape
+    if length > max_positions:
+        idx = torch.randperm(length, generator=gen)[:max_positions]
+        cols = cols[:, :, idx]
+    g = conv.groups
+    cols = cols.view(n_img, g, rows // g, -1).permute(1, 2, 0, 3).reshape(g, rows // g, -1)
+    return cols
+
+
+def _adaround(conv: nn.Conv2d, cov: torch.Tensor, sweeps: int = 4) -> torch.Tensor:
+    """Choose, per weight, rounding down or up on the int8 grid (scale = max|w| / 127 per output channel)
+    to minimise the output error variance dW^T Cov dW of each output channel (coordinate descent from
+    round-to-nearest). Weights at the grid's end (which fix the scale) keep their value. Returns the new
+    float weights, exactly on the grid, so that the PT2E quantizer reproduces these int8 values."""
+    w = conv.weight.detach()
+    cout = w.shape[0]
+    g = conv.groups
+    amax = w.abs().flatten(1).amax(1).clamp(min=2**-12)
+    scale = (amax / 127.0).view(g, cout // g, 1)
+    wf = w.reshape(g, cout // g, -1)  # g, out, n
+    q = torch.clamp(torch.round(wf / scale), -127, 127)
+    frozen = (wf / scale).abs() >= 126.5
+    dw = q * scale - wf
+    n = wf.shape[2]
+    if n <= 10:
+        # Few weights per output channel (3x3 depthwise): search all floor/ceil combinations exactly.
+        lo = torch.floor(wf / scale)
+        bits = (torch.arange(2**n).unsqueeze(1) >> torch.arange(n)) & 1  # combos, n
+        cand = (lo.unsqueeze(2) + bits.to(wf.dtype)) * scale.unsqueeze(2) - wf.unsqueeze(2)  # g,o,combos,n
+        cand_q = lo.unsqueeze(2) + bits.to(wf.dtype)
+        bad = ((cand_q < -127) | (cand_q > 127) | (frozen.unsqueeze(2) & (cand_q != q.unsqueeze(2)))).any(3)
+        cost = torch.einsum("gocn,gnm,gocm->goc", cand, cov, cand).masked_fill(bad, float("inf"))
+        best = cost.argmin(2)  # g, o
+        dw = torch.gather(cand, 2, best[:, :, None, None].expand(-1, -1, 1, n)).squeeze(2)
+        return (wf + dw).reshape(w.shape)
+    for _ in range(sweeps):
+        changed = False
+        for j in range(n):
+            r = torch.einsum("gk,gok->go", cov[:, j, :], dw)
+            step = torch.where(dw[:, :, j] < 0, 1.0, -1.0) * scale[:, :, 0]  # flip to the other neighbour
+            delta = 2 * step * r + step * step * cov[:, j, j].unsqueeze(1)
+            ok = (delta < -1e-12 * cov[:, j, j].unsqueeze(1).abs()) & ~frozen[:, :, j]
+            if ok.any():
+                changed = True
+                dw[:, :, j] = torch.where(ok, dw[:, :, j] + step, dw[:, :, j])
+        if not changed:
+            break
+    return (wf + dw).reshape(w.shape)
+
+
+def bias_correct(edge: nn.Module, calib: Iterable[torch.Tensor], adaround: bool = True,
+                 max_positions: int = 2048, seed: int = 0) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Fold BN, optionally choose the int8 rounding of every conv's weights to minimise its output error
+    on the calibration images (per-channel, see :func:`_adaround`), then correct each conv's bias for the
+    expected output shift of that rounding. Returns the corrected copy and a summary."""
     gm = fold_batchnorm(edge if isinstance(edge, fx.GraphModule) else fx.symbolic_trace(edge))
     convs = {name: m for name, m in gm.named_modules() if isinstance(m, nn.Conv2d)}
     sums: dict[str, torch.Tensor] = {}
+    seconds: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
+    gen = torch.Generator().manual_seed(seed)
 
     def make_hook(name: str, conv: nn.Conv2d) -> Any:
         def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            pad = getattr(mod, "static_padding", None)
-            if pad is not None:  # the conv sees the zero-padded input
-                x = pad(x)
-            sums[name] = sums.get(name, 0) + x.detach().sum(dim=(0, 2, 3))
-            counts[name] = counts.get(name, 0) + x.shape[0] * x.shape[2] * x.shape[3]
+            cols = _patches(mod, args[0].detach(), max_positions, gen)  # g, n, S
+            sums[name] = sums.get(name, 0) + cols.sum(dim=2)
+            if adaround:
+                seconds[name] = seconds.get(name, 0) + torch.einsum("gns,gms->gnm", cols, cols)
+            counts[name] = counts.get(name, 0) + cols.shape[2]
 
         return hook
 
@@ -84,18 +146,23 @@ def bias_correct(edge: nn.Module, calib: Iterable[torch.Tensor]) -> tuple[fx.Gra
         for name, conv in convs.items():
             if name not in sums:
                 continue
-            mean_in = sums[name] / counts[name]  # per input channel
-            dw = _int8_weight_error(conv.weight)  # (out, in/groups, kh, kw)
+            mean = sums[name] / counts[name]  # g, n: mean input patch per group
             g = conv.groups
-            cin_g = conv.weight.shape[1]
-            mean_g = mean_in.view(g, cin_g)  # per group
-            out_per_g = conv.weight.shape[0] // g
-            dws = dw.sum(dim=(2, 3)).view(g, out_per_g, cin_g)
-            shift = torch.einsum("goi,gi->go", dws, mean_g).reshape(-1)
+            w0 = conv.weight.detach().clone()
+            if adaround:
+                cov = seconds[name] / counts[name] - torch.einsum("gn,gm->gnm", mean, mean)
+                conv.weight.data = _adaround(conv, cov)
+                dw = conv.weight.detach() - w0
+            else:
+                dw = _int8_weight_error(w0)
+            out_per_g = w0.shape[0] // g
+            shift = torch.einsum("gon,gn->go", dw.reshape(g, out_per_g, -1), mean).reshape(-1)
             if conv.bias is None:
                 conv.bias = nn.Parameter(torch.zeros(conv.weight.shape[0]))
             conv.bias -= shift
             summary[name] = float(shift.abs().max())
     gm.recompile()
-    return gm, {"method": "BN folding + weight-rounding bias correction (empirical input means)",
+    method = "BN folding + " + ("adaptive int8 weight rounding + " if adaround else "") + \
+        "weight-rounding bias correction (empirical input statistics)"
+    return gm, {"method": method,
                 "convs": len(summary), "max_abs_shift": max(summary.values(), default=0.0)}

@@ -1,0 +1,184 @@
+"""End-to-end conversion: split -> int8 TFLite edge (ai-edge-litert) + ONNX cloud (onnxruntime) -> bundle.
+
+Each model is converted once per session (module-scoped fixtures) with small calibration and evaluation
+sets to keep the suite within a few minutes on 2 cores: Fashion-MNIST accuracies are measured on the first
+2,000 test images here (the committed bundle notes give the full-test-set numbers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="converter tests need torch (pip install '.[convert]')")
+pytest.importorskip("litert_torch", reason="conversion needs litert-torch (pip install '.[convert]')")
+pytest.importorskip("onnxruntime", reason="conversion needs onnxruntime (pip install '.[convert]')")
+pytest.importorskip("ai_edge_litert", reason="conversion needs ai-edge-litert (pip install '.[convert]')")
+
+from lwfc_convert import bundle, tflite_export, zoo  # noqa: E402
+from lwfc_convert.onnx_export import onnx_session, run_onnx  # noqa: E402
+
+EVAL_FMNIST = 2000
+REPO = Path(__file__).resolve().parents[1]
+TFLITE_VENV_PYTHON = REPO / "converters" / ".venv-tflite" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def resnet_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resnet_bundle")
+    info = bundle.convert("resnet_fmnist", "stage2", out, calib_images=128, eval_images=EVAL_FMNIST,
+                          progress=False)
+    return out, info
+
+
+@pytest.fixture(scope="module")
+def effnet_bundle(tmp_path_factory):
+    pytest.importorskip("skimage", reason="ImageNet calibration uses the photos bundled with scikit-image")
+    out = tmp_path_factory.mktemp("effnet_bundle")
+    info = bundle.convert("efficientnet_lite0", "_blocks.8._expand_act", out, calib_images=16,
+                          eval_images=16, progress=False)
+    return out, info
+
+
+def _check_fields(info, out):
+    for key in ("model", "split", "activation", "preprocessing", "class_names", "accuracy", "edge", "cloud",
+                "feature"):
+        assert key in info, key
+    assert (out / "edge.tflite").exists() and (out / "cloud.onnx").exists()
+    assert json.loads((out / "bundle.json").read_text()) == info
+    e = info["edge"]
+    assert e["input"]["dtype"] == "int8" and e["output"]["dtype"] == "int8"
+    assert e["input"]["layout"] == "NHWC" and e["output"]["layout"] == "NHWC"
+    assert e["output"]["scale"] > 0 and -128 <= e["output"]["zero_point"] <= 127
+    assert info["cloud"]["input"]["layout"] == "NHWC"
+    assert info["cloud"]["input"]["shape"][1:] == e["output"]["shape"][1:]
+
+
+def _run_bundle(out, info, x_nchw):
+    """Deploy path: int8 edge in the TFLite interpreter, dequantize, float cloud in onnxruntime."""
+    interp = tflite_export.make_interpreter(out / "edge.tflite")
+    _, deq = tflite_export.run_tflite(interp, x_nchw)
+    return run_onnx(onnx_session(out / "cloud.onnx"), deq)
+
+
+def test_resnet_bundle_is_fully_int8(resnet_bundle):
+    out, info = resnet_bundle
+    _check_fields(info, out)
+    assert tflite_export.check_int8(out / "edge.tflite") == []
+    ops = {op["op"] for op in tflite_export.list_ops(out / "edge.tflite")}
+    assert "ADD" in ops or "DELEGATE" in ops  # residual adds are inside the int8 graph
+    assert info["activation"] == "relu" and info["feature"]["shape_nhwc"] == [1, 14, 14, 48]
+
+
+def test_resnet_bundle_accuracy(resnet_bundle):
+    out, info = resnet_bundle
+    acc = info["accuracy"]
+    assert acc["images"] == EVAL_FMNIST
+    assert acc["float_accuracy"] >= 0.90
+    assert abs(acc["int8_edge_float_cloud_accuracy"] - acc["float_accuracy"]) <= 0.01
+    assert acc["edge_int8_rel_l2_error"] <= 0.03
+    assert acc["cloud_onnx_vs_torch_max_rel_l2_error"] <= 1e-4
+    # Recompute the int8 accuracy independently from the bundle files on a slice of the same images.
+    from lwfc_convert.datasets import fashion_mnist
+
+    x, y = next(iter(fashion_mnist("test", zoo.preprocess_fn("resnet_fmnist"), batch_size=500, progress=False)))
+    logits = _run_bundle(out, info, x)
+    assert logits.shape == (500, 10)
+    assert abs(float((logits.argmax(1) == y.numpy()).mean()) - acc["int8_edge_float_cloud_accuracy"]) < 0.03
+
+
+def test_effnet_bundle(effnet_bundle):
+    out, info = effnet_bundle
+    _check_fields(info, out)
+    assert tflite_export.check_int8(out / "edge.tflite") == []
+    assert info["activation"] == "relu6" and info["feature"]["shape_nhwc"] == [1, 14, 14, 480]
+    assert info["preprocessing"]["size"] == 224 and len(info["class_names"]) == 1000
+    acc = info["accuracy"]
+    assert acc["cloud_onnx_vs_torch_max_rel_l2_error"] <= 1e-4
+    assert acc["edge_int8_rel_l2_error"] <= 0.05
+    assert acc["float_top1_in_int8_top5"] >= 0.9
+    # The deployed halves still see espresso in the coffee photo and a cat in Chelsea.
+    from lwfc_convert.datasets import photos
+
+    x, _ = next(iter(photos(zoo.preprocess_fn("efficientnet_lite0"), names=["skimage/coffee", "skimage/chelsea"],
+                            progress=False)))
+    pred = _run_bundle(out, info, x).argmax(1)
+    names = info["class_names"]
+    assert names[pred[0]] == "espresso"
+    assert names[pred[1]] in {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
+
+
+def test_lwfc_info_prints_bundle(resnet_bundle, capsys):
+    from lwfc_host.cli import main
+
+    out, info = resnet_bundle
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "resnet_fmnist" in text and "stage2" in text and "int8_edge_float_cloud_accuracy" in text
+
+
+def test_tflite_runtime_matches_ai_edge_litert(resnet_bundle, tmp_path):
+    """Coral's stack uses tflite-runtime (needs numpy < 2): run the edge half there, in its own venv."""
+    if not TFLITE_VENV_PYTHON.exists():
+        pytest.skip("tflite-runtime venv absent: create it with `python -m venv converters/.venv-tflite && "
+                    "converters/.venv-tflite/bin/pip install 'numpy<2' tflite-runtime==2.14.0`")
+    out, info = resnet_bundle
+    rng = np.random.default_rng(0)
+    q_in = rng.integers(-128, 128, size=(4, *info["edge"]["input"]["shape"][1:]), dtype=np.int8)
+    np.save(tmp_path / "in.npy", q_in)
+    script = (
+        "import sys, numpy as np\n"
+        "from tflite_runtime.interpreter import Interpreter\n"
+        "it = Interpreter(model_path=sys.argv[1]); it.allocate_tensors()\n"
+        "i, o = it.get_input_details()[0], it.get_output_details()[0]\n"
+        "x = np.load(sys.argv[2]); outs = []\n"
+        "for k in range(len(x)):\n"
+        "    it.set_tensor(i['index'], x[k:k+1]); it.invoke(); outs.append(it.get_tensor(o['index']).copy())\n"
+        "np.save(sys.argv[3], np.concatenate(outs))\n"
+    )
+    subprocess.run([str(TFLITE_VENV_PYTHON), "-c", script, str(out / "edge.tflite"), str(tmp_path / "in.npy"),
+                    str(tmp_path / "out.npy")], check=True, timeout=120)
+    got = np.load(tmp_path / "out.npy")
+    interp = tflite_export.make_interpreter(out / "edge.tflite")
+    d_in, d_out = interp.get_input_details()[0], interp.get_output_details()[0]
+    ref = []
+    for k in range(len(q_in)):
+        interp.set_tensor(d_in["index"], q_in[k : k + 1])
+        interp.invoke()
+        ref.append(interp.get_tensor(d_out["index"]).copy())
+    ref = np.concatenate(ref)
+    assert got.dtype == np.int8 and got.shape == ref.shape
+    # Different kernels (XNNPACK vs reference) may round a few values by one step.
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_convert_cli_errors(tmp_path, capsys):
+    from lwfc_host.cli import main
+
+    assert main(["convert", "--model", "nope", "--output", str(tmp_path / "b")]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["convert", "--model", "resnet_fmnist", "--split", "stage2.0.conv2",
+                 "--output", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "valid split points" in err and "stage2" in err
+    assert main(["info", str(tmp_path / "not_a_bundle")]) == 2
+
+
+def test_export_failure_names_the_op(tmp_path):
+    """An edge half with an op that has no TFLite lowering fails with a message naming it."""
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.special.i0(self.conv(x))
+
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(tflite_export.ExportError, match="i0"):
+        tflite_export.convert_edge_to_tflite(Odd().eval(), [torch.randn(4, 1, 8, 8)], x, tmp_path / "x.tflite",
+                                             progress=False)
