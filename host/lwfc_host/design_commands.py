@@ -180,28 +180,37 @@ def report(stats, clip: str, png: str) -> dict:
         # ECSQ for the rate of channel-group models (the uniform quantizer's grouping)
         grp = (pu.labels, stats.arrays["ch_zeros"]) if pu.groups > 1 else None
         q0 = dz.ecsq(hist, n, 0.0, cc.c_min, cc.c_max, dz.zeros_of(stats), groups=grp)
-        pts = [dz.rd_point(stats, q0)]
+        # the same G as the uniform quantizer at this N (choosing G again for every point costs minutes
+        # on wide layers and changes little)
+        pts = [dz.rd_point(stats, q0, pu.groups)]
         for lam in REPORT_LAMBDAS:
             try:
                 q = dz.ecsq(hist, n, lam, cc.c_min, cc.c_max, dz.zeros_of(stats), groups=grp)
             except DesignError:
                 break
-            pts.append(dz.rd_point(stats, q))
+            pts.append(dz.rd_point(stats, q, pu.groups))
         ec.append(pts)
         if n in TABLE_LEVELS:
             # ECSQ at the uniform quantizer's coded rate (channel-group models, the uniform's grouping)
             qe = dz.equal_rate_ecsq(stats, n, cc, pu.grouped, pu.labels)
-            pe = dz.rd_point(stats, qe)
-            rows.append((n, pu, pts[0], pe))
+            pe = dz.rd_point(stats, qe, pu.groups)
+            # and with twice the levels: the entropy constraint decides how many get used
+            n2 = min(2 * n, 16)
+            _, cc2 = dz.design_quantizer(stats, n2, "uniform", 0.0, clip)
+            qe2 = dz.equal_rate_ecsq(stats, n2, cc2, pu.grouped, pu.labels)
+            pe2 = dz.rd_point(stats, qe2, pu.groups)
+            rows.append((n, pu, pts[0], pe, pe2))
     print()
-    print("rate-distortion on the calibration data (bits/element without frame overhead; "
-          "1 = one model, G = channel groups chosen automatically)")
+    print("rate-distortion on the calibration data (payload bits/element, without the frame overhead of "
+          f"{dz.overhead_bits(stats):.4f}; (1) = one model, (G) = G channel-group models, G chosen for the uniform "
+          "quantizer at each N)")
     print(f"{'N':>3} {'quantizer':<22} {'bits (1)':>9} {'bits (G)':>9} {'G':>4} {'MSE':>11}")
-    for n, pu, p0, pe in rows:
+    for n, pu, p0, pe, pe2 in rows:
         print(f"{n:>3} {'uniform':<22} {pu.entropy:9.4f} {pu.grouped:9.4f} {pu.groups:4d} {pu.mse:11.5g}")
         print(f"{n:>3} {'ECSQ lambda=0':<22} {p0.entropy:9.4f} {p0.grouped:9.4f} {p0.groups:4d} {p0.mse:11.5g}")
-        print(f"{n:>3} {f'ECSQ equal rate ({pe.levels} lv)':<22} {pe.entropy:9.4f} {pe.grouped:9.4f} "
-              f"{pe.groups:4d} {pe.mse:11.5g}")
+        for label, p in ((f"ECSQ equal rate, {n} lv", pe), (f"ECSQ equal rate, {min(2 * n, 16)} lv", pe2)):
+            print(f"{n:>3} {label:<22} {p.entropy:9.4f} {p.grouped:9.4f} {p.groups:4d} {p.mse:11.5g}"
+                  + (f"  ({p.levels} used)" if p.levels < int(label.split(", ")[1].split()[0]) else ""))
     print()
     print("gain of channel-group models over one model (uniform quantizer):")
     for pu in uni:
@@ -232,8 +241,8 @@ def report(stats, clip: str, png: str) -> dict:
         return {k: v for k, v in p.__dict__.items() if k != "labels"}
 
     out = {"uniform": [row(p) for p in uni], "ecsq": [[row(p) for p in pts] for pts in ec],
-           "table": [{"levels": n, "uniform": row(pu), "ecsq_lambda0": row(p0), "ecsq_equal_rate": row(pe)}
-                     for n, pu, p0, pe in rows]}
+           "table": [{"levels": n, "uniform": row(pu), "ecsq_lambda0": row(p0), "ecsq_equal_rate": row(pe),
+                      "ecsq_equal_rate_2n": row(pe2)} for n, pu, p0, pe, pe2 in rows]}
     Path(png).with_suffix(".json").write_text(json.dumps(out, indent=1, default=float))
     return out
 

@@ -104,12 +104,12 @@ def cluster_channels(ch_counts: np.ndarray, groups: int, iterations: int = 50) -
 
 
 def group_candidates(channels: int) -> list[int]:
-    """G values tried by ``choose_groups``: 1..16, then about 8 per octave up to min(C, 256)."""
+    """G values tried by ``choose_groups``: 1..16, then 4 per octave up to min(C, 256)."""
     gmax = min(channels, MAX_GROUPS)
     cands = set(range(1, min(gmax, 16) + 1))
     g = 16.0
     while g < gmax:
-        g *= 2 ** (1 / 8)
+        g *= 2 ** (1 / 4)
         cands.add(min(int(round(g)), gmax))
     cands.add(gmax)
     return sorted(cands)
