@@ -362,9 +362,14 @@ class LoadedStats:
         return self.meta["summary"]
 
     def histogram(self) -> Histogram:
+        """The binned data (built once; the designers call this often)."""
+        cached = self.__dict__.get("_hist")
+        if cached is not None:
+            return cached
         a = self.arrays
-        return _histogram(self.kind, a["count"], a["s1"], a["s2"], a["ch_count"], self.meta["k0"],
-                          self.meta["log2_width"], self.int8)
+        self.__dict__["_hist"] = _histogram(self.kind, a["count"], a["s1"], a["s2"], a["ch_count"], self.meta["k0"],
+                                            self.meta["log2_width"], self.int8)
+        return self.__dict__["_hist"]
 
     def reservoir_float(self) -> np.ndarray:
         """The sampled tensors as float32 (B, H, W, C) (int8 ones dequantized)."""

@@ -170,8 +170,9 @@ class _Cumulative:
         if groups is not None:
             labels, ch_zeros = groups
             g = int(labels.max()) + 1
-            gn = np.zeros((g, len(n)))
-            np.add.at(gn, labels, hist.ch_count)
+            onehot = np.zeros((g, len(labels)))
+            onehot[labels, np.arange(len(labels))] = 1.0
+            gn = onehot @ hist.ch_count  # (G, B); np.add.at is ~100x slower on wide layers
             gz = np.bincount(labels, weights=np.asarray(ch_zeros, dtype=np.float64), minlength=g)
         s1 = hist.s1.copy()
         exact = hist.exact_values
@@ -330,7 +331,9 @@ def ecsq(hist: Histogram, levels: int, lam: float, c_min: float, c_max: float, z
             alpha = max(alpha * 0.5, 1.0 / 256)
         last_step = step_t
         t = t + alpha * step_t
-        if float(np.max(np.abs(step_t))) * alpha < tol * span:
+        moved = float(np.max(np.abs(step_t))) * alpha
+        # converged; or cycling around a bin boundary with steps far below the grid's resolution
+        if moved < tol * span or (alpha <= 1.0 / 64 and moved < 0.05 * hist.width):
             break
     # snap to the grid; thresholds landing on the same boundary merge their cells
     inner = np.unique(boundary_of(hist, t))
