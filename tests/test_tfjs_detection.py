@@ -88,6 +88,17 @@ def test_describe_for_replies():
     assert out == [{"box": [1.0, 1.0, 11.0, 11.0], "score": 0.9, "class": 1, "label": "bicycle"}]
 
 
+def test_detector_names_and_metric_plugin(reference):
+    assert det.is_detector("centernet_mbv3_coco") and not det.is_detector("efficientnet_lite0")
+    m = det.DetectionMetric()
+    assert m.primary(False) == "map50"
+    ref = np.stack(reference)
+    moved = ref.copy()
+    moved[..., [0, 2]] += 200.0  # every box elsewhere: nothing matches
+    out = m(ref, np.full(len(ref), -1), {"float": ref, "int8": moved})
+    assert out["map50"] == 1.0 and out["recall"] == 1.0 and out["map50_vs_int8"] == 0.0
+
+
 def test_box_iou_and_average_precision():
     iou = det.box_iou([[0, 0, 10, 10]], [[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 10, 10]])
     np.testing.assert_allclose(iou, [[1 / 3, 0.0, 1.0]])

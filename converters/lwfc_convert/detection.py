@@ -249,6 +249,20 @@ def run_detector(fn: Callable[[Any], Any], images: Iterable[np.ndarray], batch_s
 # Plug-ins for `lwfc eval`
 # --------------------------------------------------------------------------------------------------
 
+DETECTORS = ("centernet_mbv3_coco",)
+
+
+def is_detector(model_or_name: Any) -> bool:
+    """Whether a zoo model (by name, or a loaded model) outputs detection rows ``[N, K, 6]`` rather than
+    logits: the bundle, eval and serve code use this to pick :func:`bundle_metrics`,
+    :func:`detection_eval_data`, :class:`DetectionMetric` and :func:`describe`."""
+    if isinstance(model_or_name, str):
+        return model_or_name in DETECTORS
+    from .centernet import CenterNetMBv3
+
+    return isinstance(model_or_name, CenterNetMBv3)
+
+
 class DetectionMetric:
     """Metric plug-in for ``lwfc_host.evaluate.METRICS`` (register as ``METRICS["detection"]``).
 
