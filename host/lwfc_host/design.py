@@ -296,58 +296,36 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
         labels, g = gc.labels, gc.groups
     else:
         labels, g = np.zeros(c, dtype=np.int64), 1
-    grp = (labels, stats.arrays["ch_zeros"]) if g > 1 else None
     tried: list[Candidate] = []
     lo_tol, hi_tol = bits * (1 - RATE_TOLERANCE), bits * (1 + RATE_TOLERANCE)
+    # clip ranges beyond the largest calibration value only waste levels (ReLU6 piles up exactly there)
+    data_top = float(hist.lower[np.flatnonzero(hist.count)[-1]])
     it = levels
     if progress:
         from tqdm import tqdm
         it = tqdm(levels, desc="target rate", unit="levels")
     best: tuple[float, Quantizer, ClipChoice] | None = None
+
+    def consider(q: Quantizer, cc: ClipChoice, ev, r: float, scale: float) -> None:
+        nonlocal best
+        tried.append(Candidate(q.requested_levels, q.kind, q.lam, scale, r, ev.mse))
+        if lo_tol <= r <= hi_tol and (best is None or ev.mse < best[0]):
+            best = (ev.mse, q, cc)
+
     for n in it:
         base = choose_clip(hist, n, clip, zeros)
-        for s in clip_scales:
-            top = base.c_min + s * (base.c_max - base.c_min)
+        tops = sorted({min(base.c_min + s * (base.c_max - base.c_min), data_top) for s in clip_scales})
+        for top in tops:
+            scale = (top - base.c_min) / (base.c_max - base.c_min)
             cc = ClipChoice(base.c_min, top, base.method, base.mse, base.model, list(base.notes))
             try:
                 qu = uniform(hist, n, cc.c_min, cc.c_max, zeros)
             except DesignError:
                 continue
             ev = evaluate(qu, hist, zeros)
-            r = _rate_with_groups(ev, labels, g, over)
-            tried.append(Candidate(n, "uniform", 0.0, s, r, ev.mse))
-            if lo_tol <= r <= hi_tol and (best is None or ev.mse < best[0]):
-                best = (ev.mse, qu, cc)
-
-            def run(lam, cc=cc, n=n):
-                q = ecsq(hist, n, lam, cc.c_min, cc.c_max, zeros, groups=grp)
-                e = evaluate(q, hist, zeros)
-                return q, e, _rate_with_groups(e, labels, g, over)
-
-            q0, e0, r0 = run(0.0)
-            tried.append(Candidate(n, "ecsq", 0.0, s, r0, e0.mse))
-            if lo_tol <= r0 <= hi_tol and (best is None or e0.mse < best[0]):
-                best = (e0.mse, q0, cc)
-            if r0 < lo_tol:
-                continue  # even lambda = 0 codes below the target: more levels are needed
-            a, b = -8.0, 1.0  # log10 lambda: rate falls as lambda grows
-            for _ in range(20):
-                m = 0.5 * (a + b)
-                try:
-                    q, e, r = run(10.0 ** m)
-                except DesignError:  # a single cell left: lambda too large
-                    b = m
-                    continue
-                tried.append(Candidate(n, "ecsq", 10.0 ** m, s, r, e.mse))
-                if lo_tol <= r <= hi_tol:
-                    if best is None or e.mse < best[0]:
-                        best = (e.mse, q, cc)
-                    if abs(r - bits) < 0.005 * bits:
-                        break
-                if r > bits:
-                    a = m
-                else:
-                    b = m
+            consider(qu, cc, ev, _rate_with_groups(ev, labels, g, over), scale)
+            _search_lambda(hist, n, cc, zeros, labels, g, over, bits, stats.arrays["ch_zeros"],
+                           lambda q, e, r, cc=cc, scale=scale: consider(q, cc, e, r, scale))
     if best is None:
         rates = [t.rate for t in tried]
         lo, hi = (min(rates), max(rates)) if rates else (float("nan"), float("nan"))
@@ -360,9 +338,55 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
         raise DesignError(f"no quantizer tried came within 3% of {bits} bits/element (rates {lo:.4f}..{hi:.4f})")
     _, q, cc = best
     d = finish_design(stats, q, cc, groups, classes, int8_scale, int8_zero_point)
+    for _ in range(2):
+        # the final grouping fits the chosen quantizer better than the search's grouping did, which moves
+        # the rate; with ECSQ, find lambda again for the new groups (G kept, so the groups stay put)
+        if abs(d.coded_bits_per_element - bits) <= RATE_TOLERANCE * bits or q.kind != "ecsq":
+            break
+        labels, g = d.groups.labels, d.groups.groups
+        best = None
+        _search_lambda(hist, q.requested_levels, cc, zeros, labels, g, over, bits, stats.arrays["ch_zeros"],
+                       lambda q2, e, r, cc=cc: consider(q2, cc, e, r, 1.0))
+        if best is None:
+            break
+        _, q, cc = best
+        d = finish_design(stats, q, cc, g, classes, int8_scale, int8_zero_point)
     if abs(d.coded_bits_per_element - bits) > RATE_TOLERANCE * bits:
-        d.notes.append(f"regrouping moved the rate to {d.coded_bits_per_element:.4f} bits/element")
+        d.notes.append(f"the final grouping moved the rate to {d.coded_bits_per_element:.4f} bits/element, "
+                       f"outside 3% of {bits}")
     return d, tried
+
+
+def _search_lambda(hist: Histogram, n: int, cc: ClipChoice, zeros: float, labels: np.ndarray, g: int,
+                   over: float, bits: float, ch_zeros: np.ndarray, consider) -> None:
+    """ECSQ at lambda = 0, then bisection on log10 lambda for the coded rate ``bits``; every design is
+    passed to ``consider(q, evaluation, rate)``."""
+    grp = (labels, ch_zeros) if g > 1 else None
+
+    def run(lam):
+        q = ecsq(hist, n, lam, cc.c_min, cc.c_max, zeros, groups=grp)
+        e = evaluate(q, hist, zeros)
+        return q, e, _rate_with_groups(e, labels, g, over)
+
+    q0, e0, r0 = run(0.0)
+    consider(q0, e0, r0)
+    if r0 < bits * (1 - RATE_TOLERANCE):
+        return  # even lambda = 0 codes below the target: more levels are needed
+    a, b = -8.0, 1.0  # log10 lambda: the rate falls as lambda grows
+    for _ in range(20):
+        m = 0.5 * (a + b)
+        try:
+            q, e, r = run(10.0 ** m)
+        except DesignError:  # a single cell left: lambda too large
+            b = m
+            continue
+        consider(q, e, r)
+        if abs(r - bits) < 0.005 * bits:
+            break
+        if r > bits:
+            a = m
+        else:
+            b = m
 
 
 # ---- rate-distortion report --------------------------------------------------------------------------------------

@@ -209,8 +209,10 @@ def report(stats, clip: str, png: str) -> dict:
         print(f"{n:>3} {'uniform':<22} {pu.entropy:9.4f} {pu.grouped:9.4f} {pu.groups:4d} {pu.mse:11.5g}")
         print(f"{n:>3} {'ECSQ lambda=0':<22} {p0.entropy:9.4f} {p0.grouped:9.4f} {p0.groups:4d} {p0.mse:11.5g}")
         for label, p in ((f"ECSQ equal rate, {n} lv", pe), (f"ECSQ equal rate, {min(2 * n, 16)} lv", pe2)):
-            print(f"{n:>3} {label:<22} {p.entropy:9.4f} {p.grouped:9.4f} {p.groups:4d} {p.mse:11.5g}"
-                  + (f"  ({p.levels} used)" if p.levels < int(label.split(", ")[1].split()[0]) else ""))
+            used = f"  ({p.levels} used)" if p.levels < int(label.split(", ")[1].split()[0]) else ""
+            # emptying cells makes the rate jump: say when the bisection could not land on the rate
+            miss = "  (rate not matched)" if abs(p.grouped - pu.grouped) > 0.01 * pu.grouped else ""
+            print(f"{n:>3} {label:<22} {p.entropy:9.4f} {p.grouped:9.4f} {p.groups:4d} {p.mse:11.5g}{used}{miss}")
     print()
     print("gain of channel-group models over one model (uniform quantizer):")
     for pu in uni:
