@@ -127,6 +127,11 @@ class CloudModel:
             out = self.session.run(None, {self.input_name: tensor.astype(np.float32, copy=False)})[0]
             if self.class_names and out.size == len(self.class_names):
                 res = {"kind": "classification", "top": top_k(out, self.class_names, self.top)}
+            elif out.ndim == 3 and out.shape[0] == 1 and out.shape[2] == 6:
+                # a detector's (1, boxes, [x1, y1, x2, y2, score, class]) output
+                from lwfc_convert.detection import describe
+
+                res = {"kind": "detection", "detections": describe(out[0], self.class_names or None)}
             else:
                 res = {"kind": "tensor", "shape": list(out.shape),
                        "summary": [float(out.min()), float(out.max()), float(out.mean())]}
