@@ -141,3 +141,27 @@ def test_group_aware_ecsq_not_worse_than_uniform_at_equal_grouped_rate(stats, le
     rate_same_groups = dz._rate_with_groups(ev, pu.labels, 4, 0.0)
     assert rate_same_groups <= pu.grouped * 1.002
     assert pe.mse <= pu.mse * 1.001
+
+
+def test_lwfc_encode_cli_frames_match_the_design(stats, tmp_path):
+    """The same check through ``lwfc encode --float``: frame bytes = promised payload within 1% plus
+    header, CRC and flush."""
+    from lwfc_host.cli import main
+    from lwfc_host.tablefile import write_tables
+
+    pytest.importorskip("lwfc_host.codec_commands")
+    d = dz.design(stats, 4, "ecsq", 0.001, "mse", "auto")
+    table = write_tables(d.table, tmp_path / "t.json")
+    t = Tables(table)
+    x = stats.reservoir_float()[:6]
+    idx = dz.sample_indices(stats, table)[:6]
+    lengths = -np.log2(np.asarray(t.models, dtype=float) / (1 << 24))
+    promised = (em.count_contexts(idx, t) * lengths[np.asarray(t.model_of_context)]).sum() / 8
+    total = 0
+    for i, xi in enumerate(x):
+        np.save(tmp_path / f"x{i}.npy", xi)
+        assert main(["encode", "--tables", str(tmp_path / "t.json"), "--input", str(tmp_path / f"x{i}.npy"),
+                     "--output", str(tmp_path / f"f{i}.lwfc"), "--float"]) == 0
+        total += (tmp_path / f"f{i}.lwfc").stat().st_size
+    payload = total - len(x) * (HEADER_SIZE + CRC_SIZE)
+    assert promised * 0.99 <= payload <= promised * 1.01 + len(x) * 8
