@@ -1,7 +1,7 @@
 """``lwfc eval --quick`` on a real bundle: report structure, and every rate re-measured from real frames.
 
-The bundle is found in $LWFC_EVAL_BUNDLE or under cache/bundles/ (``lwfc convert`` output; resnet_fmnist is
-preferred, being the cheapest); without one the end-to-end test is skipped."""
+The bundle is $LWFC_EVAL_BUNDLE, or the one with the smallest feature tensor under cache/bundles/ or
+cache/eval/bundles/ (``lwfc convert`` output); without one the end-to-end test is skipped."""
 
 from __future__ import annotations
 
@@ -26,12 +26,18 @@ def find_bundle() -> Path | None:
     env = os.environ.get("LWFC_EVAL_BUNDLE")
     if env:
         return Path(env)
-    root = ROOT / "cache" / "bundles"
-    for pattern in ("resnet_fmnist*/bundle.json", "*/bundle.json"):
-        found = sorted(root.glob(pattern))
-        if found:
-            return found[0].parent
-    return None
+    found = sorted((ROOT / "cache" / "bundles").glob("*/bundle.json"))
+    found += sorted((ROOT / "cache" / "eval" / "bundles").glob("*/bundle.json"))
+    best = None
+    for path in found:  # the cheapest: fewest elements per feature tensor
+        try:
+            info = json.loads(path.read_text())
+            size = int(np.prod(info["feature"]["shape_nhwc"]))
+        except (OSError, ValueError, KeyError):
+            continue
+        if best is None or size < best[0]:
+            best = (size, path.parent)
+    return best[1] if best else None
 
 
 class _P:

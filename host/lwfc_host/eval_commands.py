@@ -19,10 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="evaluation data (auto: the bundle's own data set)")
     p.add_argument("--limit", type=int, default=None,
                    help="number of evaluation images/views (default: all 10,000 test images, 320 photo views; "
-                        "--quick: 300)")
+                        "--quick: 500 images or 64 views)")
     p.add_argument("--quick", action="store_true", help="fewer rate points and images (about 2 minutes)")
     p.add_argument("--methods", default="lwfc,hevc,jpeg,webp,rle,zlib",
                    help="comma-separated subset of lwfc,hevc,jpeg,webp,rle,zlib")
+    p.add_argument("--levels", default=None, help="lwfc level counts, e.g. 2,3,4,6 (default: 2..8; quick: 2,4)")
+    p.add_argument("--contexts", default=None,
+                   help="lwfc context variants among one,groups,groups+k2,groups+k3 (default: all; quick: first 3)")
+    p.add_argument("--hevc-qps", default=None, help="8-bit HEVC QPs, e.g. 30,36,42 (10-bit QPs are then dropped)")
     p.add_argument("--metric", default="classification", help="metric plug-in (classification)")
     p.add_argument("--cache", default="cache/eval", help="where edge-half outputs are cached")
     p.add_argument("--output", required=True, help="report directory")
@@ -43,10 +47,20 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in ("lwfc", "hevc", "jpeg", "webp", "rle", "zlib")]
     if bad:
         raise CommandError(f"unknown methods {bad}")
+    overrides: dict[str, object] = {}
+    try:
+        if args.levels:
+            overrides["levels"] = [int(v) for v in args.levels.split(",")]
+        if args.hevc_qps:
+            overrides["hevc_qps"] = {8: [int(v) for v in args.hevc_qps.split(",")]}
+    except ValueError as exc:
+        raise CommandError(f"bad number list: {exc}") from exc
+    if args.contexts:
+        overrides["contexts"] = [c.strip() for c in args.contexts.split(",")]
     t0 = time.time()
     try:
         ev = evaluate_bundle(args.bundle, args.dataset, args.limit, args.quick, args.cache, args.metric, methods,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, overrides=overrides)
     except (FileNotFoundError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     ev.command = "lwfc " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else \

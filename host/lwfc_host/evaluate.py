@@ -37,8 +37,7 @@ class Plan:
     kinds: list[str]
     clips: list[str]
     contexts: list[str]  # "one" (one model), "groups" (channel groups), "groups+k2", "groups+k3"
-    hevc_qps: list[int]
-    hevc_bits: list[int]
+    hevc_qps: dict[int, list[int]]  # bit depth -> QPs
     jpeg_qualities: list[int]
     webp_qualities: list[int]
     rle_levels: list[int]
@@ -51,18 +50,20 @@ class Plan:
 def full_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
     return Plan(levels=[2, 3, 4, 5, 6, 7, 8], kinds=["uniform", "ecsq"], clips=["mse", "model"],
                 contexts=["one", "groups", "groups+k2", "groups+k3"],
-                hevc_qps=[22, 26, 30, 34, 37, 40, 43, 46, 49], hevc_bits=[8, 10],
-                jpeg_qualities=[5, 10, 20, 40, 60, 80, 95], webp_qualities=[5, 10, 20, 40, 60, 80, 95],
+                # 10-bit frames add nothing on int8 edge outputs (256 values at most): fewer QPs there
+                hevc_qps={8: [22, 27, 32, 36, 40, 43, 46, 49], 10: [32, 40, 46]},
+                jpeg_qualities=[5, 10, 25, 50, 75, 95], webp_qualities=[5, 10, 25, 50, 75, 95],
                 rle_levels=[2, 3, 4, 5, 6, 8], zlib_bits=[8, 4, 2], calib_images=512,
                 eval_images=limit if limit is not None else (None if dataset == "fashion-mnist" else 320),
                 decode_check=200)
 
 
 def quick_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
-    return Plan(levels=[2, 3, 4, 6], kinds=["uniform", "ecsq"], clips=["mse", "model"],
-                contexts=["one", "groups", "groups+k2"], hevc_qps=[30, 38, 44, 50], hevc_bits=[8],
+    return Plan(levels=[2, 4], kinds=["uniform", "ecsq"], clips=["mse", "model"],
+                contexts=["one", "groups", "groups+k2"], hevc_qps={8: [30, 38, 44, 50]},
                 jpeg_qualities=[10, 50, 90], webp_qualities=[10, 50, 90], rle_levels=[2, 4], zlib_bits=[4, 2],
-                calib_images=128, eval_images=limit if limit is not None else 300, decode_check=20)
+                calib_images=128, decode_check=20,
+                eval_images=limit if limit is not None else (500 if dataset == "fashion-mnist" else 64))
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------------
@@ -354,8 +355,8 @@ def baseline_jobs(plan: Plan, clip_of_levels: Callable[[int], tuple[float, float
     from lwfc_host import baselines as bl
 
     jobs: list[tuple[str, Callable]] = []
-    for bits in plan.hevc_bits:
-        for qp in plan.hevc_qps:
+    for bits, qps in plan.hevc_qps.items():
+        for qp in qps:
             jobs.append((f"hevc {bits}-bit", lambda x, qp=qp, bits=bits: bl.hevc(x, qp, bits)))
     for q in plan.jpeg_qualities:
         jobs.append(("jpeg tiles", lambda x, q=q: bl.image_tiles(x, q, "JPEG")))
@@ -403,14 +404,23 @@ def resolve_dataset(bundle: dict, dataset: str) -> str:
 
 def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | None = None, quick: bool = False,
                     cache_dir: str | Path = DEFAULT_CACHE, metric: str = "classification",
-                    methods: Iterable[str] | None = None, progress: bool = True) -> Evaluation:
-    """Run every method of the plan on the bundle's evaluation set."""
+                    methods: Iterable[str] | None = None, progress: bool = True,
+                    overrides: dict[str, list] | None = None) -> Evaluation:
+    """Run every method of the plan on the bundle's evaluation set. ``overrides`` replaces plan lists
+    (e.g. ``{"levels": [2, 3, 4], "contexts": ["one", "groups+k2"]}``)."""
     from lwfc_convert.bundle import read_bundle
 
     bundle_dir = Path(bundle_dir)
     bundle = read_bundle(bundle_dir)
     ds = resolve_dataset(bundle, dataset)
     plan = quick_plan(limit, ds) if quick else full_plan(limit, ds)
+    for k, v in (overrides or {}).items():
+        if not hasattr(plan, k):
+            raise ValueError(f"unknown plan field {k!r}")
+        setattr(plan, k, v)
+    unknown = [c for c in plan.contexts if c not in CONTEXTS]
+    if unknown:
+        raise ValueError(f"unknown contexts {unknown}; known: {', '.join(CONTEXTS)}")
     if ds == "photos" and (plan.eval_images or 0) < 300 and not quick:
         raise ValueError("the photo evaluation needs at least 300 views")
     methods = set(methods or ["lwfc", "hevc", "jpeg", "webp", "rle", "zlib"])
@@ -459,7 +469,7 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
     if "hevc" in methods and plan.hevc_qps:
         from lwfc_host.baselines import hevc_single_process_ms
 
-        qp = plan.hevc_qps[len(plan.hevc_qps) // 2]
+        qp = plan.hevc_qps[8][len(plan.hevc_qps[8]) // 2]
         e, d = hevc_single_process_ms(data.dequantize(data.q_eval[:1]), qp, 8)
         hevc_single = {"qp": qp, "encode_ms": e, "decode_ms": d}
     n, h, w, c = data.q_eval.shape
