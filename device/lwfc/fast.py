@@ -25,26 +25,25 @@ def context_ids(above, left, channel, tables):
     return group * (k * k) + ncls[above] * k + ncls[left]
 
 
-def neighbours(idx):
-    """Above and left neighbour indices of every element of an (H, W, C) index array; positions outside
-    the tensor get ``levels``-valued markers filled in by the caller's convention (here: -1)."""
-    h, w, c = idx.shape
-    above = np.full_like(idx, -1)
-    left = np.full_like(idx, -1)
+def neighbours(idx, outside):
+    """Above and left neighbour indices of every element of an (H, W, C) index array, ``outside``
+    where the neighbour lies outside the tensor."""
+    above = np.full_like(idx, outside)
+    left = np.full_like(idx, outside)
     above[1:] = idx[:-1]
     left[:, 1:] = idx[:, :-1]
     return above, left
 
 
+def context_map(idx, tables):
+    """Context number (SPEC.md 4.2) of every element of an (H, W, C) index array."""
+    above, left = neighbours(idx, tables.levels)
+    return np.broadcast_to(context_ids(above, left, np.arange(idx.shape[2]), tables), idx.shape)
+
+
 def model_ids(idx, tables):
     """Model index of every element of an (H, W, C) index array (raster order)."""
-    above, left = neighbours(idx)
-    n = tables.levels
-    above[above < 0] = n
-    left[left < 0] = n
-    ch = np.arange(idx.shape[2])
-    ctx = np.broadcast_to(context_ids(above, left, ch, tables), idx.shape)
-    return np.asarray(tables.model_of_context, dtype=np.int64)[ctx]
+    return np.asarray(tables.model_of_context, dtype=np.int64)[context_map(idx, tables)]
 
 
 def scan_permutation(height, width):

@@ -9,8 +9,9 @@ import math
 
 import numpy as np
 
-from lwfc.fast import context_ids, indices_from_float_np
+from lwfc.fast import indices_from_float_np
 from lwfc.tables import Tables
+from lwfc_host.entropy_models import count_contexts
 from lwfc_host.tablefile import finalize, integer_frequencies
 
 
@@ -30,23 +31,6 @@ def int8_lut(fixed: list[int], frac_bits: int, scale: float, zero_point: int) ->
     x = scale * (np.arange(-128, 128) - zero_point)
     xf = np.clip(np.floor(x * float(1 << frac_bits)), -2147483648.0, 2147483647.0)
     return np.searchsorted(np.asarray(fixed, dtype=np.float64), xf, side="right").astype(int).tolist()
-
-
-def count_contexts(indices: np.ndarray, proto: Tables) -> np.ndarray:
-    """Counts[context, index] over a batch of (B, H, W, C) index arrays, contexts as in the spec."""
-    n = proto.levels
-    k = proto.classes
-    counts = np.zeros((proto.groups * k * k, n), dtype=np.int64)
-    c = indices.shape[-1]
-    for idx in indices.reshape((-1,) + indices.shape[-3:]):
-        idx = idx.astype(np.int64)
-        above = np.full_like(idx, n)
-        left = np.full_like(idx, n)
-        above[1:] = idx[:-1]
-        left[:, 1:] = idx[:, :-1]
-        ctx = context_ids(above, left, np.arange(c), proto)
-        counts += np.bincount((ctx * n + idx).ravel(), minlength=counts.size).reshape(counts.shape)
-    return counts
 
 
 def uniform_table(
