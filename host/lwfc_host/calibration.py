@@ -33,6 +33,7 @@ STATS_FORMAT = "lwfc-calibration-stats"
 STATS_VERSION = 1
 DEFAULT_BINS = 4096
 DEFAULT_RESERVOIR = 64
+MAX_CHANNEL_BINS = 1 << 26  # 512 MB of per-channel int64 counts
 
 
 class CalibrationError(ValueError):
@@ -108,8 +109,12 @@ class CalibrationStats:
     # ---- feeding ---------------------------------------------------------------------------------------------
     def _check_shape(self, hwc: tuple[int, int, int], where: str) -> None:
         if self.shape is None:
-            self.shape = hwc
             c = hwc[2]
+            if self.kind == "float" and c * self.bins > MAX_CHANNEL_BINS:
+                # per-channel counts take C x bins x 8 bytes
+                raise CalibrationError(f"{where}: {c} channels x {self.bins} bins of per-channel histograms exceed "
+                                       f"{MAX_CHANNEL_BINS} counts; use fewer --bins")
+            self.shape = hwc
             self.ch_n = np.zeros(c, dtype=np.int64)
             self.ch_zeros = np.zeros(c, dtype=np.int64)
             self.ch_s1 = np.zeros(c)
