@@ -166,10 +166,12 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
         raise sp.SplitError(f"split at {at!r} is not exact: max |cloud(edge(x)) - model(x)| = {split_err:g}")
     edge_q = edge
     bc_info = None
+    t0 = time.time()
     if bias_correction:
         from .quant_fix import bias_correct
 
         edge_q, bc_info = bias_correct(edge, calib)
+    t_bc = time.time() - t0
     t0 = time.time()
     tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], out / "edge.tflite", progress)
     t_tflite = time.time() - t0
@@ -216,6 +218,7 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
         "accuracy": metrics,
         "split_max_abs_error": split_err,
         "timing": {"total_seconds": time.time() - t_start, "tflite_conversion_seconds": t_tflite,
+                   "pt2e_calibration_seconds": tfl["pt2e_seconds"], "bias_correction_seconds": t_bc,
                    "onnx_export_seconds": t_onnx},
         "bias_correction": bc_info,
         "versions": _versions(),

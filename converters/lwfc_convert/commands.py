@@ -178,7 +178,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--output", default=None, help="weight file to write (default: package weights/)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 6 for the ResNet, 30 for the head)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: one thread is faster on a busy machine, and the committed "
+                   "weights were trained with 1)")
     p.add_argument("--cache", default=None, help="backbone feature cache file (EfficientNet head)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

@@ -24,7 +24,9 @@ from torch import nn
 CONV_TARGETS = ("conv1d.default", "conv2d.default", "convolution.default")
 ACT_TARGETS = ("relu.default", "relu_.default", "relu6.default", "hardtanh.default", "hardtanh_.default")
 ADD_TARGETS = ("add.Tensor", "add_.Tensor")
-SHARE_TARGETS = ("constant_pad_nd.default", "pad.default")
+SHARE_TARGETS = ("constant_pad_nd.default", "pad.default", "max_pool2d.default",
+                 "max_pool2d_with_indices.default")
+CAT_TARGETS = ("cat.default",)
 
 
 class ExportError(RuntimeError):
@@ -97,9 +99,19 @@ def make_quantizer() -> Any:
                     qmap = {a: in_q for a in n.args[:2] if isinstance(a, torch.fx.Node)}
                     n.meta["quantization_annotation"] = QuantizationAnnotation(
                         input_qspec_map=qmap, output_qspec=out_q, _annotated=True)
+                elif name in CAT_TARGETS:
+                    # All inputs and the output share one scale (TFLite CONCATENATION without rescaling);
+                    # inputs quantized differently upstream are requantized int8 -> int8.
+                    inputs = [a for a in n.args[0] if isinstance(a, torch.fx.Node)]
+                    first = inputs[0]
+                    shared = SharedQuantizationSpec((first, n))
+                    qmap = {a: (in_q if a is first else shared) for a in inputs}
+                    n.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map=qmap, output_qspec=shared, _annotated=True)
                 elif name in SHARE_TARGETS:
                     prev = n.args[0]
-                    # Zero padding keeps the input's scale/zero point (pads with the zero point).
+                    # Zero padding and max pooling keep the input's scale/zero point (a pad writes the zero
+                    # point, a max picks one of the inputs).
                     n.meta["quantization_annotation"] = QuantizationAnnotation(
                         input_qspec_map={prev: in_q},
                         output_qspec=SharedQuantizationSpec((prev, n)), _annotated=True)
@@ -163,16 +175,24 @@ def convert_edge_to_tflite(
 
     t0 = time.time()
     quantized, quantizer = quantize_edge(edge, calib, example, progress)
+    t_quant = time.time() - t0
     nhwc = litert_torch.to_channel_last_io(quantized, args=[0], outputs=[0])
     example_nhwc = example.permute(0, 2, 3, 1).contiguous()
     try:
         model = litert_torch.convert(nhwc, (example_nhwc,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
     except Exception as exc:
+        import re
+
+        m = re.search(r"Lowering not found: (\S+)", str(exc))
+        if m:
+            raise ExportError(f"the edge half uses op {m.group(1)}, which litert-torch cannot convert to "
+                              "TFLite; split earlier or replace that op") from exc
         raise ExportError(f"litert-torch conversion failed: {_first_line(exc)}") from exc
     output = Path(output)
     model.export(str(output))
     info = tflite_io_details(output)
     info["conversion_seconds"] = time.time() - t0
+    info["pt2e_seconds"] = t_quant  # export + observers + calibration + convert_pt2e
     info["size_bytes"] = output.stat().st_size
     return info
 
