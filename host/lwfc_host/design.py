@@ -156,7 +156,7 @@ def sample_indices(stats: LoadedStats, table: dict) -> np.ndarray:
 
 
 def design(stats: LoadedStats, levels: int, kind: str = "uniform", lam: float = 0.0, clip: str | ClipChoice = "mse",
-           groups: int | str = 1, classes: int = 1, int8_scale: float | None = None,
+           groups: int | str = 1, classes: int | str = 1, int8_scale: float | None = None,
            int8_zero_point: int | None = None, pin: bool | None = None, amortise: float = 1.0) -> Design:
     """Design one table: clip range, quantizer, channel groups and entropy models.
 
@@ -173,7 +173,8 @@ def design(stats: LoadedStats, levels: int, kind: str = "uniform", lam: float = 
     return finish_design(stats, q, choice, groups, classes, int8_scale, int8_zero_point, amortise)
 
 
-def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: int | str = 1, classes: int = 1,
+def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: int | str = 1,
+                  classes: int | str = 1,
                   int8_scale: float | None = None, int8_zero_point: int | None = None,
                   amortise: float = 1.0) -> Design:
     """Entropy models and the table file for a designed quantizer."""
@@ -184,6 +185,9 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
                      f"cells: the table has {q.levels} levels")
     n = q.levels
     c = stats.channels
+    auto_ctx = classes == "auto"  # context design: classes, class map, merged models (context_design.py)
+    if auto_ctx:
+        classes = 1
     if classes < 1 or classes * classes * n > 256:
         raise DesignError(f"classes K must be >= 1 with K*K*levels <= 256 (levels {n}), got {classes}")
     gmax = min(c, MAX_GROUPS)
@@ -214,6 +218,24 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
         bits = em.coded_bits(model_counts) * elements / idx.size  # measured on the sample, scaled up
         notes.append(f"neighbour contexts counted on {idx.shape[0]} sampled tensors")
     table["models"] = [integer_frequencies(row) for row in model_counts]
+    ctx_info = None
+    if auto_ctx:
+        from lwfc_host import context_design as cdz
+
+        idx = sample_indices(stats, table)
+        cd = cdz.design_contexts(idx, n, "auto", groups, amortise, extra_groups=(gc.groups,),
+                                 labels_of={gc.groups: gc.labels})
+        table = finalize(cdz.apply_to_table(table, cd))
+        classes = cd.classes
+        gc = em.GroupChoice(np.asarray(cd.labels), cd.groups, gc.data_bits, cd.side_bits, gc.tried)
+        model_counts = cd.model_counts
+        bits = em.coded_bits(model_counts) * elements / idx.size
+        ctx_info = {"groups": cd.groups, "classes": cd.classes, "models": cd.models,
+                    "neighbour_class": cd.neighbour_class, "heldout_bits_per_element": cd.heldout_bits,
+                    "side_bits": cd.side_bits, "candidates": len(cd.tried)}
+        notes.append(f"context design: G={cd.groups}, K={cd.classes} (class map {cd.neighbour_class}), "
+                     f"{cd.models} models for {len(cd.model_of_context)} contexts; held-out payload "
+                     f"{cd.heldout_bits:.4f} bits/element over {len(cd.tried)} (G, K) candidates")
     p = ev.counts / ev.counts.sum()
     ent = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
     # informative (SPEC.md 3.1): how the table was made and what it did on the calibration data
@@ -224,6 +246,8 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
         "mse": float(ev.mse), "payload_bits_per_element": float(bits / elements),
         "entropy_one_model": ent,
     }
+    if ctx_info is not None:
+        table["design"]["context_design"] = ctx_info
     table = finalize(table)
     return Design(table, q, choice, gc, classes, ent, bits / elements, overhead_bits(stats), ev.mse, ev.mse_clipped,
                   notes)

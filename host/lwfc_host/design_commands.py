@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "design", help="design clipping, quantizer and entropy models; write a table file",
         description="Design a table from calibration statistics: clip range, uniform or ECSQ quantizer, "
                     "channel-group (and neighbour-context) entropy models. See codec_spec/DESIGN-quantizer.md.")
-    d.add_argument("--stats", required=True, help="stats file from lwfc calibrate")
+    d.add_argument("--stats", help="stats file from lwfc calibrate (not with --objective accuracy)")
     d.add_argument("--levels", type=int, help="number of quantization levels, 2..16")
     d.add_argument("--quantizer", choices=["uniform", "ecsq"], default="uniform")
     d.add_argument("--lam", type=float, default=0.0,
@@ -39,7 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--clip", choices=["model", "mse"], default="mse",
                    help="clip range: fitted model (as in the paper) or empirical MSE search (default)")
     d.add_argument("--groups", default="auto", help="channel groups G (1..min(C, 256)) or 'auto' (default)")
-    d.add_argument("--classes", type=int, default=1, help="neighbour classes K (default 1: no neighbour contexts)")
+    d.add_argument("--classes", default="1",
+                   help="neighbour classes K (naive class map), or 'auto': classes, class map, channel groups and "
+                        "merged context models chosen by held-out coded bits (context_design.py); default 1")
+    d.add_argument("--objective", choices=["mse", "accuracy"], default="mse",
+                   help="accuracy: choose clip range, levels and quantizer by the cloud half's top-1 agreement on "
+                        "held-out calibration images of --bundle (task_design.py)")
+    d.add_argument("--bundle", help="bundle directory (for --objective accuracy)")
+    d.add_argument("--tolerance", type=float, default=0.01,
+                   help="--objective accuracy: allowed top-1 disagreement with the uncompressed pipeline (0.01)")
+    d.add_argument("--task-images", type=int, default=512,
+                   help="--objective accuracy: calibration images (half fit the statistics, half are held out)")
     d.add_argument("--int8-scale", type=float, help="the edge model's output scale (for index_of_q)")
     d.add_argument("--int8-zero-point", type=int, help="the edge model's output zero point")
     d.add_argument("--shape", help="expected split-layer shape HxWxC; a stats file of another shape is refused")
@@ -83,6 +93,46 @@ def _parse_groups(text: str) -> int | str:
         raise _error(f"--groups must be an integer or 'auto', got {text!r}") from None
 
 
+def _parse_classes(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise _error(f"--classes must be an integer or 'auto', got {text!r}") from None
+
+
+def _design_for_accuracy(args: argparse.Namespace, classes: int | str) -> int:
+    """--objective accuracy: task-aware choice on the bundle's calibration images (task_design.py)."""
+    from lwfc_host.quantizers import DesignError
+    from lwfc_host.tablefile import write_tables
+    from lwfc_host.task_design import format_candidates, task_design
+
+    if not args.bundle:
+        raise _error("--objective accuracy needs --bundle")
+    if args.output is None:
+        raise _error("give --output")
+    if args.levels is not None:
+        raise _error("--objective accuracy chooses the levels itself (give --target-bits or nothing)")
+    try:
+        td = task_design(args.bundle, images=args.task_images, tolerance=args.tolerance,
+                         target_bits=args.target_bits, classes=classes, progress=True)
+    except (DesignError, ValueError, FileNotFoundError) as exc:
+        raise _error(str(exc)) from exc
+    for line in format_candidates(td):
+        print(line)
+    _print_design(td.design)
+    c = td.chosen
+    print(f"chosen: {c.levels} levels {c.kind}" + (f" lambda {c.lam:g}" if c.kind == "ecsq" else "")
+          + f", clip x{c.clip_scale:g}: agreement {c.agreement:.4f} on {td.reference_tensors} held-out images, "
+          f"{c.coded_bits:.4f} bits/element in real frames ({td.seconds:.0f} s)")
+    for note in td.notes:
+        print(f"  note: {note}")
+    final = write_tables(td.design.table, args.output)
+    print(f"wrote {args.output} (table id {final['table_id']})")
+    return 0
+
+
 def _check_stats(stats, args) -> None:
     s = stats.summary
     if args.shape:
@@ -104,6 +154,11 @@ def cmd_design(args: argparse.Namespace) -> int:
     from lwfc_host.quantizers import DesignError
     from lwfc_host.tablefile import write_tables
 
+    classes = _parse_classes(args.classes)
+    if args.objective == "accuracy":
+        return _design_for_accuracy(args, classes)
+    if not args.stats:
+        raise _error("give --stats (or --objective accuracy --bundle B)")
     try:
         stats = load_stats(args.stats)
     except CalibrationError as exc:
@@ -121,11 +176,11 @@ def cmd_design(args: argparse.Namespace) -> int:
     result = None
     try:
         if args.target_bits is not None:
-            result, tried = dz.target_rate(stats, args.target_bits, args.clip, groups, args.classes,
+            result, tried = dz.target_rate(stats, args.target_bits, args.clip, groups, classes,
                                            args.int8_scale, args.int8_zero_point, progress=True)
             print(f"rate targeting tried {len(tried)} quantizers")
         elif args.levels is not None:
-            result = dz.design(stats, args.levels, args.quantizer, args.lam, args.clip, groups, args.classes,
+            result = dz.design(stats, args.levels, args.quantizer, args.lam, args.clip, groups, classes,
                                args.int8_scale, args.int8_zero_point)
     except (DesignError, ValueError) as exc:
         raise _error(str(exc)) from exc
@@ -152,7 +207,7 @@ def _print_design(d) -> None:
     print("  reconstruction " + " ".join(f"{r:.5g}" for r in q.reconstruction))
     g = d.groups
     print(f"  entropy (one model) {d.entropy_one_model:.4f} bits/element; with {g.groups} channel group(s)"
-          + (f" x {d.classes ** 2} neighbour contexts" if d.classes > 1 else "")
+          + (f" x {d.classes ** 2} neighbour contexts ({len(d.table['models'])} models)" if d.classes > 1 else "")
           + f": {d.model_bits_per_element:.4f} + frame overhead {d.overhead_bits_per_element:.4f} = "
           f"{d.coded_bits_per_element:.4f} bits/element")
     print(f"  MSE {d.mse:.6g} (clipped data {d.mse_clipped:.6g})")

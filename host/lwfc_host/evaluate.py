@@ -228,7 +228,9 @@ def _mse(recon: np.ndarray, ref: np.ndarray) -> float:
 
 # ---- lwfc ------------------------------------------------------------------------------------------------------------
 ECSQ_RATE_RATIO = 0.8
-CONTEXTS = {"one": (1, 1), "groups": ("auto", 1), "groups+k2": ("auto", 2), "groups+k3": ("auto", 3)}
+CONTEXTS = {"one": (1, 1), "groups": ("auto", 1), "groups+k2": ("auto", 2), "groups+k3": ("auto", 3),
+            # one model per channel (G = min(C, 256)); contexts designed on held-out bits (context_design.py)
+            "channel": (256, 1), "auto": ("auto", "auto")}
 
 
 def lwfc_designs(stats: Any, kind: str, clip: str, levels: int, contexts: list[str]) -> list[tuple[str, Any]]:
@@ -252,7 +254,7 @@ def lwfc_designs(stats: Any, kind: str, clip: str, levels: int, contexts: list[s
     out = []
     for ctx in contexts:
         groups, classes = CONTEXTS[ctx]
-        if classes * classes * q.levels > 256:
+        if classes != "auto" and classes * classes * q.levels > 256:
             continue
         out.append((ctx, finish_design(stats, q, choice, groups, classes)))
     return out

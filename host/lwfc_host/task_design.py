@@ -1,0 +1,248 @@
+"""Task-aware quantizer choice (``lwfc design --objective accuracy``).
+
+MSE is only a proxy for what the cloud half does with the features. Here the clip range, the level count
+and the quantizer (uniform or ECSQ at a few lambdas) are chosen by the task itself: the bundle's cloud half
+(onnxruntime, ``cloud.onnx``) runs on the *reconstructed* features of held-out calibration images, and the
+design with the lowest coded rate whose top-1 agreement with the uncompressed int8 pipeline (the same edge
+half, its features not coded) stays within ``tolerance`` wins -- or, with a target rate, the design with the
+best agreement at or below it.
+
+Agreement needs no labels, and it bounds the accuracy loss: accuracy can drop by at most the fraction of
+images whose top-1 changes. Calibration images are disjoint from the evaluation set (the bundle's
+converter draws them from the training split / the non-held-out photos).
+
+Steps: (1) edge outputs of ``images`` calibration images (cached as .npz next to the bundle's other
+caches); (2) half of them feed the calibration statistics, the other half is held out; (3) every
+candidate quantizer is scored on the held-out half -- reconstruction through the table's ``index_of_q``
+and ``reconstruction`` (exactly what the decoder outputs), then the cloud half; (4) the few cheapest
+candidates within tolerance (by the one-model entropy) get the full context design, and their rate is
+measured by encoding the held-out tensors into real frames; the lowest wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_LEVELS = (2, 3, 4, 5, 6, 8)
+DEFAULT_CLIP_SCALES = (0.5, 0.7, 0.85, 1.0, 1.2)
+DEFAULT_LAMBDAS = (0.003, 0.01, 0.03)
+FINALISTS = 4
+
+
+@dataclass
+class TaskCandidate:
+    """One quantizer scored on the task."""
+
+    levels: int
+    kind: str
+    lam: float
+    clip_scale: float
+    clip_min: float
+    clip_max: float
+    entropy: float  # one-model entropy on the calibration statistics, bits/element (the cheap rate ranking)
+    agreement: float  # top-1 agreement with the uncompressed int8 pipeline on the held-out tensors
+    coded_bits: float = math.nan  # real frames (header + CRC + payload), held-out tensors, bits/element
+    groups: int = 0
+    classes: int = 0
+    models: int = 0
+
+
+@dataclass
+class TaskDesign:
+    """The chosen design (``design.Design`` with context models) and every candidate tried."""
+
+    design: Any
+    chosen: TaskCandidate
+    candidates: list[TaskCandidate]
+    reference_tensors: int
+    tolerance: float
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def calibration_edge_outputs(bundle_dir: Path, images: int, seed: int = 1, cache_dir: Path | None = None,
+                             progress: bool = False) -> tuple[np.ndarray, float, int]:
+    """Int8 edge outputs (B, H, W, C) of ``images`` calibration images of the bundle's data set (never its
+    evaluation images), with the feature scale and zero point. Cached by bundle content, count and seed."""
+    from lwfc_convert.bundle import read_bundle
+
+    bundle = read_bundle(bundle_dir)
+    key = hashlib.sha256(json.dumps([_digest(bundle_dir / "edge.tflite"), _digest(bundle_dir / "bundle.json"),
+                                     images, seed]).encode()).hexdigest()[:16]
+    cache = (cache_dir or bundle_dir) / f"task_calib_{key}.npz"
+    scale, zp = float(bundle["feature"]["scale"]), int(bundle["feature"]["zero_point"])
+    if cache.exists():
+        with np.load(cache) as z:
+            return z["q"], scale, zp
+    from tqdm import tqdm
+
+    from lwfc_convert.bundle import calibration_and_eval_data
+    from lwfc_convert.tflite_export import make_interpreter, run_tflite
+
+    calib, _, _ = calibration_and_eval_data(bundle["model"], images, 1, seed=seed, progress=False)
+    interp = make_interpreter(bundle_dir / bundle["edge"]["file"])
+    q = np.concatenate([run_tflite(interp, x)[0] for x in tqdm(calib, desc="edge half (task calibration)",
+                                                               disable=not progress, leave=False)])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, q=q)
+    tmp.replace(cache)
+    return q, scale, zp
+
+
+def _quantizers(stats: Any, levels: tuple[int, ...], clip_scales: tuple[float, ...], lambdas: tuple[float, ...],
+                kinds: tuple[str, ...]) -> list[tuple[Any, Any, float]]:
+    """(quantizer, clip choice, clip scale) for every candidate: the MSE clip range scaled at the top (the
+    bottom stays: after a ReLU it is 0 and holds the pile of zeros), capped at the data maximum."""
+    from lwfc_host.clipping import ClipChoice, choose_clip
+    from lwfc_host.design import zeros_of
+    from lwfc_host.quantizers import DesignError, ecsq, uniform
+
+    hist = stats.histogram()
+    zeros = zeros_of(stats)
+    data_top = float(hist.upper[np.flatnonzero(hist.count)[-1]])
+    out = []
+    for n in levels:
+        base = choose_clip(hist, n, "mse", zeros)
+        seen = set()
+        for s in clip_scales:
+            top = min(base.c_min + s * (base.c_max - base.c_min), data_top)
+            if top in seen or not top > base.c_min:
+                continue
+            seen.add(top)
+            cc = ClipChoice(base.c_min, top, f"mse x{s:g}", base.mse, base.model, list(base.notes))
+            try:
+                if "uniform" in kinds:
+                    out.append((uniform(hist, n, cc.c_min, cc.c_max, zeros), cc, s))
+                if "ecsq" in kinds:
+                    for lam in lambdas:
+                        q = ecsq(hist, n, lam, cc.c_min, cc.c_max, zeros)
+                        if q.levels >= 2:
+                            out.append((q, cc, s))
+            except DesignError:
+                continue
+    return out
+
+
+def _reconstruct(q8: np.ndarray, table: dict) -> np.ndarray:
+    """What the decoder outputs for int8 features under ``table``: reconstruction[index_of_q[q + 128]]."""
+    lut = np.asarray(table["int8"]["index_of_q"], dtype=np.int64)
+    recon = np.asarray(table["reconstruction"], dtype=np.float32)
+    return recon[lut[q8.astype(np.int64) + 128]]
+
+
+def measure_frames(table: dict, q8: np.ndarray) -> float:
+    """Bits/element of real frames (header, CRC, payload) for int8 tensors (B, H, W, C), device-identical
+    encoder (constriction fast path, byte-identical to lwfc.encoder)."""
+    from lwfc.fast import encode_int8_constriction
+    from lwfc.tables import Tables
+
+    t = Tables(table)
+    nbytes = sum(len(encode_int8_constriction(x, t)) for x in q8)
+    return 8.0 * nbytes / q8.size
+
+
+def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.01, target_bits: float | None = None,
+                levels: tuple[int, ...] = DEFAULT_LEVELS, clip_scales: tuple[float, ...] = DEFAULT_CLIP_SCALES,
+                lambdas: tuple[float, ...] = DEFAULT_LAMBDAS, kinds: tuple[str, ...] = ("uniform", "ecsq"),
+                classes: int | str = "auto", cache_dir: str | Path | None = None, seed: int = 1,
+                progress: bool = False) -> TaskDesign:
+    """Choose the quantizer by the task (see the module docstring). Returns the finished design."""
+    from tqdm import tqdm
+
+    from lwfc_convert.bundle import read_bundle
+    from lwfc_host.calibration import CalibrationStats
+    from lwfc_host.design import finish_design, zeros_of
+    from lwfc_host.evaluate import cloud_outputs, make_session
+    from lwfc_host.quantizers import evaluate
+
+    t0 = time.time()
+    bundle_dir = Path(bundle_dir)
+    bundle = read_bundle(bundle_dir)
+    q8, scale, zp = calibration_edge_outputs(bundle_dir, images, seed, Path(cache_dir) if cache_dir else None,
+                                             progress)
+    if len(q8) < 4:
+        raise ValueError(f"need at least 4 calibration images, got {len(q8)}")
+    fit, held = q8[0::2], q8[1::2]
+    cs = CalibrationStats(reservoir=min(len(fit), 64))
+    cs.add_int8(fit, scale, zp, where="task calibration edge outputs")
+    stats = cs.loaded()
+    session = make_session(bundle_dir / bundle["cloud"]["file"])
+    ref = cloud_outputs(session, (scale * (held.astype(np.float32) - zp)).astype(np.float32)).argmax(axis=1)
+    hist = stats.histogram()
+    zeros = zeros_of(stats)
+    cands: list[tuple[TaskCandidate, Any, Any]] = []
+    quantizers = _quantizers(stats, levels, clip_scales, lambdas, kinds)
+    seen: dict[tuple, float] = {}
+    for q, cc, s in tqdm(quantizers, desc="task design (quantizers)", disable=not progress, leave=False):
+        # K = 1, G = 1 is enough to score the task: accuracy depends on the quantizer alone
+        d = finish_design(stats, q, cc, 1, 1, scale, zp)
+        # on int8 features ECSQ often snaps onto the uniform cells: the same decoder output needs no new run
+        key = (tuple(d.table["int8"]["index_of_q"]), tuple(d.table["reconstruction"]))
+        if key not in seen:
+            top1 = cloud_outputs(session, _reconstruct(held, d.table)).argmax(axis=1)
+            seen[key] = float((top1 == ref).mean())
+        ent = evaluate(q, hist, zeros).entropy
+        cands.append((TaskCandidate(q.levels, q.kind, float(q.lam), s, float(q.clip_min), float(q.clip_max),
+                                    float(ent), seen[key]), q, cc))
+    notes: list[str] = []
+    if target_bits is None:
+        ok = [c for c in cands if c[0].agreement >= 1.0 - tolerance]
+        if not ok:
+            best = max(c[0].agreement for c in cands)
+            notes.append(f"no candidate reaches agreement {1 - tolerance:.3f} (best {best:.3f}): taking the most "
+                         "accurate ones")
+            ok = [c for c in cands if c[0].agreement >= best]
+        finalists = sorted(ok, key=lambda c: c[0].entropy)[:FINALISTS]
+    else:
+        # candidates whose one-model entropy is at most the target (contexts only lower it); best agreement
+        ok = [c for c in cands if c[0].entropy <= target_bits] or sorted(cands, key=lambda c: c[0].entropy)[:1]
+        top = max(c[0].agreement for c in ok)
+        finalists = sorted([c for c in ok if c[0].agreement >= top - 0.5 * tolerance],
+                           key=lambda c: -c[0].agreement)[:FINALISTS]
+    results = []
+    for cand, q, cc in tqdm(finalists, desc="task design (context models, frames)", disable=not progress,
+                            leave=False):
+        d = finish_design(stats, q, cc, "auto", classes, scale, zp)
+        cand.coded_bits = measure_frames(d.table, held)
+        c = d.table["contexts"]
+        cand.groups, cand.classes, cand.models = c["groups"], c["classes"], len(d.table["models"])
+        results.append((cand, d))
+    if target_bits is None:
+        chosen, d = min(results, key=lambda r: r[0].coded_bits)
+    else:
+        within = [r for r in results if r[0].coded_bits <= target_bits] or results
+        chosen, d = max(within, key=lambda r: (r[0].agreement, -r[0].coded_bits))
+    d.table["design"]["objective"] = {
+        "metric": "top-1 agreement with the uncompressed int8 pipeline", "tolerance": tolerance,
+        "target_bits": target_bits, "heldout_images": int(len(held)), "agreement": chosen.agreement,
+        "heldout_coded_bits": chosen.coded_bits, "clip_scale": chosen.clip_scale}
+    from lwfc_host.tablefile import finalize
+
+    d.table = finalize(d.table)
+    return TaskDesign(d, chosen, [c[0] for c in cands], int(len(held)), tolerance, time.time() - t0, notes)
+
+
+def format_candidates(td: TaskDesign) -> list[str]:
+    """Printable lines: every candidate's rate ranking, agreement and (finalists) coded rate."""
+    lines = [f"{'N':>3} {'quantizer':<14} {'clip':>6} {'entropy':>8} {'agree':>7} {'coded':>8}  contexts"]
+    for c in sorted(td.candidates, key=lambda c: (c.levels, c.kind, c.clip_scale, c.lam)):
+        q = c.kind + (f" {c.lam:g}" if c.kind == "ecsq" else "")
+        coded = f"{c.coded_bits:8.4f}" if c.coded_bits == c.coded_bits else f"{'':8}"
+        ctx = f"G={c.groups} K={c.classes} M={c.models}" if c.groups else ""
+        mark = " <= chosen" if c is td.chosen else ""
+        lines.append(f"{c.levels:>3} {q:<14} {c.clip_scale:>6.2f} {c.entropy:8.4f} {c.agreement:7.4f} {coded}  "
+                     f"{ctx}{mark}")
+    return lines
