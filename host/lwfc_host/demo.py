@@ -153,8 +153,8 @@ def _ensure_tables(bundle: Path, photos: list[Path], levels: int, classes: int |
 
         t0 = time.time()
         try:
-            td = task_design(bundle, images=DEMO_TASK_IMAGES, tolerance=DEMO_TOLERANCE, levels=(2, 3, 4, 5, 6, 8),
-                             clip_scales=(0.7, 0.85, 1.0, 1.2), lambdas=(0.01,), classes=classes)
+            td = task_design(bundle, images=DEMO_TASK_IMAGES, tolerance=DEMO_TOLERANCE, levels=(3, 4, 5, 6, 8),
+                             clip_scales=(0.85, 1.0, 1.2), lambdas=(0.01,), classes=classes)
         except Exception as exc:  # e.g. the converter's data sets are missing: fall back to the MSE design
             log(f"tables: task-aware design failed ({type(exc).__name__}: {exc}); designing for MSE")
         else:

@@ -39,9 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--clip", choices=["model", "mse"], default="mse",
                    help="clip range: fitted model (as in the paper) or empirical MSE search (default)")
     d.add_argument("--groups", default="auto", help="channel groups G (1..min(C, 256)) or 'auto' (default)")
-    d.add_argument("--classes", default="1",
-                   help="neighbour classes K (naive class map), or 'auto': classes, class map, channel groups and "
-                        "merged context models chosen by held-out coded bits (context_design.py); default 1")
+    d.add_argument("--classes", default=None,
+                   help="neighbour classes K (naive class map; 1 = no neighbour contexts), or 'auto': classes, "
+                        "class map, channel groups and merged context models chosen by held-out coded bits "
+                        "(context_design.py; K = 1 is among the candidates). Default: auto, but 1 with "
+                        "--target-bits (rate targeting searches with channel-group models)")
     d.add_argument("--objective", choices=["mse", "accuracy"], default="mse",
                    help="accuracy: choose clip range, levels and quantizer by the cloud half's top-1 agreement on "
                         "held-out calibration images of --bundle (task_design.py)")
@@ -154,7 +156,8 @@ def cmd_design(args: argparse.Namespace) -> int:
     from lwfc_host.quantizers import DesignError
     from lwfc_host.tablefile import write_tables
 
-    classes = _parse_classes(args.classes)
+    classes = _parse_classes(args.classes or ("1" if args.target_bits is not None and args.objective == "mse"
+                                              else "auto"))
     if args.objective == "accuracy":
         return _design_for_accuracy(args, classes)
     if not args.stats:
