@@ -246,3 +246,37 @@ def format_candidates(td: TaskDesign) -> list[str]:
         lines.append(f"{c.levels:>3} {q:<14} {c.clip_scale:>6.2f} {c.entropy:8.4f} {c.agreement:7.4f} {coded}  "
                      f"{ctx}{mark}")
     return lines
+
+
+def evaluate_table(bundle_dir: str | Path, table: dict, q_eval: np.ndarray, labels: np.ndarray | None = None,
+                   batch: int = 256) -> dict[str, float]:
+    """A table on evaluation int8 features through the real pipeline: frames (device-identical encoder),
+    host decoder, ONNX cloud half. Returns bits/element of the frames, top-1 agreement with the uncompressed
+    int8 pipeline and, with labels, accuracy of both."""
+    from lwfc.fast import encode_int8_constriction
+    from lwfc.tables import Tables
+    from lwfc_convert.bundle import read_bundle
+    from lwfc_host.decoder import Decoder
+    from lwfc_host.evaluate import cloud_outputs, make_session
+
+    bundle_dir = Path(bundle_dir)
+    info = read_bundle(bundle_dir)
+    scale, zp = float(info["feature"]["scale"]), int(info["feature"]["zero_point"])
+    sess = make_session(bundle_dir / info["cloud"]["file"])
+    t = Tables(table)
+    dec = Decoder(t)
+    nbytes = 0
+    top, ref = [], []
+    for i in range(0, len(q_eval), batch):
+        q = q_eval[i:i + batch]
+        frames = [encode_int8_constriction(x, t) for x in q]
+        nbytes += sum(len(f) for f in frames)
+        recon = np.concatenate([dec.decode(f).tensor for f in frames])
+        top.append(cloud_outputs(sess, recon).argmax(axis=1))
+        ref.append(cloud_outputs(sess, (scale * (q.astype(np.float32) - zp)).astype(np.float32)).argmax(axis=1))
+    top_a, ref_a = np.concatenate(top), np.concatenate(ref)
+    out = {"bits_per_element": 8.0 * nbytes / q_eval.size, "agreement": float((top_a == ref_a).mean())}
+    if labels is not None and (labels >= 0).all():
+        out["accuracy"] = float((top_a == labels).mean())
+        out["int8_accuracy"] = float((ref_a == labels).mean())
+    return out
