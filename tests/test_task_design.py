@@ -36,7 +36,7 @@ def result():
     from lwfc_host.task_design import task_design
 
     td = task_design(b, images=IMAGES, tolerance=TOLERANCE, levels=(3, 4), clip_scales=(0.85, 1.0),
-                     lambdas=(0.01,), kinds=("uniform", "ecsq"))
+                     lambdas=(0.01,), kinds=("uniform", "ecsq"), finalists=2)
     return b, td
 
 

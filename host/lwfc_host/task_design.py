@@ -158,7 +158,7 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
                 levels: tuple[int, ...] = DEFAULT_LEVELS, clip_scales: tuple[float, ...] = DEFAULT_CLIP_SCALES,
                 lambdas: tuple[float, ...] = DEFAULT_LAMBDAS, kinds: tuple[str, ...] = ("uniform", "ecsq"),
                 classes: int | str = "auto", cache_dir: str | Path | None = None, seed: int = 1,
-                progress: bool = False) -> TaskDesign:
+                finalists: int = FINALISTS, progress: bool = False) -> TaskDesign:
     """Choose the quantizer by the task (see the module docstring). Returns the finished design."""
     from tqdm import tqdm
 
@@ -205,15 +205,15 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
             notes.append(f"no candidate reaches agreement {1 - tolerance:.3f} (best {best:.3f}): taking the most "
                          "accurate ones")
             ok = [c for c in cands if c[0].agreement >= best]
-        finalists = sorted(ok, key=lambda c: c[0].entropy)[:FINALISTS]
+        finals = sorted(ok, key=lambda c: c[0].entropy)[:finalists]
     else:
         # candidates whose one-model entropy is at most the target (contexts only lower it); best agreement
         ok = [c for c in cands if c[0].entropy <= target_bits] or sorted(cands, key=lambda c: c[0].entropy)[:1]
         top = max(c[0].agreement for c in ok)
-        finalists = sorted([c for c in ok if c[0].agreement >= top - 0.5 * tolerance],
-                           key=lambda c: -c[0].agreement)[:FINALISTS]
+        finals = sorted([c for c in ok if c[0].agreement >= top - 0.5 * tolerance],
+                        key=lambda c: -c[0].agreement)[:finalists]
     results = []
-    for cand, q, cc in tqdm(finalists, desc="task design (context models, frames)", disable=not progress,
+    for cand, q, cc in tqdm(finals, desc="task design (context models, frames)", disable=not progress,
                             leave=False):
         d = finish_design(stats, q, cc, "auto", classes, scale, zp)
         cand.coded_bits = measure_frames(d.table, held)
