@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -55,7 +54,9 @@ class NpmError(RuntimeError):
 
 def cache_dir() -> Path:
     """lwfc's cache folder: ``$LWFC_CACHE`` or ``~/.cache/lwfc``."""
-    return Path(os.environ.get("LWFC_CACHE") or Path.home() / ".cache" / "lwfc")
+    from lwfc_host.cache import cache_root
+
+    return cache_root()
 
 
 def npm_prefix() -> Path:

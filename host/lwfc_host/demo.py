@@ -25,16 +25,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from lwfc_host.cache import cache_root
+
 DEFAULT_MODEL = "efficientnet_lite0"
 
 
 class DemoError(Exception):
     """The demo cannot run (missing model packages, a failed conversion, ...)."""
-
-
-def cache_root() -> Path:
-    root = os.environ.get("LWFC_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "lwfc"
 
 
 def bundle_complete(path: Path) -> bool:

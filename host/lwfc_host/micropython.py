@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
+
+from lwfc_host.cache import cache_root
 
 NPM_PACKAGE = "@micropython/micropython-webassembly-pyscript"
 # Pinned: 1.27.0 is the npm "latest" tag and its MicroPython (v1.27.0, .mpy v6.3) matches the
@@ -61,9 +62,7 @@ class MicroPythonUnavailable(RuntimeError):
 def cache_dir() -> Path:
     """Where the npm package is installed: ``$LWFC_CACHE/micropython``, by default
     ``~/.cache/lwfc/micropython``."""
-    root = os.environ.get("LWFC_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "lwfc"
-    return base / "micropython"
+    return cache_root() / "micropython"
 
 
 def node_executable() -> str:
