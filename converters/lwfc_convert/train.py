@@ -123,14 +123,14 @@ def train_effnet_fmnist_head(
     seed: int = 0,
     threads: int = 1,
     cache: str | Path | None = None,
-    train_limit: int | None = 5000,
-    test_limit: int | None = 5000,
+    train_limit: int | None = 2000,
+    test_limit: int | None = 2000,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the linear Fashion-MNIST head of ``efficientnet_lite0_fmnist`` on cached backbone features.
 
     The backbone is frozen, so its features are computed once (first ``train_limit`` training images, the
-    first ``test_limit`` test images; 5,000 each by default, as the backbone costs about 0.1 s per image on
+    first ``test_limit`` test images; 2,000 each by default, as the backbone costs about 0.1 s per image on
     a busy 2-core machine) and cached in ``cache`` (an .npz; default
     ~/.cache/lwfc/effnet_fmnist_features.npz). The head (1280 -> 10) is trained with AdamW on them; the
     state dict goes to ``output`` (default: weights/efficientnet_lite0_fmnist_head.pt)."""
