@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_LEVELS = (2, 3, 4, 5, 6, 8)
+DEFAULT_LEVELS = (2, 3, 4, 5, 6, 8, 12, 16)  # hard layers (e.g. EfficientNet-Lite0 block 8) need > 8
 DEFAULT_CLIP_SCALES = (0.5, 0.7, 0.85, 1.0, 1.2)
 DEFAULT_LAMBDAS = (0.003, 0.01, 0.03)
 FINALISTS = 4
