@@ -74,3 +74,9 @@ def test_lwfc_layers_unknown_model(capsys):
     assert main(["layers", "--model", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'nope'" in err and "resnet_fmnist" in err
+
+
+def test_squeezenet_fire_outputs_are_relu():
+    points = {p: (shape, act) for p, shape, act in sp.split_points("squeezenet1_1")}
+    assert points["fire5"] == ((256, 27, 27), "relu")  # concatenation of two ReLU branches
+    assert points["fire3"] == ((128, 56, 56), "relu")

@@ -81,6 +81,13 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node) -> str:
             return _activation_of(gm, arg) if isinstance(arg, fx.Node) else "linear"
         if name in ("hardtanh",) and tuple(node.args[1:3]) == (0.0, 6.0):
             return "relu6"
+        if name == "cat" and node.args and isinstance(node.args[0], (list, tuple)):
+            # A concatenation is as non-negative as its least constrained input.
+            kinds = {_activation_of(gm, a) if isinstance(a, fx.Node) else "linear" for a in node.args[0]}
+            if kinds == {"relu6"}:
+                return "relu6"
+            if kinds <= {"relu", "relu6"}:
+                return "relu"
     if node.op == "call_method" and node.target in ("relu", "relu_"):
         return "relu"
     return "linear"
