@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -21,11 +19,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from lwfc_host.cache import cache_root
+from lwfc_host.cache import cache_lock, cache_root
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -38,23 +36,13 @@ def bundle_complete(path: Path) -> bool:
     return all((path / f).exists() for f in ("bundle.json", "edge.tflite", "cloud.onnx"))
 
 
-@contextlib.contextmanager
-def _cache_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock file, so that parallel demos or test workers convert and design only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_bundle(model: str = DEFAULT_MODEL, bundle_dir: Path | None = None, calib_images: int = 64,
                   log=print) -> Path:
     """The bundle directory for ``model``: reused when complete, else converted (minutes, once)."""
     out = bundle_dir or cache_root() / "bundles" / model
-    with _cache_lock(out.with_name(out.name + ".lock")):
+    with cache_lock(out.with_name(out.name + ".lock")):
         return _ensure_bundle(model, out, calib_images, log)
 
 
@@ -129,7 +117,7 @@ def ensure_tables(bundle: Path, photos: list[Path], levels: int = 4, classes: in
     'accuracy' the task-aware choice of levels, clip range and quantizer (``task_design``) with automatic
     context models; with 'mse' (or when the task design cannot run) a uniform ``levels``-level quantizer, MSE
     clip, automatic channel groups and contexts designed on int8 features of random crops of the photos."""
-    with _cache_lock(bundle.with_name(bundle.name + ".lock")):
+    with cache_lock(bundle.with_name(bundle.name + ".lock")):
         return _ensure_tables(bundle, photos, levels, classes, calib, log, objective)
 
 

@@ -17,16 +17,14 @@ Install once (CI runs this on a fresh clone; ``ensure_installed`` does the same 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from lwfc_host.cache import cache_root
+from lwfc_host.cache import cache_lock, cache_root
 
 NPM_PACKAGE = "@micropython/micropython-webassembly-pyscript"
 # Pinned: 1.27.0 is the npm "latest" tag and its MicroPython (v1.27.0, .mpy v6.3) matches the
@@ -89,16 +87,6 @@ def _installed_version(prefix: Path) -> str | None:
     return version
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # Several test processes may start on a fresh machine at once: one installs, the others wait.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def ensure_installed() -> Path:
@@ -111,7 +99,7 @@ def ensure_installed() -> Path:
     npm = shutil.which("npm")
     if npm is None:
         raise MicroPythonUnavailable(f"npm is not installed (needed once, to install {NPM_PACKAGE}@{NPM_VERSION})")
-    with _locked(prefix.parent / "micropython.lock"):
+    with cache_lock(prefix.parent / "micropython.lock"):
         if _installed_version(prefix) == NPM_VERSION:  # another process installed it meanwhile
             return _module_path(prefix)
         prefix.mkdir(parents=True, exist_ok=True)
