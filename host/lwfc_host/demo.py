@@ -36,8 +36,6 @@ def bundle_complete(path: Path) -> bool:
     return all((path / f).exists() for f in ("bundle.json", "edge.tflite", "cloud.onnx"))
 
 
-
-
 def ensure_bundle(model: str = DEFAULT_MODEL, bundle_dir: Path | None = None, calib_images: int = 64,
                   log=print) -> Path:
     """The bundle directory for ``model``: reused when complete, else converted (minutes, once)."""

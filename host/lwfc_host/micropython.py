@@ -87,8 +87,6 @@ def _installed_version(prefix: Path) -> str | None:
     return version
 
 
-
-
 def ensure_installed() -> Path:
     """Make sure the pinned npm package is installed in ``cache_dir()`` and return the path of its
     ``micropython.mjs``. Runs ``npm install --prefix ...`` when it is missing or another version."""
