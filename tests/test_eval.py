@@ -1,7 +1,8 @@
 """``lwfc eval --quick`` on a real bundle: report structure, and every rate re-measured from real frames.
 
 The bundle is $LWFC_EVAL_BUNDLE, or the one with the smallest feature tensor under cache/bundles/ or
-cache/eval/bundles/ (``lwfc convert`` output); without one the end-to-end test is skipped."""
+cache/eval/bundles/ (``lwfc convert`` output); on a fresh clone there is none, and the test converts
+resnet_fmnist at stage2 into cache/bundles/ first (a few minutes, once)."""
 
 from __future__ import annotations
 
@@ -58,12 +59,23 @@ def test_curve_envelope_and_interpolation():
     assert metric_at(r, a, 3.0) == pytest.approx(0.92)
 
 
+def converted_resnet_bundle() -> Path:
+    """The real resnet_fmnist bundle (int8 TFLite + ONNX) in cache/bundles/, converted once if absent."""
+    from lwfc_convert.bundle import convert
+    from lwfc_host.cache import cache_lock
+
+    out = ROOT / "cache" / "bundles" / "resnet_fmnist"
+    with cache_lock(out.with_name("resnet_fmnist.lock")):
+        if not (out / "bundle.json").exists():
+            convert("resnet_fmnist", "stage2", out, calib_images=256, eval_images=1000, progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     bundle = find_bundle()
     if bundle is None or not (bundle / "bundle.json").exists():
-        pytest.skip("no bundle: run `lwfc convert --model resnet_fmnist --output cache/bundles/resnet_fmnist` "
-                    "or set LWFC_EVAL_BUNDLE")
+        bundle = converted_resnet_bundle()
     out = tmp_path_factory.mktemp("eval")
     cmd = [sys.executable, "-m", "lwfc_host", "eval", "--bundle", str(bundle), "--quick", "--output", str(out),
            "--cache", str(ROOT / "cache" / "eval"), "--no-progress"]
