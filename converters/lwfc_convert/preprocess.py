@@ -18,16 +18,11 @@ import numpy as np
 
 
 def _resize_crop(img: np.ndarray, resize: int, size: int) -> np.ndarray:
-    """Resize the shorter side to ``resize`` (bicubic, PIL) and centre-crop ``size`` x ``size``."""
-    from PIL import Image
+    """Resize the shorter side to ``resize`` (bicubic, PIL) and centre-crop ``size`` x ``size``: the device
+    runner's own rule, so that calibration sees exactly what a board feeds the edge half."""
+    from lwfc.runner import resize_crop
 
-    im = Image.fromarray(img)
-    w, h = im.size
-    s = resize / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    im = im.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+    return np.asarray(resize_crop(img, resize, size))
 
 
 def make_preprocess(spec: dict[str, Any]) -> Callable[[Any], Any]:

@@ -44,9 +44,11 @@ def read_bundle(bundle_dir):
         raise RunnerError("%s is not valid JSON: %s" % (path, exc)) from None
 
 
-# --- preprocessing (numpy + Pillow; mirrors lwfc_convert.preprocess without torch) ------------------
+# --- preprocessing (numpy + Pillow, no torch; lwfc_convert.preprocess builds on it) -------------------
 
-def _resize_crop(img, resize, size):
+def resize_crop(img, resize, size):
+    """Resize the shorter side of a uint8 image to ``resize`` (bicubic, Pillow) and centre-crop ``size`` x
+    ``size``; returns a PIL image. The converters calibrate with this same function."""
     from PIL import Image
 
     im = Image.fromarray(img)
@@ -84,7 +86,7 @@ def preprocess(img, spec):
     if kind in ("rgb", "caffe"):
         if img.ndim == 2:
             img = np.repeat(img[:, :, None], 3, axis=2)
-        arr = np.asarray(_resize_crop(np.ascontiguousarray(img[:, :, :3]), int(spec.get("resize", size)), size),
+        arr = np.asarray(resize_crop(np.ascontiguousarray(img[:, :, :3]), int(spec.get("resize", size)), size),
                          dtype=np.float32)
         arr = arr * (1.0 if kind == "caffe" else 1.0 / 255.0)
         if spec.get("order", "RGB") == "BGR":
