@@ -144,14 +144,18 @@ def uniform_edges(hist: Histogram, levels: int, c_min: float, c_max: float) -> n
 def uniform(hist: Histogram, levels: int, c_min: float, c_max: float, zeros: float = 0.0,
             pin: bool | None = None) -> Quantizer:
     """Uniform N-level quantizer over the clip range: thresholds at c_min + (j + 1/2) step, reconstruction
-    at the centroids of the calibration data in each cell, the end cells pinned at the clip points when
-    data pile up there."""
+    at the centroids of the calibration data in each cell (of the clipped data, so a pile at a clip point
+    counts at the clip point). ``pin=None`` (the default) pins nothing: centroids give the least MSE for the
+    cells, and on real layers they also cost the task less than pinned ends (on the ResNet stage-2 layer
+    0.3-0.5 pp of accuracy at the MSE clip, more with wider clips, where the zero cell holds many small
+    positive values). ``pin=True`` or a pile rule as in ECSQ can be asked for explicitly (``_pins``)."""
     if levels < 2:
         raise DesignError("a quantizer needs at least 2 levels")
     c_min, c_max = snap_clip(hist, c_min, c_max)
     edges = uniform_edges(hist, levels, c_min, c_max)
     n, s1, _, plo, phi = clipped_moments(hist, c_min, c_max, zeros)
-    return _finish("uniform", hist, c_min, c_max, edges, n, s1, _pins(hist, plo, phi, pin), requested=levels)
+    pins = (False, False) if pin is None else _pins(hist, plo, phi, pin)
+    return _finish("uniform", hist, c_min, c_max, edges, n, s1, pins, requested=levels)
 
 
 class _Cumulative:
