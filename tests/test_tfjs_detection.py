@@ -95,8 +95,11 @@ def test_detector_names_and_metric_plugin(reference):
     ref = np.stack(reference)
     moved = ref.copy()
     moved[..., [1, 3]] += 1000.0  # every box far below the others: nothing matches
-    out = m(ref, np.full(len(ref), -1), {"float": ref, "int8": moved})
-    assert out["map50"] == 1.0 and out["recall"] == 1.0 and out["map50_vs_int8"] == 0.0
+    out = m(ref, np.full(len(ref), -1), {"int8": ref, "float": moved})
+    assert out["map50"] == 1.0 and out["recall"] == 1.0 and out["map50_float"] == 0.0
+    assert "map50_float" not in m(ref, np.full(len(ref), -1), {"int8": ref})
+    with pytest.raises(ValueError, match="detection rows"):
+        m(np.zeros((3, 10)), np.full(3, -1), {"int8": ref})
 
 
 def test_box_iou_and_average_precision():
@@ -115,6 +118,9 @@ def test_views_are_deterministic_and_many():
     assert [n for n, _ in a] == [n for n, _ in b]
     assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
     assert all(v.shape == (64, 64, 3) and v.dtype == np.uint8 for _, v in a)
+    few = det.views(n_views=3, size=64)
+    assert [n for n, _ in few] == [f"{name}#0" for name in sorted(paths)[:3]]
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(few, a[::len(a) // len(paths)]))
     c = det.views(n_views=100, size=64, seed=1)
     assert not all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, c))
 

@@ -158,7 +158,15 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    calib, ev, eval_desc = calibration_and_eval_data(name, calib_images, eval_images, seed, progress)
+    from .detection import is_detector
+
+    detector = is_detector(name)
+    if detector:  # detectors: deterministic photo views, mAP@0.5 against the float model's detections
+        from .detection import bundle_metrics, detection_eval_data
+
+        calib, ev, eval_desc = detection_eval_data(name, calib_images, eval_images, seed, progress)
+    else:
+        calib, ev, eval_desc = calibration_and_eval_data(name, calib_images, eval_images, seed, progress)
     # The split must be exact before anything is quantized.
     x0 = ev[0][0][:4]
     split_err = sp.check_split(model, edge, cloud, x0)
@@ -183,7 +191,8 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
     t0 = time.time()
     onnx_info = export_cloud_onnx(cloud, tuple(point["shape_chw"]), out / "cloud.onnx")
     t_onnx = time.time() - t0
-    metrics = evaluate(model, edge, cloud, out / "edge.tflite", out / "cloud.onnx", ev, progress)
+    measure = bundle_metrics if detector else evaluate
+    metrics = measure(model, edge, cloud, out / "edge.tflite", out / "cloud.onnx", ev, progress)
     import torch as _t
 
     info = {
@@ -213,6 +222,7 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
                     "zero_point": tfl["output"]["zero_point"], "activation": point["activation"]},
         "preprocessing": spec.preprocess,
         "dataset": spec.dataset,
+        "task": "detection" if detector else "classification",
         "evaluation_set": eval_desc,
         "class_names": spec.classes(),
         "accuracy": metrics,
