@@ -126,12 +126,18 @@ def test_quick_eval_structure(quick_report):
 def test_quick_eval_rates_are_measured(quick_report):
     """Re-encode the cached edge outputs: every lwfc rate is the mean size of real frames made with the table
     saved next to the report, and one setting of each baseline reproduces its rate from real bytes."""
+    out, _ = quick_report
+    check_rates_are_measured(out)
+
+
+def check_rates_are_measured(out: Path) -> None:
+    """The checks of :func:`test_quick_eval_rates_are_measured` on a report directory ``out`` (also used by the
+    detector's quick evaluation test)."""
     from lwfc.encoder import Encoder
     from lwfc.fast import encode_int8_constriction
     from lwfc_host import baselines as bl
     from lwfc_host.tablefile import load_verified
 
-    out, _ = quick_report
     ev = json.loads((out / "evaluation.json").read_text())
     with np.load(ev["edge_cache"]) as z:
         q = z["q_eval"]

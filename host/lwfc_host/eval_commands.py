@@ -13,21 +13,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="rate-accuracy evaluation of lwfc against HEVC, JPEG/WebP tiles, RLE and zlib on a bundle",
         description="Runs the real pipeline (int8 TFLite edge half -> codec -> decoder -> ONNX cloud half) on a "
                     "labeled test set or on augmented photos, at many rate points per method, and writes "
-                    "points.csv, rate_accuracy.png, report.md and evaluation.json to OUTPUT.")
+                    "points.csv, rate_accuracy.png, report.md and evaluation.json to OUTPUT. Detector bundles "
+                    "(centernet_mbv3_coco) are scored by mAP@0.5 against the uncompressed int8 pipeline's "
+                    "detections on deterministic views of the darknet demo photos and the bundled photos.")
     p.add_argument("--bundle", required=True, help="bundle directory written by `lwfc convert`")
     p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "photos"],
                    help="evaluation data (auto: the bundle's own data set)")
     p.add_argument("--limit", type=int, default=None,
-                   help="number of evaluation images/views (default: all 10,000 test images, 320 photo views; "
-                        "--quick: 500 images or 64 views)")
+                   help="number of evaluation images/views (default: all 10,000 test images, 320 photo views, "
+                        "120 detector views; --quick: 500 images, 64 views, 17 detector views; detector views "
+                        "are rounded up to a multiple of the number of photos, or are view 0 of the first LIMIT "
+                        "photos when LIMIT is smaller)")
     p.add_argument("--quick", action="store_true", help="fewer rate points and images (about 2 minutes)")
     p.add_argument("--methods", default="lwfc,hevc,jpeg,webp,rle,zlib",
                    help="comma-separated subset of lwfc,hevc,jpeg,webp,rle,zlib")
     p.add_argument("--levels", default=None, help="lwfc level counts, e.g. 2,3,4,6 (default: 2..8; quick: 2,4)")
     p.add_argument("--contexts", default=None,
                    help="lwfc context variants among one,groups,groups+k2,groups+k3 (default: all; quick: first 3)")
+    p.add_argument("--kinds", default=None, help="lwfc quantizer kinds among uniform,ecsq (default: both; "
+                   "detector --quick: uniform)")
     p.add_argument("--hevc-qps", default=None, help="8-bit HEVC QPs, e.g. 30,36,42 (10-bit QPs are then dropped)")
-    p.add_argument("--metric", default="classification", help="metric plug-in (classification)")
+    p.add_argument("--metric", default="auto",
+                   help="metric plug-in: auto (the bundle's task), classification (accuracy / top-1 agreement) or "
+                        "detection (mAP@0.5 against the uncompressed int8 pipeline's detections)")
     p.add_argument("--cache", default="cache/eval", help="where edge-half outputs are cached")
     p.add_argument("--output", required=True, help="report directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -39,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from lwfc_host.evaluate import METRICS, evaluate_bundle
     from lwfc_host.report import headline, write_report
 
-    if args.metric not in METRICS:
-        raise CommandError(f"unknown metric {args.metric!r}; known: {', '.join(METRICS)}")
+    if args.metric != "auto" and args.metric not in METRICS:
+        raise CommandError(f"unknown metric {args.metric!r}; known: auto, {', '.join(METRICS)}")
     if args.limit is not None and args.limit < 1:
         raise CommandError("--limit must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -57,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"bad number list: {exc}") from exc
     if args.contexts:
         overrides["contexts"] = [c.strip() for c in args.contexts.split(",")]
+    if args.kinds:
+        overrides["kinds"] = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        bad = [k for k in overrides["kinds"] if k not in ("uniform", "ecsq")]
+        if bad or not overrides["kinds"]:
+            raise CommandError(f"unknown kinds {bad or args.kinds!r}: uniform or ecsq")
     t0 = time.time()
     try:
         ev = evaluate_bundle(args.bundle, args.dataset, args.limit, args.quick, args.cache, args.metric, methods,

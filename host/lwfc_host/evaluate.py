@@ -9,7 +9,9 @@ with parameter sets, plus min/max side info; ...), never from an entropy estimat
 
 Metrics are pluggable (``METRICS``): a metric turns cloud outputs (and labels, and the reference outputs) into
 named numbers and names its primary one. Classifiers use labeled accuracy, or, on unlabeled photos, top-1
-agreement with the uncompressed pipeline; a detector can register mAP@0.5 the same way.
+agreement with the uncompressed pipeline; detectors (cloud outputs ``[N, 100, 6]`` detection rows) use mAP@0.5
+against the uncompressed int8 pipeline's detections (``lwfc_convert.detection``), on deterministic views of the
+darknet demo photos and the other bundled photos. ``--metric auto`` picks the one that fits the bundle.
 """
 
 from __future__ import annotations
@@ -66,6 +68,26 @@ def quick_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan
                 eval_images=limit if limit is not None else (500 if dataset == "fashion-mnist" else 64))
 
 
+def detection_plan(quick: bool, limit: int | None = None) -> Plan:
+    """Plans for detectors: a feature tensor is 10-100 times larger than a classifier's (e.g. 128x128x72 for
+    CenterNet-MobileNetV3), so fewer views and calibration views (every photo gets the same number of views:
+    ``limit`` is rounded up to a multiple of the number of photos, see ``lwfc_convert.detection.views``).
+    Quick: one quantizer family, 17 views (one per photo) unless ``limit`` says otherwise."""
+    if quick:
+        return Plan(levels=[2, 4], kinds=["uniform"], clips=["mse"], contexts=["one", "groups", "groups+k2"],
+                    hevc_qps={8: [30, 38, 44, 50]}, jpeg_qualities=[10, 50, 90], webp_qualities=[10, 50, 90],
+                    rle_levels=[2, 4], zlib_bits=[4, 2], calib_images=17, decode_check=4,
+                    eval_images=limit if limit is not None else 17)
+    return Plan(levels=[2, 3, 4, 5, 6, 8], kinds=["uniform", "ecsq"], clips=["mse", "model"],
+                contexts=["one", "groups", "groups+k2", "groups+k3"], hevc_qps={8: [22, 27, 32, 36, 40, 43, 46, 49]},
+                jpeg_qualities=[5, 10, 25, 50, 75, 95], webp_qualities=[5, 10, 25, 50, 75, 95],
+                rle_levels=[2, 3, 4, 5, 6, 8], zlib_bits=[8, 4, 2], calib_images=34, decode_check=16,
+                eval_images=limit if limit is not None else 120)
+
+
+MIN_DETECTION_VIEWS = 100  # a full (not --quick) detector evaluation needs at least this many views
+
+
 # ---- metrics -------------------------------------------------------------------------------------------------------
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True))
@@ -96,7 +118,41 @@ class ClassifierMetric:
         return res
 
 
-METRICS: dict[str, Callable[[], Any]] = {"classification": ClassifierMetric}
+def _detection_metric() -> Any:
+    from lwfc_convert.detection import DetectionMetric
+
+    return DetectionMetric()
+
+
+METRICS: dict[str, Callable[[], Any]] = {"classification": ClassifierMetric, "detection": _detection_metric}
+
+
+def bundle_task(bundle: dict) -> str:
+    """``"detection"`` for a detector bundle (cloud half outputs detection rows), else ``"classification"``:
+    bundle.json's ``task`` (written by ``lwfc convert`` since detectors exist), or the zoo's list of detectors."""
+    task = bundle.get("task")
+    if task:
+        return str(task)
+    from lwfc_convert.detection import is_detector
+
+    return "detection" if is_detector(bundle.get("model", "")) else "classification"
+
+
+def resolve_metric(bundle: dict, metric: str) -> str:
+    """The metric plug-in to use: ``auto`` picks the bundle's task; a metric that does not fit it is an error
+    that says why."""
+    task = bundle_task(bundle)
+    if metric == "auto":
+        return task
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: auto, {', '.join(METRICS)}")
+    if metric != task:
+        out = bundle.get("cloud", {}).get("output", {}).get("shape")
+        what = ("detection rows (x1, y1, x2, y2, score, class) per image, not class logits" if task == "detection"
+                else "class logits, not detection rows")
+        raise ValueError(f"--metric {metric} does not fit bundle {bundle.get('model')!r}: it is a {task} model (its "
+                         f"cloud half outputs {out}: {what}); use --metric {task} or --metric auto")
+    return metric
 
 
 # ---- edge outputs, cached -------------------------------------------------------------------------------------------
@@ -133,8 +189,18 @@ def cache_key(bundle_dir: Path, dataset: str, eval_images: int | None, calib_ima
     return h.hexdigest()[:16]
 
 
+MAX_BATCH_ELEMENTS = 1 << 26  # 256 MB of float32 features per cloud call or baseline chunk
+
+
+def batch_for(shape: tuple[int, ...], batch: int) -> int:
+    """``batch`` capped so that one batch of tensors of ``shape`` (without N) holds at most MAX_BATCH_ELEMENTS."""
+    return max(1, min(batch, MAX_BATCH_ELEMENTS // max(1, int(np.prod(shape)))))
+
+
 def cloud_outputs(session: Any, feats: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The ONNX cloud half on NHWC float features, in batches."""
+    """The ONNX cloud half on NHWC float features, in batches (of at most MAX_BATCH_ELEMENTS elements);
+    classifier logits ``[N, classes]`` or detection rows ``[N, K, 6]``."""
+    batch = batch_for(feats.shape[1:], batch)
     outs = []
     for i in range(0, len(feats), batch):
         outs.append(session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(feats[i:i + batch],
@@ -164,12 +230,19 @@ def edge_data(bundle_dir: Path, bundle: dict, dataset: str, plan: Plan, cache_di
     import torch
     from tqdm import tqdm
 
-    from lwfc_convert.bundle import calibration_and_eval_data
     from lwfc_convert.tflite_export import make_interpreter, run_tflite
 
     t0 = time.time()
-    calib, ev, desc = calibration_and_eval_data(bundle["model"], plan.calib_images, plan.eval_images, seed=0,
-                                                progress=progress)
+    if bundle_task(bundle) == "detection":  # deterministic views of the darknet and bundled photos, labels -1
+        from lwfc_convert.detection import detection_eval_data
+
+        calib, ev, desc = detection_eval_data(bundle["model"], plan.calib_images, plan.eval_images, seed=0,
+                                              progress=progress)
+    else:
+        from lwfc_convert.bundle import calibration_and_eval_data
+
+        calib, ev, desc = calibration_and_eval_data(bundle["model"], plan.calib_images, plan.eval_images, seed=0,
+                                                    progress=progress)
     interp = make_interpreter(bundle_dir / bundle["edge"]["file"])
     q_calib = np.concatenate([run_tflite(interp, x)[0] for x in tqdm(calib, desc="edge half (calibration)",
                                                                      disable=not progress, leave=False)])
@@ -331,6 +404,7 @@ def run_baseline(name: str, fn: Callable[[np.ndarray], Any], data: EdgeData, ses
     x_all = data.dequantize(data.q_eval)
     n = len(x_all)
     n_el = int(np.prod(x_all.shape[1:]))
+    chunk = batch_for(x_all.shape[1:], chunk)
     nbytes, optional, outs = [], [], []
     t_enc = t_dec = 0.0
     se = 0.0
@@ -389,6 +463,8 @@ class Evaluation:
     hevc_single_process_ms: dict[str, float]
     edge_cache: str = ""
     command: str = ""
+    metric: str = "classification"
+    metric_description: str = ""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -405,17 +481,23 @@ def resolve_dataset(bundle: dict, dataset: str) -> str:
 
 
 def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | None = None, quick: bool = False,
-                    cache_dir: str | Path = DEFAULT_CACHE, metric: str = "classification",
+                    cache_dir: str | Path = DEFAULT_CACHE, metric: str = "auto",
                     methods: Iterable[str] | None = None, progress: bool = True,
                     overrides: dict[str, list] | None = None) -> Evaluation:
     """Run every method of the plan on the bundle's evaluation set. ``overrides`` replaces plan lists
-    (e.g. ``{"levels": [2, 3, 4], "contexts": ["one", "groups+k2"]}``)."""
+    (e.g. ``{"levels": [2, 3, 4], "contexts": ["one", "groups+k2"]}``). ``metric`` ``auto``: mAP@0.5 for
+    detectors, accuracy/agreement for classifiers."""
     from lwfc_convert.bundle import read_bundle
 
     bundle_dir = Path(bundle_dir)
     bundle = read_bundle(bundle_dir)
     ds = resolve_dataset(bundle, dataset)
-    plan = quick_plan(limit, ds) if quick else full_plan(limit, ds)
+    metric = resolve_metric(bundle, metric)
+    detector = bundle_task(bundle) == "detection"
+    if detector:
+        plan = detection_plan(quick, limit)
+    else:
+        plan = quick_plan(limit, ds) if quick else full_plan(limit, ds)
     for k, v in (overrides or {}).items():
         if not hasattr(plan, k):
             raise ValueError(f"unknown plan field {k!r}")
@@ -423,7 +505,9 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
     unknown = [c for c in plan.contexts if c not in CONTEXTS]
     if unknown:
         raise ValueError(f"unknown contexts {unknown}; known: {', '.join(CONTEXTS)}")
-    if ds == "photos" and (plan.eval_images or 0) < 300 and not quick:
+    if detector and (plan.eval_images or 0) < MIN_DETECTION_VIEWS and not quick:
+        raise ValueError(f"the detector evaluation needs at least {MIN_DETECTION_VIEWS} views (--limit), or --quick")
+    elif not detector and ds == "photos" and (plan.eval_images or 0) < 300 and not quick:
         raise ValueError("the photo evaluation needs at least 300 views")
     methods = set(methods or ["lwfc", "hevc", "jpeg", "webp", "rle", "zlib"])
     session = make_session(bundle_dir / bundle["cloud"]["file"])
@@ -476,4 +560,5 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
         hevc_single = {"qp": qp, "encode_ms": e, "decode_ms": d}
     n, h, w, c = data.q_eval.shape
     return Evaluation(bundle, str(bundle_dir), ds, plan, points, reference, met.primary(data.labeled), (h, w, c), n,
-                      data.description, seconds, hevc_single, edge_cache)
+                      data.description, seconds, hevc_single, edge_cache, metric=metric,
+                      metric_description=met.describe() if hasattr(met, "describe") else "")

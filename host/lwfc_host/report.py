@@ -13,7 +13,11 @@ import numpy as np
 from lwfc_host.evaluate import Evaluation, Point
 
 CSV_COLUMNS = ["method", "setting", "bits_per_element", "bits_per_element_no_param_sets", "accuracy", "agreement",
-               "agreement_confident", "agreement_float", "mse", "encode_ms", "decode_ms", "tensors", "notes"]
+               "agreement_confident", "agreement_float", "map50", "map50_float", "recall", "precision", "mse",
+               "encode_ms", "decode_ms", "tensors", "notes"]
+METRIC_COLUMNS = CSV_COLUMNS[4:12]
+# How detection metrics are named in titles and table headers (classifier metrics go by their keys).
+LABELS = {"map50": "mAP@0.5", "map50_float": "mAP@0.5 vs float model"}
 RATES = (0.5, 0.8, 1.0)
 TOLERANCE_PP = 1.0
 
@@ -29,8 +33,7 @@ def write_csv(points: list[Point], path: Path) -> None:
         for p in points:
             m = p.metrics
             wr.writerow([p.method, p.setting, _fmt(p.bits_per_element, 5), _fmt(p.bits_per_element_no_param_sets, 5),
-                         _fmt(m.get("accuracy", math.nan)), _fmt(m.get("agreement", math.nan)),
-                         _fmt(m.get("agreement_confident", math.nan)), _fmt(m.get("agreement_float", math.nan)),
+                         *(_fmt(m.get(k, math.nan)) for k in METRIC_COLUMNS),
                          _fmt(p.mse, 6), _fmt(p.encode_ms, 3), _fmt(p.decode_ms, 3), p.tensors, p.notes])
 
 
@@ -76,22 +79,38 @@ def methods_of(points: list[Point]) -> list[str]:
 
 
 def reference_value(ev: Evaluation) -> tuple[float, str]:
-    """The value a method must stay within 1 pp of: the float model's accuracy (labeled), or 100% agreement
-    with the uncompressed pipeline (unlabeled)."""
+    """The value a method must stay within 1 pp of: the float model's accuracy (labeled), 100% agreement
+    with the uncompressed pipeline (unlabeled), or mAP@0.5 100% against the uncompressed int8 pipeline's
+    detections (detectors)."""
     if ev.primary == "accuracy":
         if "float accuracy" in ev.reference:
             return ev.reference["float accuracy"], "float model accuracy"
         return ev.reference["int8 accuracy"], "int8 edge accuracy (float model not available)"
+    if ev.primary == "map50":
+        return 1.0, "uncompressed int8 pipeline's detections (mAP@0.5 100%)"
     return 1.0, "uncompressed int8 pipeline (agreement 100%)"
 
 
-def headline(ev: Evaluation) -> list[dict]:
-    ref, _ = reference_value(ev)
+def secondary(ev: Evaluation) -> tuple[str, float, str] | None:
+    """A second headline where the metric has one: for detectors, mAP@0.5 against the float model's detections,
+    within 1 point of what the uncompressed int8 pipeline reaches against them."""
+    value = ev.reference.get("int8 map50_float", math.nan)
+    if ev.primary == "map50" and math.isfinite(value):
+        return "map50_float", value, "uncompressed int8 pipeline's mAP@0.5 vs the float model"
+    return None
+
+
+def headline(ev: Evaluation, metric: str | None = None, ref: float | None = None) -> list[dict]:
+    """Per method: the rate to stay within 1 pp of ``ref`` on ``metric`` (default: the primary metric and its
+    reference value), the metric at RATES, the best value and the lowest rate."""
+    metric = metric or ev.primary
+    if ref is None:
+        ref, _ = reference_value(ev)
     target = ref - TOLERANCE_PP / 100
     rows = []
     for m in methods_of(ev.points):
         pts = [p for p in ev.points if p.method == m]
-        r, a = curve(pts, ev.primary)
+        r, a = curve(pts, metric)
         row = {"method": m, "rate_within_1pp": rate_for(r, a, target), "best": float(a.max()) if len(a) else math.nan,
                "lowest_rate": float(r[0]) if len(r) else math.nan}
         for x in RATES:
@@ -122,6 +141,11 @@ def plot(ev: Evaluation, path: Path) -> None:
         if "float accuracy" in ev.reference:
             ax.axhline(100 * ev.reference["float accuracy"], color="k", lw=1, label="float model")
         ax.axhline(100 * ev.reference["int8 accuracy"], color="grey", lw=1, ls="--", label="int8 edge, no codec")
+    elif ev.primary == "map50":
+        ax.axhline(100.0, color="grey", lw=1, ls="--", label="int8 pipeline, no codec (the reference)")
+        if "float map50" in ev.reference:
+            ax.axhline(100 * ev.reference["float map50"], color="k", lw=1,
+                       label="float model vs int8 pipeline detections")
     else:
         ax.axhline(100.0, color="grey", lw=1, ls="--", label="int8 edge, no codec")
         if "float agreement" in ev.reference:
@@ -129,7 +153,8 @@ def plot(ev: Evaluation, path: Path) -> None:
     ax.axhline(100 * ref - TOLERANCE_PP, color="r", lw=0.8, ls=":", label=f"{ref_name} - 1 pp")
     ax.set_xscale("log")
     ax.set_xlabel("bits per element (all bytes sent per tensor)")
-    ax.set_ylabel(("top-1 accuracy" if ev.primary == "accuracy" else "top-1 agreement") + " (%)")
+    ax.set_ylabel({"accuracy": "top-1 accuracy (%)", "map50": "mAP@0.5 vs uncompressed int8 pipeline (%)"}
+                  .get(ev.primary, "top-1 agreement (%)"))
     lo = min(100 * ref - 15, min((100 * p.metrics.get(ev.primary, 1) for p in ev.points if p.metrics), default=0))
     ax.set_ylim(max(lo, 100 * ref - 30), 100 * ref + 2 if ev.primary == "accuracy" else 101)
     ax.grid(True, which="both", alpha=0.3)
@@ -144,8 +169,10 @@ def plot(ev: Evaluation, path: Path) -> None:
 def markdown(ev: Evaluation) -> str:
     ref, ref_name = reference_value(ev)
     h, w, c = ev.shape
-    pm = "accuracy" if ev.primary == "accuracy" else "top-1 agreement with the uncompressed int8 pipeline"
-    lines = [f"# Rate-{ev.primary} evaluation: {ev.bundle['model']}, split {ev.bundle['split']}", ""]
+    pm = ev.metric_description or ("accuracy" if ev.primary == "accuracy"
+                                   else "top-1 agreement with the uncompressed int8 pipeline")
+    label = LABELS.get(ev.primary, ev.primary)
+    lines = [f"# Rate-{label} evaluation: {ev.bundle['model']}, split {ev.bundle['split']}", ""]
     if ev.command:
         lines += ["Command: `" + ev.command + "`", ""]
     lines += [
@@ -162,18 +189,17 @@ def markdown(ev: Evaluation) -> str:
         "",
         f"## Headline (within {TOLERANCE_PP:g} pp of the reference, interpolated on each method's upper envelope)",
         "",
-        "| method | bits/element within 1 pp | " + " | ".join(f"{ev.primary} @ {x} b/e" for x in RATES)
-        + " | best | lowest rate |",
-        "|---|---|" + "---|" * len(RATES) + "---|---|",
     ]
     rows = headline(ev)
-    for row in sorted(rows, key=lambda r: (math.isnan(r["rate_within_1pp"]), r["rate_within_1pp"])):
-        lines.append(f"| {row['method']} | {_fmt(row['rate_within_1pp'], 3) or 'not reached'} | "
-                     + " | ".join((f"{100 * row[f'at_{x}']:.2f}%" if math.isfinite(row[f"at_{x}"]) else "-")
-                                  for x in RATES)
-                     + f" | {100 * row['best']:.2f}% | {_fmt(row['lowest_rate'], 3)} |")
+    lines += _table(rows, label)
     lines += ["", "`-`: the method has no point at or below that rate. A rate equal to a method's lowest rate means "
               "the target was already met at its cheapest point (an upper bound).", ""]
+    sec = secondary(ev)
+    if sec:
+        metric, value, name = sec
+        lines += [f"### Against the float model: {LABELS.get(metric, metric)}, within {TOLERANCE_PP:g} pp of the "
+                  f"{name} ({100 * value:.2f}%)", ""]
+        lines += _table(headline(ev, metric, value), LABELS.get(metric, metric)) + [""]
     lines += _verdict(ev, rows)
     if ev.hevc_single_process_ms:
         s = ev.hevc_single_process_ms
@@ -185,7 +211,7 @@ def markdown(ev: Evaluation) -> str:
               "check. Context variants of one quantizer share its reconstruction, so the cloud runs once per "
               "quantizer; every variant's frames are all encoded, the first decoded in full, the others on a subset "
               "(notes column) and checked to give the same indices.", ""]
-    lines += ["## All points", "", "| method | setting | bits/element | " + ev.primary + " | enc ms | dec ms |",
+    lines += ["## All points", "", "| method | setting | bits/element | " + label + " | enc ms | dec ms |",
               "|---|---|---|---|---|---|"]
     for p in ev.points:
         v = p.metrics.get(ev.primary, math.nan)
@@ -194,6 +220,18 @@ def markdown(ev: Evaluation) -> str:
         lines.append(f"| {p.method} | {p.setting} | {p.bits_per_element:.4f}{extra} | "
                      f"{100 * v:.2f}% | {p.encode_ms:.2f} | {p.decode_ms:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[dict], label: str) -> list[str]:
+    lines = ["| method | bits/element within 1 pp | " + " | ".join(f"{label} @ {x} b/e" for x in RATES)
+             + " | best | lowest rate |",
+             "|---|---|" + "---|" * len(RATES) + "---|---|"]
+    for row in sorted(rows, key=lambda r: (math.isnan(r["rate_within_1pp"]), r["rate_within_1pp"])):
+        lines.append(f"| {row['method']} | {_fmt(row['rate_within_1pp'], 3) or 'not reached'} | "
+                     + " | ".join((f"{100 * row[f'at_{x}']:.2f}%" if math.isfinite(row[f"at_{x}"]) else "-")
+                                  for x in RATES)
+                     + f" | {100 * row['best']:.2f}% | {_fmt(row['lowest_rate'], 3)} |")
+    return lines
 
 
 def _verdict(ev: Evaluation, rows: list[dict]) -> list[str]:
@@ -250,6 +288,7 @@ def load_evaluation(path: str | Path) -> Evaluation:
 
     d = json.loads(Path(path).read_text(encoding="utf-8"))
     d.pop("headline", None)
+    d.pop("headline_secondary", None)
     d["plan"] = Plan(**d["plan"])
     d["points"] = [Point(**p) for p in d["points"]]
     d["shape"] = tuple(d["shape"])
@@ -278,6 +317,9 @@ def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     d = ev.to_json()
     d["bundle"] = {k: v for k, v in d["bundle"].items() if k != "class_names"}
     d["headline"] = headline(ev)
+    sec = secondary(ev)
+    if sec:
+        d["headline_secondary"] = {"metric": sec[0], "reference": sec[1], "rows": headline(ev, sec[0], sec[1])}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(d, f, indent=1, default=float)
     return paths
