@@ -29,7 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated subset of lwfc,hevc,jpeg,webp,rle,zlib")
     p.add_argument("--levels", default=None, help="lwfc level counts, e.g. 2,3,4,6 (default: 2..8; quick: 2,4)")
     p.add_argument("--contexts", default=None,
-                   help="lwfc context variants among one,groups,groups+k2,groups+k3 (default: all; quick: first 3)")
+                   help="lwfc context variants among one,channel,groups,groups+k2,groups+k3,auto (default: "
+                        "one,channel,groups+k2,auto; quick: one,groups,groups+k2); the clip sweep uses the last")
+    p.add_argument("--clips", default=None,
+                   help="lwfc clip choices among mse,model,sweep (default: all three); sweep = uniform quantizers "
+                        "with the MSE clip's top times each --clip-scales value")
+    p.add_argument("--clip-scales", default=None, help="clip sweep scales (default 1,1.3,1.6,2,2.5; quick: 1,1.6)")
     p.add_argument("--kinds", default=None, help="lwfc quantizer kinds among uniform,ecsq (default: both; "
                    "detector --quick: uniform)")
     p.add_argument("--hevc-qps", default=None, help="8-bit HEVC QPs, e.g. 30,36,42 (10-bit QPs are then dropped)")
@@ -59,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.levels:
             overrides["levels"] = [int(v) for v in args.levels.split(",")]
+        if args.clip_scales:
+            overrides["clip_scales"] = [float(v) for v in args.clip_scales.split(",")]
         if args.hevc_qps:
             overrides["hevc_qps"] = {8: [int(v) for v in args.hevc_qps.split(",")]}
     except ValueError as exc:
@@ -70,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         bad = [k for k in overrides["kinds"] if k not in ("uniform", "ecsq")]
         if bad or not overrides["kinds"]:
             raise CommandError(f"unknown kinds {bad or args.kinds!r}: uniform or ecsq")
+    if args.clips:
+        overrides["clips"] = [c.strip() for c in args.clips.split(",")]
+        bad = [c for c in overrides["clips"] if c not in ("mse", "model", "sweep")]
+        if bad:
+            raise CommandError(f"unknown clips {bad}: mse, model or sweep")
     t0 = time.time()
     try:
         ev = evaluate_bundle(args.bundle, args.dataset, args.limit, args.quick, args.cache, args.metric, methods,

@@ -37,8 +37,8 @@ class Plan:
 
     levels: list[int]
     kinds: list[str]
-    clips: list[str]
-    contexts: list[str]  # "one" (one model), "groups" (channel groups), "groups+k2", "groups+k3"
+    clips: list[str]  # "mse", "model" (clipping.choose_clip) and "sweep" (the MSE clip's top x each clip_scale)
+    contexts: list[str]  # keys of CONTEXTS: "one" (one model), "channel", "groups", "groups+k2", "auto", ...
     hevc_qps: dict[int, list[int]]  # bit depth -> QPs
     jpeg_qualities: list[int]
     webp_qualities: list[int]
@@ -47,11 +47,14 @@ class Plan:
     calib_images: int
     eval_images: int | None  # None: the whole test set
     decode_check: int  # tensors decoded per extra context variant (the main variant decodes them all)
+    # "sweep": uniform quantizers whose clip top is the MSE one times each scale, coded with the last context
+    # variant only. Wider clips zero more small activations: far fewer bits for little task loss at 2-3 levels.
+    clip_scales: list[float] = field(default_factory=lambda: [1.0, 1.3, 1.6, 2.0, 2.5])
 
 
 def full_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
-    return Plan(levels=[2, 3, 4, 5, 6, 7, 8], kinds=["uniform", "ecsq"], clips=["mse", "model"],
-                contexts=["one", "groups", "groups+k2", "groups+k3"],
+    return Plan(levels=[2, 3, 4, 5, 6, 7, 8], kinds=["uniform", "ecsq"], clips=["mse", "model", "sweep"],
+                contexts=["one", "channel", "groups+k2", "auto"],
                 # 10-bit frames add nothing on int8 edge outputs (256 values at most): fewer QPs there
                 hevc_qps={8: [22, 27, 32, 36, 40, 43, 46, 49], 10: [32, 40, 46]},
                 jpeg_qualities=[5, 10, 25, 50, 75, 95], webp_qualities=[5, 10, 25, 50, 75, 95],
@@ -61,8 +64,8 @@ def full_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
 
 
 def quick_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
-    return Plan(levels=[2, 4], kinds=["uniform", "ecsq"], clips=["mse", "model"],
-                contexts=["one", "groups", "groups+k2"], hevc_qps={8: [30, 38, 44, 50]},
+    return Plan(levels=[2, 4], kinds=["uniform", "ecsq"], clips=["mse", "model", "sweep"],
+                contexts=["one", "groups", "groups+k2"], hevc_qps={8: [30, 38, 44, 50]}, clip_scales=[1.0, 1.6],
                 jpeg_qualities=[10, 50, 90], webp_qualities=[10, 50, 90], rle_levels=[2, 4], zlib_bits=[4, 2],
                 calib_images=128, decode_check=20,
                 eval_images=limit if limit is not None else (500 if dataset == "fashion-mnist" else 64))
@@ -308,7 +311,20 @@ CONTEXTS = {"one": (1, 1), "groups": ("auto", 1), "groups+k2": ("auto", 2), "gro
             "channel": (256, 1), "auto": ("auto", "auto")}
 
 
-def lwfc_designs(stats: Any, kind: str, clip: str, levels: int, contexts: list[str]) -> list[tuple[str, Any]]:
+def scaled_clip(stats: Any, levels: int, clip_scale: float) -> Any:
+    """The MSE clip range of an N-level uniform quantizer with its top scaled by ``clip_scale`` (the bottom stays:
+    after a ReLU it is 0 and holds the pile of zeros), capped at the largest calibration value."""
+    from lwfc_host.clipping import ClipChoice, choose_clip
+    from lwfc_host.design import zeros_of
+
+    hist = stats.histogram()
+    base = choose_clip(hist, levels, "mse", zeros_of(stats))
+    data_top = float(hist.upper[np.flatnonzero(hist.count)[-1]])
+    top = min(base.c_min + clip_scale * (base.c_max - base.c_min), data_top)
+    return ClipChoice(base.c_min, top, f"mse x{clip_scale:g}", base.mse, base.model, list(base.notes))
+
+
+def lwfc_designs(stats: Any, kind: str, clip: Any, levels: int, contexts: list[str]) -> list[tuple[str, Any]]:
     """(context name, Design) for one quantizer: the quantizer is designed once, each context variant only
     changes the entropy models. ECSQ's lambda is chosen so that its one-model entropy is ``ECSQ_RATE_RATIO``
     times that of the uniform quantizer with the same levels and clip range. (At equal entropy, on int8
@@ -353,10 +369,15 @@ def run_lwfc(data: EdgeData, session: Any, metric: Any, plan: Plan, progress: bo
     n, h, w, c = data.q_eval.shape
     n_el = h * w * c
     points = []
-    combos = [(k, cl, lv) for k in plan.kinds for cl in plan.clips for lv in plan.levels]
-    for kind, clip, levels in tqdm(combos, desc="lwfc", disable=not progress):
+    combos = [(k, cl, lv, 1.0) for k in plan.kinds for cl in plan.clips if cl != "sweep" for lv in plan.levels]
+    if "sweep" in plan.clips:
+        combos += [("uniform", "sweep", lv, sc) for lv in plan.levels for sc in plan.clip_scales]
+    for kind, clip, levels, clip_scale in tqdm(combos, desc="lwfc", disable=not progress):
         try:
-            designs = lwfc_designs(stats, kind, clip, levels, plan.contexts)
+            if clip == "sweep":
+                designs = lwfc_designs(stats, kind, scaled_clip(stats, levels, clip_scale), levels, plan.contexts[-1:])
+            else:
+                designs = lwfc_designs(stats, kind, clip, levels, plan.contexts)
         except Exception as exc:  # a design that cannot exist (e.g. ECSQ emptying all cells) is reported
             points.append(Point(f"lwfc {kind} clip={clip}", f"{levels} levels", math.nan, {}, math.nan, math.nan, 0,
                                 notes=f"design failed: {exc}"))
@@ -387,7 +408,8 @@ def run_lwfc(data: EdgeData, session: Any, metric: Any, plan: Plan, progress: bo
                 raise RuntimeError("context variants of one quantizer must give the same indices")
             nbytes = np.asarray([len(f) for f in frames], dtype=np.int64)
             q = d.quantizer
-            setting = f"{q.levels} levels" + (f" lambda={q.lam:.3g}" if kind == "ecsq" else "")
+            setting = f"{q.levels} levels" + (f" lambda={q.lam:.3g}" if kind == "ecsq" else "") + \
+                (f" clip x{clip_scale:g}" if clip == "sweep" else "")
             g = d.table["contexts"]["groups"]
             points.append(Point(
                 f"lwfc {kind} clip={clip} ctx={ctx}", setting, float(8 * nbytes.mean() / n_el), dict(first_metrics),
@@ -395,6 +417,7 @@ def run_lwfc(data: EdgeData, session: Any, metric: Any, plan: Plan, progress: bo
                 notes=(f"G={g} K={d.classes}; decoded {m} of {n}" if vi else f"G={g} K={d.classes}"),
                 extra={"clip_min": q.clip_min, "clip_max": q.clip_max, "groups": g, "classes": d.classes,
                        "levels": q.levels, "kind": kind, "design_bits": d.coded_bits_per_element,
+                       "clip_scale": clip_scale,
                        "table": d.table}))
     return points
 
