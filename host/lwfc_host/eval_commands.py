@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "detection (mAP@0.5 against the uncompressed int8 pipeline's detections)")
     p.add_argument("--cache", default="cache/eval", help="where edge-half outputs are cached")
     p.add_argument("--output", required=True, help="report directory")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes for the lwfc quantizers and baseline settings (default 1; at most the "
+                        "free cores, so that the per-tensor timings stay per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.metric != "auto" and args.metric not in METRICS:
         raise CommandError(f"unknown metric {args.metric!r}; known: auto, {', '.join(METRICS)}")
+    if args.jobs < 1:
+        raise CommandError("--jobs must be at least 1")
     if args.limit is not None and args.limit < 1:
         raise CommandError("--limit must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     try:
         ev = evaluate_bundle(args.bundle, args.dataset, args.limit, args.quick, args.cache, args.metric, methods,
-                             progress=not args.no_progress, overrides=overrides)
+                             progress=not args.no_progress, overrides=overrides, jobs=args.jobs)
     except (FileNotFoundError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     ev.command = "lwfc " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else \

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -351,75 +352,150 @@ def lwfc_designs(stats: Any, kind: str, clip: Any, levels: int, contexts: list[s
     return out
 
 
-def run_lwfc(data: EdgeData, session: Any, metric: Any, plan: Plan, progress: bool = True) -> list[Point]:
-    """lwfc points: for each quantizer (kind, clip, levels) the cloud runs once on the decoded tensors of the
-    first context variant; every variant's frames are all encoded (their sizes are the rate), the first is
-    decoded in full and each other one on ``plan.decode_check`` tensors, checked to give the same indices."""
-    from tqdm import tqdm
-
-    from lwfc.fast import encode_int8_constriction
-    from lwfc.tables import Tables
-    from lwfc_host.calibration import CalibrationStats
-    from lwfc_host.decoder import Decoder
-
-    cs = CalibrationStats()
-    cs.add_int8(data.q_calib, data.scale, data.zero_point, where="calibration edge outputs")
-    stats = cs.loaded()
-    ref_float = data.dequantize(data.q_eval)
-    n, h, w, c = data.q_eval.shape
-    n_el = h * w * c
-    points = []
+def lwfc_combos(plan: Plan) -> list[tuple[str, str, int, float]]:
+    """(kind, clip, levels, clip scale) of every lwfc quantizer the plan asks for."""
     combos = [(k, cl, lv, 1.0) for k in plan.kinds for cl in plan.clips if cl != "sweep" for lv in plan.levels]
     if "sweep" in plan.clips:
         combos += [("uniform", "sweep", lv, sc) for lv in plan.levels for sc in plan.clip_scales]
-    for kind, clip, levels, clip_scale in tqdm(combos, desc="lwfc", disable=not progress):
-        try:
-            if clip == "sweep":
-                designs = lwfc_designs(stats, kind, scaled_clip(stats, levels, clip_scale), levels, plan.contexts[-1:])
-            else:
-                designs = lwfc_designs(stats, kind, clip, levels, plan.contexts)
-        except Exception as exc:  # a design that cannot exist (e.g. ECSQ emptying all cells) is reported
-            points.append(Point(f"lwfc {kind} clip={clip}", f"{levels} levels", math.nan, {}, math.nan, math.nan, 0,
-                                notes=f"design failed: {exc}"))
-            continue
-        first_idx = None
-        first_metrics: dict[str, float] = {}
-        first_mse = math.nan
-        for vi, (ctx, d) in enumerate(designs):
-            tables = Tables(d.table)
-            t0 = time.perf_counter()
-            frames = [encode_int8_constriction(data.q_eval[i], tables) for i in range(n)]
-            t_enc = time.perf_counter() - t0
-            dec = Decoder(tables)
-            m = n if vi == 0 else min(n, plan.decode_check)
-            t0 = time.perf_counter()
-            decoded = [dec.decode(frames[i]) for i in range(m)]
-            t_dec = time.perf_counter() - t0
-            idx = np.stack([dd.indices for dd in decoded])
-            lut = np.asarray(tables.index_of_q, dtype=np.uint8)
-            if not np.array_equal(idx, lut[data.q_eval[:m].astype(np.int64) + 128]):
-                raise RuntimeError(f"lwfc {kind} {clip} {levels} {ctx}: decoded indices differ from the encoder's")
-            if vi == 0:
-                first_idx = idx
-                recon = np.concatenate([dd.tensor for dd in decoded])
-                first_metrics = metric(cloud_outputs(session, recon), data.labels, data.ref)
-                first_mse = _mse(recon, ref_float)
-            elif not np.array_equal(idx, first_idx[:m]):
-                raise RuntimeError("context variants of one quantizer must give the same indices")
-            nbytes = np.asarray([len(f) for f in frames], dtype=np.int64)
-            q = d.quantizer
-            setting = f"{q.levels} levels" + (f" lambda={q.lam:.3g}" if kind == "ecsq" else "") + \
-                (f" clip x{clip_scale:g}" if clip == "sweep" else "")
-            g = d.table["contexts"]["groups"]
-            points.append(Point(
-                f"lwfc {kind} clip={clip} ctx={ctx}", setting, float(8 * nbytes.mean() / n_el), dict(first_metrics),
-                1000 * t_enc / n, 1000 * t_dec / m, n, mse=first_mse,
-                notes=(f"G={g} K={d.classes}; decoded {m} of {n}" if vi else f"G={g} K={d.classes}"),
-                extra={"clip_min": q.clip_min, "clip_max": q.clip_max, "groups": g, "classes": d.classes,
-                       "levels": q.levels, "kind": kind, "design_bits": d.coded_bits_per_element,
-                       "clip_scale": clip_scale,
-                       "table": d.table}))
+    return combos
+
+
+def lwfc_stats(data: EdgeData) -> Any:
+    """Calibration statistics of the calibration edge outputs (what every lwfc design starts from)."""
+    from lwfc_host.calibration import CalibrationStats
+
+    cs = CalibrationStats()
+    cs.add_int8(data.q_calib, data.scale, data.zero_point, where="calibration edge outputs")
+    return cs.loaded()
+
+
+def run_lwfc_combo(combo: tuple[str, str, int, float], stats: Any, data: EdgeData, session: Any, metric: Any,
+                   plan: Plan) -> list[Point]:
+    """The points of one quantizer: the cloud runs once on the decoded tensors of the first context variant;
+    every variant's frames are all encoded (their sizes are the rate), the first is decoded in full and each
+    other one on ``plan.decode_check`` tensors, checked to give the same indices."""
+    from lwfc.fast import encode_int8_constriction
+    from lwfc.tables import Tables
+    from lwfc_host.decoder import Decoder
+
+    kind, clip, levels, clip_scale = combo
+    n, h, w, c = data.q_eval.shape
+    n_el = h * w * c
+    points: list[Point] = []
+    try:
+        if clip == "sweep":
+            designs = lwfc_designs(stats, kind, scaled_clip(stats, levels, clip_scale), levels, plan.contexts[-1:])
+        else:
+            designs = lwfc_designs(stats, kind, clip, levels, plan.contexts)
+    except Exception as exc:  # a design that cannot exist (e.g. ECSQ emptying all cells) is reported
+        return [Point(f"lwfc {kind} clip={clip}", f"{levels} levels", math.nan, {}, math.nan, math.nan, 0,
+                      notes=f"design failed: {exc}")]
+    first_idx = None
+    first_metrics: dict[str, float] = {}
+    first_mse = math.nan
+    for vi, (ctx, d) in enumerate(designs):
+        tables = Tables(d.table)
+        t0 = time.perf_counter()
+        frames = [encode_int8_constriction(data.q_eval[i], tables) for i in range(n)]
+        t_enc = time.perf_counter() - t0
+        dec = Decoder(tables)
+        m = n if vi == 0 else min(n, plan.decode_check)
+        t0 = time.perf_counter()
+        decoded = [dec.decode(frames[i]) for i in range(m)]
+        t_dec = time.perf_counter() - t0
+        idx = np.stack([dd.indices for dd in decoded])
+        lut = np.asarray(tables.index_of_q, dtype=np.uint8)
+        if not np.array_equal(idx, lut[data.q_eval[:m].astype(np.int64) + 128]):
+            raise RuntimeError(f"lwfc {kind} {clip} {levels} {ctx}: decoded indices differ from the encoder's")
+        if vi == 0:
+            first_idx = idx
+            recon = np.concatenate([dd.tensor for dd in decoded])
+            first_metrics = metric(cloud_outputs(session, recon), data.labels, data.ref)
+            first_mse = _mse(recon, data.dequantize(data.q_eval))
+        elif not np.array_equal(idx, first_idx[:m]):
+            raise RuntimeError("context variants of one quantizer must give the same indices")
+        nbytes = np.asarray([len(f) for f in frames], dtype=np.int64)
+        q = d.quantizer
+        setting = f"{q.levels} levels" + (f" lambda={q.lam:.3g}" if kind == "ecsq" else "") + \
+            (f" clip x{clip_scale:g}" if clip == "sweep" else "")
+        g = d.table["contexts"]["groups"]
+        points.append(Point(
+            f"lwfc {kind} clip={clip} ctx={ctx}", setting, float(8 * nbytes.mean() / n_el), dict(first_metrics),
+            1000 * t_enc / n, 1000 * t_dec / m, n, mse=first_mse,
+            notes=(f"G={g} K={d.classes}; decoded {m} of {n}" if vi else f"G={g} K={d.classes}"),
+            extra={"clip_min": q.clip_min, "clip_max": q.clip_max, "groups": g, "classes": d.classes,
+                   "levels": q.levels, "kind": kind, "design_bits": d.coded_bits_per_element,
+                   "clip_scale": clip_scale, "table": d.table}))
     return points
+
+
+def run_lwfc(data: EdgeData, session: Any, metric: Any, plan: Plan, progress: bool = True) -> list[Point]:
+    """lwfc points of every quantizer of the plan, one after the other (``run_lwfc_combo``)."""
+    from tqdm import tqdm
+
+    stats = lwfc_stats(data)
+    points: list[Point] = []
+    for combo in tqdm(lwfc_combos(plan), desc="lwfc", disable=not progress):
+        points += run_lwfc_combo(combo, stats, data, session, metric, plan)
+    return points
+
+
+# ---- running tasks on several cores ---------------------------------------------------------------------------------
+class ProcessLocalSession:
+    """An onnxruntime session opened lazily once per process: a session's thread pool does not survive a
+    fork, so each worker process opens its own (``threads`` intra-op threads)."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        self.path = Path(path)
+        self.threads = threads
+        self._pid = -1
+        self._session: Any = None
+
+    def _get(self) -> Any:
+        if self._pid != os.getpid():
+            self._session = make_session(self.path, self.threads)
+            self._pid = os.getpid()
+        return self._session
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        return self._get().run(*args, **kwargs)
+
+    def get_inputs(self) -> Any:
+        return self._get().get_inputs()
+
+
+_TASKS: list[Callable[[], Any]] = []
+
+
+def _run_task(i: int) -> tuple[Any, float]:
+    t0 = time.time()
+    return _TASKS[i](), time.time() - t0
+
+
+def run_tasks(tasks: list[Callable[[], Any]], jobs: int = 1, desc: str = "", progress: bool = True
+              ) -> list[tuple[Any, float]]:
+    """(result, seconds) of each task, in order. With ``jobs`` > 1 the tasks run in that many forked worker
+    processes (POSIX only), which inherit the evaluation data without copying; tasks are handed out one at a
+    time, so long and short ones balance. Each worker is single-threaded work on its own core, so per-tensor
+    timings stay comparable with ``jobs`` = 1 as long as ``jobs`` does not exceed the free cores."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    if jobs <= 1 or len(tasks) < 2:
+        out = []
+        for t in tqdm(tasks, desc=desc, disable=not progress):
+            t0 = time.time()
+            out.append((t(), time.time() - t0))
+        return out
+    global _TASKS
+    _TASKS = tasks
+    try:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            return list(tqdm(pool.imap(_run_task, range(len(tasks)), chunksize=1), total=len(tasks), desc=desc,
+                             disable=not progress))
+    finally:
+        _TASKS = []
 
 
 # ---- baselines -----------------------------------------------------------------------------------------------------
@@ -490,6 +566,8 @@ class Evaluation:
     command: str = ""
     metric: str = "classification"
     metric_description: str = ""
+    method_seconds: dict[str, float] = field(default_factory=dict)  # per method, summed over the workers
+    jobs: int = 1
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -508,10 +586,11 @@ def resolve_dataset(bundle: dict, dataset: str) -> str:
 def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | None = None, quick: bool = False,
                     cache_dir: str | Path = DEFAULT_CACHE, metric: str = "auto",
                     methods: Iterable[str] | None = None, progress: bool = True,
-                    overrides: dict[str, list] | None = None) -> Evaluation:
+                    overrides: dict[str, list] | None = None, jobs: int = 1) -> Evaluation:
     """Run every method of the plan on the bundle's evaluation set. ``overrides`` replaces plan lists
     (e.g. ``{"levels": [2, 3, 4], "contexts": ["one", "groups+k2"]}``). ``metric`` ``auto``: mAP@0.5 for
-    detectors, accuracy/agreement for classifiers."""
+    detectors, accuracy/agreement for classifiers. ``jobs``: worker processes for the lwfc quantizers and
+    baseline settings (``run_tasks``); the edge half runs once, before them."""
     from lwfc_convert.bundle import read_bundle
 
     bundle_dir = Path(bundle_dir)
@@ -551,32 +630,34 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
             reference[f"float {k}"] = v
     elif data.labeled and "float_accuracy" in bundle.get("accuracy", {}):
         reference["float accuracy"] = float(bundle["accuracy"]["float_accuracy"])  # whole test set (bundle.json)
-    points: list[Point] = []
-    if "lwfc" in methods:
-        t0 = time.time()
-        points += run_lwfc(data, session, met, plan, progress)
-        seconds["lwfc"] = time.time() - t0
-    # RLE uses the MSE clip ranges of lwfc's uniform quantizers (the same quantizer, another entropy coder)
-    from lwfc_host.calibration import CalibrationStats
     from lwfc_host.design import design_quantizer
 
-    cs = CalibrationStats()
-    cs.add_int8(data.q_calib, data.scale, data.zero_point)
-    stats = cs.loaded()
+    stats = lwfc_stats(data)
 
     def clip_of_levels(lv: int) -> tuple[float, float]:
+        # RLE uses the MSE clip ranges of lwfc's uniform quantizers (the same quantizer, another entropy coder)
         q, _ = design_quantizer(stats, lv, "uniform", 0.0, "mse")
         return float(q.clip_min), float(q.clip_max)
 
-    from tqdm import tqdm
-
-    jobs = [j for j in baseline_jobs(plan, clip_of_levels) if j[0].split()[0].split("+")[-1] in methods]
+    task_session = session if jobs <= 1 else ProcessLocalSession(bundle_dir / bundle["cloud"]["file"])
+    tasks: list[Callable[[], Any]] = []
+    kinds: list[str] = []
+    if "lwfc" in methods:
+        for combo in lwfc_combos(plan):
+            tasks.append(lambda combo=combo: run_lwfc_combo(combo, stats, data, task_session, met, plan))
+            kinds.append("lwfc")
+    for name, fn in baseline_jobs(plan, clip_of_levels):
+        if name.split()[0].split("+")[-1] in methods:
+            tasks.append(lambda name=name, fn=fn: [run_baseline(name, fn, data, task_session, met)])
+            kinds.append(name.split()[0])
+    t0 = time.time()
+    points: list[Point] = []
+    method_seconds: dict[str, float] = {}
+    for kind, (pts, secs) in zip(kinds, run_tasks(tasks, jobs, "lwfc and baselines", progress)):
+        points += pts
+        method_seconds[kind] = method_seconds.get(kind, 0.0) + secs
+    seconds["methods"] = time.time() - t0
     hevc_single: dict[str, float] = {}
-    for name, fn in tqdm(jobs, desc="baselines", disable=not progress):
-        t0 = time.time()
-        points.append(run_baseline(name, fn, data, session, met))
-        key = name.split()[0]
-        seconds[key] = seconds.get(key, 0.0) + time.time() - t0
     if "hevc" in methods and plan.hevc_qps:
         from lwfc_host.baselines import hevc_single_process_ms
 
@@ -586,4 +667,5 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
     n, h, w, c = data.q_eval.shape
     return Evaluation(bundle, str(bundle_dir), ds, plan, points, reference, met.primary(data.labeled), (h, w, c), n,
                       data.description, seconds, hevc_single, edge_cache, metric=metric,
-                      metric_description=met.describe() if hasattr(met, "describe") else "")
+                      metric_description=met.describe() if hasattr(met, "describe") else "",
+                      method_seconds=method_seconds, jobs=jobs)

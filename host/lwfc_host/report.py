@@ -185,7 +185,9 @@ def markdown(ev: Evaluation) -> str:
         "x265 repeats before every all-intra picture, plus 64 bits of min/max; JPEG/WebP: every tile file with "
         "its headers plus min/max; RLE and zlib: the coded bytes (zlib plus min/max).",
         f"- Wall time: {sum(ev.seconds.values()):.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in
-                                                                       ev.seconds.items()) + ").",
+                                                                       ev.seconds.items()) + ")"
+        + (f"; per method, summed over {ev.jobs} worker processes: " if ev.jobs > 1 else "; per method: ")
+        + ", ".join(f"{k} {v:.0f} s" for k, v in ev.method_seconds.items()) + ".",
         "",
         f"## Headline (within {TOLERANCE_PP:g} pp of the reference, interpolated on each method's upper envelope)",
         "",
