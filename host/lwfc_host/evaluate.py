@@ -429,17 +429,6 @@ def run_lwfc_combo(combo: tuple[str, str, int, float], stats: Any, data: EdgeDat
     return points
 
 
-def run_lwfc(data: EdgeData, session: Any, metric: Any, plan: Plan, progress: bool = True) -> list[Point]:
-    """lwfc points of every quantizer of the plan, one after the other (``run_lwfc_combo``)."""
-    from tqdm import tqdm
-
-    stats = lwfc_stats(data)
-    points: list[Point] = []
-    for combo in tqdm(lwfc_combos(plan), desc="lwfc", disable=not progress):
-        points += run_lwfc_combo(combo, stats, data, session, metric, plan)
-    return points
-
-
 # ---- running tasks on several cores ---------------------------------------------------------------------------------
 class ProcessLocalSession:
     """An onnxruntime session opened lazily once per process: a session's thread pool does not survive a
