@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.model == "resnet_fmnist":
             from .train import train_resnet_fmnist
 
-            res = train_resnet_fmnist(args.output, epochs=args.epochs or 6, seed=args.seed,
+            res = train_resnet_fmnist(args.output, epochs=args.epochs or 12, seed=args.seed,
                                       threads=args.threads, progress=not args.quiet)
         elif args.model == "efficientnet_lite0_fmnist":
             from .train import train_effnet_fmnist_head
@@ -176,7 +176,7 @@ def register(subparsers: Any) -> None:
         "package's weights/ folder).")
     p.add_argument("--model", required=True, help="resnet_fmnist or efficientnet_lite0_fmnist")
     p.add_argument("--output", default=None, help="weight file to write (default: package weights/)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 6 for the ResNet, 30 for the head)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 12 for the ResNet, 30 for the head)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: one thread is faster on a busy machine, and the committed "

@@ -27,7 +27,7 @@ def _evaluate(model: Any, images: np.ndarray, labels: np.ndarray, preprocess: An
 
 def train_resnet_fmnist(
     output: str | Path | None = None,
-    epochs: int = 6,
+    epochs: int = 12,
     seed: int = 0,
     batch_size: int = 128,
     lr: float = 0.1,
