@@ -159,7 +159,7 @@ def plot(ev: Evaluation, path: Path) -> None:
     ax.set_ylim(max(lo, 100 * ref - 30), 100 * ref + 2 if ev.primary == "accuracy" else 101)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"{ev.bundle['model']} split at {ev.bundle['split']} ({ev.tensors} tensors "
-                 f"{ev.shape[0]}x{ev.shape[1]}x{ev.shape[2]})")
+                 f"{ev.shape[0]}x{ev.shape[1]}x{ev.shape[2]})", fontsize=9)  # long split names fit
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
