@@ -136,7 +136,8 @@ def test_lwfc_serve_replies_with_detections(bundle, info, design, cloud, tmp_pat
     assert s["frames"] == len(PHOTOS) and s["results"] == len(PHOTOS) and s["error_total"] == 0, run["stdout"]
     assert final["frames"] == len(PHOTOS) and final["error_total"] == 0
     events = [json.loads(ln) for ln in log.read_text().splitlines()]
-    assert [e["device"] for e in events if e["event"] == "frame"] == ["cam0"] * len(PHOTOS)
+    frames_logged = [e for e in events if e["event"] == "frame"]
+    assert [e["device"] for e in frames_logged] == ["cam0"] * len(PHOTOS)
     names = info["class_names"]
     assert len(names) == 80
     results = {}
@@ -151,6 +152,9 @@ def test_lwfc_serve_replies_with_detections(bundle, info, design, cloud, tmp_pat
         assert res["bits_per_element"] == pytest.approx(8 * len(frame) / decoded.header.element_count, abs=1e-6)
         assert decoded.header.element_count == 128 * 128 * 72
         results[photo] = res["detections"]
+        # the server's log and the runner's per-frame line say how many detections there were
+        assert frames_logged[len(results) - 1]["detections"] == len(res["detections"])
+        assert f"{len(res['detections'])} detections" in run["stdout"]
     # a broken decode or cloud half would not keep the eagle: the best detection is a bird, where the
     # uncompressed int8 pipeline puts it
     edge = design["edge"]

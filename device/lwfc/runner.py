@@ -188,8 +188,13 @@ def _pct(values, p):
 
 
 def _fmt_top(result):
+    """One line for a server result: top-3 classes, the 3 best detections, or the tensor shape."""
     if result.get("top"):
         return "  ".join("%s %.3f" % (t[1], t[2]) for t in result["top"][:3])
+    if result.get("kind") == "detection":
+        dets = result.get("detections") or []
+        best = "  ".join("%s %.2f" % (d["label"], d["score"]) for d in dets[:3])
+        return "%d detections%s" % (len(dets), ("  " + best) if best else "")
     return "shape %s" % (result.get("shape"),)
 
 

@@ -475,7 +475,8 @@ class Connection:
         srv.emit({"event": "frame", "peer": self.stream.name, "device": self._device(), "seq": seq,
                   "bytes": len(frame), "elements": n_el, "bits_per_element": result["bits_per_element"],
                   "decode_ms": round(dec_ms, 3), "infer_ms": round(inf_ms, 3), "server_ms": round(total_ms, 3),
-                  "top1": result.get("top", [[None]])[0] if result.get("top") else None})
+                  "top1": result.get("top", [[None]])[0] if result.get("top") else None,
+                  **({"detections": len(result["detections"])} if "detections" in result else {})})
         return P.pack_message(P.RESULT, seq, json.dumps(result).encode(), auth)
 
     async def on_message(self, msg: P.Message) -> None:
