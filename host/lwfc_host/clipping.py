@@ -244,6 +244,13 @@ def _search(crit, lo_cands: np.ndarray, hi_cands: np.ndarray) -> tuple[float, fl
     return best
 
 
+def scale_top(hist: Histogram, choice: ClipChoice, scale: float) -> ClipChoice:
+    """``choice`` with its top moved to c_min + ``scale`` x (c_max - c_min), capped at the data maximum; the
+    bottom stays (after a ReLU it is 0 and holds the pile of zeros). Wider tops zero more small values."""
+    top = min(choice.c_min + scale * (choice.c_max - choice.c_min), _data_range(hist)[1])
+    return ClipChoice(choice.c_min, top, f"{choice.method} x{scale:g}", choice.mse, choice.model, list(choice.notes))
+
+
 def choose_clip(hist: Histogram, levels: int, method: str = "mse", zeros: float = 0.0,
                 c_min: float | None = None) -> ClipChoice:
     """Clip range minimising the clipping-plus-quantization MSE of the N-level uniform quantizer.

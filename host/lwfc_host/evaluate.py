@@ -309,16 +309,13 @@ CONTEXTS = {"one": (1, 1), "groups": ("auto", 1), "groups+k2": ("auto", 2), "gro
 
 
 def scaled_clip(stats: Any, levels: int, clip_scale: float) -> Any:
-    """The MSE clip range of an N-level uniform quantizer with its top scaled by ``clip_scale`` (the bottom stays:
-    after a ReLU it is 0 and holds the pile of zeros), capped at the largest calibration value."""
-    from lwfc_host.clipping import ClipChoice, choose_clip
+    """The MSE clip range of an N-level uniform quantizer with its top scaled by ``clip_scale``
+    (``clipping.scale_top``)."""
+    from lwfc_host.clipping import choose_clip, scale_top
     from lwfc_host.design import zeros_of
 
     hist = stats.histogram()
-    base = choose_clip(hist, levels, "mse", zeros_of(stats))
-    data_top = float(hist.upper[np.flatnonzero(hist.count)[-1]])
-    top = min(base.c_min + clip_scale * (base.c_max - base.c_min), data_top)
-    return ClipChoice(base.c_min, top, f"mse x{clip_scale:g}", base.mse, base.model, list(base.notes))
+    return scale_top(hist, choose_clip(hist, levels, "mse", zeros_of(stats)), clip_scale)
 
 
 def lwfc_designs(stats: Any, kind: str, clip: Any, levels: int, contexts: list[str]) -> list[tuple[str, Any]]:

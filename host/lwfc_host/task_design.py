@@ -109,23 +109,21 @@ def _quantizers(stats: Any, levels: tuple[int, ...], clip_scales: tuple[float, .
                 kinds: tuple[str, ...]) -> list[tuple[Any, Any, float]]:
     """(quantizer, clip choice, clip scale) for every candidate: the MSE clip range scaled at the top (the
     bottom stays: after a ReLU it is 0 and holds the pile of zeros), capped at the data maximum."""
-    from lwfc_host.clipping import ClipChoice, choose_clip
+    from lwfc_host.clipping import choose_clip, scale_top
     from lwfc_host.design import zeros_of
     from lwfc_host.quantizers import DesignError, ecsq, uniform
 
     hist = stats.histogram()
     zeros = zeros_of(stats)
-    data_top = float(hist.upper[np.flatnonzero(hist.count)[-1]])
     out = []
     for n in levels:
         base = choose_clip(hist, n, "mse", zeros)
         seen = set()
         for s in clip_scales:
-            top = min(base.c_min + s * (base.c_max - base.c_min), data_top)
-            if top in seen or not top > base.c_min:
+            cc = scale_top(hist, base, s)
+            if cc.c_max in seen or not cc.c_max > base.c_min:
                 continue
-            seen.add(top)
-            cc = ClipChoice(base.c_min, top, f"mse x{s:g}", base.mse, base.model, list(base.notes))
+            seen.add(cc.c_max)
             try:
                 if "uniform" in kinds:
                     out.append((uniform(hist, n, cc.c_min, cc.c_max, zeros), cc, s))
