@@ -41,9 +41,12 @@ def context_map(idx, tables):
     return np.broadcast_to(context_ids(above, left, np.arange(idx.shape[2]), tables), idx.shape)
 
 
-def model_ids(idx, tables):
-    """Model index of every element of an (H, W, C) index array (raster order)."""
-    return np.asarray(tables.model_of_context, dtype=np.int64)[context_map(idx, tables)]
+def model_ids(idx, tables, model_of_context=None):
+    """Model index of every element of an (H, W, C) index array (raster order). ``model_of_context``:
+    ``tables.model_of_context`` as an int64 array, when the caller already has it."""
+    if model_of_context is None:
+        model_of_context = np.asarray(tables.model_of_context, dtype=np.int64)
+    return model_of_context[context_map(idx, tables)]
 
 
 def scan_permutation(height, width):
@@ -74,40 +77,65 @@ def plane_models(tables):
     return out
 
 
-def encode_indices_constriction(idx_hwc, tables):
-    """Payload bytes for an (H, W, C) index array, coded with constriction."""
-    import constriction
+class FastEncoder(object):
+    """Frames for one table, with numpy and constriction: byte-identical to ``encoder.encode_int8``.
+    The per-table arrays (index lookup, probability rows, plane models, scan orders) are built once, so
+    coding many tensors with one table costs only the per-tensor work."""
 
-    h, w, c = idx_hwc.shape
-    idx = index_array(idx_hwc)
-    probs = probability_rows(tables)
-    encoder = constriction.stream.queue.RangeEncoder()
-    if tables.classes == 1:  # channel-planar order, one model per plane
-        planes = idx.reshape(h * w, c).T.astype(np.int32)
-        if len(tables.models) == 1:
-            encoder.encode(planes.reshape(-1), constriction.stream.model.Categorical(probs[0], perfect=False))
+    def __init__(self, tables):
+        import constriction
+
+        self.tables = tables
+        self.lut = np.asarray(tables.index_of_q, dtype=np.int64)
+        self.probs = probability_rows(tables)
+        self.model_of_context = np.asarray(tables.model_of_context, dtype=np.int64)
+        self._family = constriction.stream.model.Categorical(perfect=False)
+        self._single = (constriction.stream.model.Categorical(self.probs[0], perfect=False)
+                        if len(tables.models) == 1 else None)
+        self._planes = plane_models(tables) if tables.classes == 1 and self._single is None else None
+        self._scan = {}  # (H, W) -> scan_permutation
+
+    def payload(self, idx_hwc):
+        """Payload bytes (SPEC.md section 5) for an (H, W, C) index array."""
+        import constriction
+
+        h, w, c = idx_hwc.shape
+        idx = index_array(idx_hwc)
+        encoder = constriction.stream.queue.RangeEncoder()
+        if self.tables.classes == 1:  # channel-planar order, one model per plane
+            planes = idx.reshape(h * w, c).T.astype(np.int32)
+            if self._single is not None:
+                encoder.encode(planes.reshape(-1), self._single)
+            else:
+                for ch in range(c):
+                    encoder.encode(planes[ch], self._planes[ch])
         else:
-            models = plane_models(tables)
-            for ch in range(c):
-                encoder.encode(planes[ch], models[ch])
-    else:
-        models = model_ids(idx, tables)
-        perm = scan_permutation(h, w)
-        symbols = idx.reshape(h * w, c)[perm].reshape(-1).astype(np.int32)
-        mids = models.reshape(h * w, c)[perm].reshape(-1)
-        family = constriction.stream.model.Categorical(perfect=False)
-        encoder.encode(symbols, family, np.take(probs, mids, axis=0))
-    words = encoder.get_compressed()
-    return words.astype("<u4").tobytes()
+            perm = self._scan.get((h, w))
+            if perm is None:
+                perm = self._scan[(h, w)] = scan_permutation(h, w)
+            models = model_ids(idx, self.tables, self.model_of_context)
+            symbols = idx.reshape(h * w, c)[perm].reshape(-1).astype(np.int32)
+            mids = models.reshape(h * w, c)[perm].reshape(-1)
+            encoder.encode(symbols, self._family, np.take(self.probs, mids, axis=0))
+        return encoder.get_compressed().astype("<u4").tobytes()
+
+    def frame_int8(self, q_hwc):
+        """Frame for an int8 (H, W, C) array: quantized by table lookup, then coded."""
+        q = np.asarray(q_hwc, dtype=np.int8)
+        idx = self.lut[q.astype(np.int64) + 128]
+        return pack_frame(self.tables.table_id, idx.shape, self.payload(idx))
+
+
+def encode_indices_constriction(idx_hwc, tables):
+    """Payload bytes for an (H, W, C) index array, coded with constriction (one-off; ``FastEncoder``
+    for many tensors with one table)."""
+    return FastEncoder(tables).payload(idx_hwc)
 
 
 def encode_int8_constriction(q_hwc, tables):
-    """Frame for an int8 (H, W, C) array, quantized with numpy and coded with constriction."""
-    q = np.asarray(q_hwc, dtype=np.int8)
-    lut = np.asarray(tables.index_of_q, dtype=np.int64)
-    idx = lut[q.astype(np.int64) + 128]
-    h, w, c = idx.shape
-    return pack_frame(tables.table_id, (h, w, c), encode_indices_constriction(idx, tables))
+    """Frame for an int8 (H, W, C) array, quantized with numpy and coded with constriction (one-off;
+    ``FastEncoder`` for many tensors with one table)."""
+    return FastEncoder(tables).frame_int8(q_hwc)
 
 
 def indices_from_float_np(x, tables):

@@ -17,7 +17,7 @@ from typing import TextIO
 import numpy as np
 
 from lwfc.encoder import Encoder
-from lwfc.fast import encode_int8_constriction
+from lwfc.fast import FastEncoder
 from lwfc.tables import Tables
 from lwfc_host.decoder import Decoder
 from lwfc_host.tablegen import uniform_table
@@ -108,11 +108,11 @@ def run(shape=(64, 64, 256), repeats: int = 3, micropython: bool = True, x265: b
         print(f"\n[{label}] {zeros:.0%} zero indices, {bpe:.3f} bits/element ({len(frame)} bytes)", file=out)
         timings = {
             "pure-Python encoder (CPython)": _best(enc.encode_int8, repeats, qb, h, w),
-            "numpy+constriction encoder": _best(encode_int8_constriction, repeats, q, tables),
+            "numpy+constriction encoder": _best(FastEncoder(tables).frame_int8, repeats, q),
             "host decoder (canonical check)": _best(Decoder(tables).decode, repeats, frame),
             "host decoder (no check)": _best(Decoder(tables, verify=False).decode, repeats, frame),
         }
-        assert encode_int8_constriction(q, tables) == frame
+        assert FastEncoder(tables).frame_int8(q) == frame
         if micropython:
             try:
                 import json

@@ -367,7 +367,7 @@ def run_lwfc_combo(combo: tuple[str, str, int, float], stats: Any, data: EdgeDat
     """The points of one quantizer: the cloud runs once on the decoded tensors of the first context variant;
     every variant's frames are all encoded (their sizes are the rate), the first is decoded in full and each
     other one on ``plan.decode_check`` tensors, checked to give the same indices."""
-    from lwfc.fast import encode_int8_constriction
+    from lwfc.fast import FastEncoder
     from lwfc.tables import Tables
     from lwfc_host.decoder import Decoder
 
@@ -389,7 +389,8 @@ def run_lwfc_combo(combo: tuple[str, str, int, float], stats: Any, data: EdgeDat
     for vi, (ctx, d) in enumerate(designs):
         tables = Tables(d.table)
         t0 = time.perf_counter()
-        frames = [encode_int8_constriction(data.q_eval[i], tables) for i in range(n)]
+        encoder = FastEncoder(tables)
+        frames = [encoder.frame_int8(data.q_eval[i]) for i in range(n)]
         t_enc = time.perf_counter() - t0
         dec = Decoder(tables)
         lut = np.asarray(tables.index_of_q, dtype=np.uint8)

@@ -147,11 +147,11 @@ def _reconstruct(q8: np.ndarray, table: dict) -> np.ndarray:
 def measure_frames(table: dict, q8: np.ndarray) -> float:
     """Bits/element of real frames (header, CRC, payload) for int8 tensors (B, H, W, C), device-identical
     encoder (constriction fast path, byte-identical to lwfc.encoder)."""
-    from lwfc.fast import encode_int8_constriction
+    from lwfc.fast import FastEncoder
     from lwfc.tables import Tables
 
-    t = Tables(table)
-    nbytes = sum(len(encode_int8_constriction(x, t)) for x in q8)
+    encoder = FastEncoder(Tables(table))
+    nbytes = sum(len(encoder.frame_int8(x)) for x in q8)
     return 8.0 * nbytes / q8.size
 
 
@@ -254,7 +254,7 @@ def evaluate_table(bundle_dir: str | Path, table: dict, q_eval: np.ndarray, labe
     """A table on evaluation int8 features through the real pipeline: frames (device-identical encoder),
     host decoder, ONNX cloud half. Returns bits/element of the frames, top-1 agreement with the uncompressed
     int8 pipeline and, with labels, accuracy of both."""
-    from lwfc.fast import encode_int8_constriction
+    from lwfc.fast import FastEncoder
     from lwfc.tables import Tables
     from lwfc_convert.bundle import read_bundle
     from lwfc_host.decoder import Decoder
@@ -266,11 +266,12 @@ def evaluate_table(bundle_dir: str | Path, table: dict, q_eval: np.ndarray, labe
     sess = make_session(bundle_dir / info["cloud"]["file"])
     t = Tables(table)
     dec = Decoder(t)
+    encoder = FastEncoder(t)
     nbytes = 0
     top, ref = [], []
     for i in range(0, len(q_eval), batch):
         q = q_eval[i:i + batch]
-        frames = [encode_int8_constriction(x, t) for x in q]
+        frames = [encoder.frame_int8(x) for x in q]
         nbytes += sum(len(f) for f in frames)
         recon = np.concatenate([dec.decode(f).tensor for f in frames])
         top.append(cloud_outputs(sess, recon).argmax(axis=1))
