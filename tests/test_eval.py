@@ -176,3 +176,37 @@ def check_rates_are_measured(out: Path) -> None:
 
     check("uniform+rle", rle)
     check("uniform+zlib", lambda s: bl.zlib_codec(x, int(s[:-3])))
+
+
+def test_eval_extend_adds_points(quick_report, tmp_path):
+    """``--extend``: a second run's points join the first run's report (same cached tensors); a point with the
+    same method and setting is replaced, and every rate of the combined report still re-measures from frames."""
+    out, _ = quick_report
+    old = json.loads((out / "evaluation.json").read_text())
+    bundle = old["bundle_dir"]
+    ext = tmp_path / "extended"
+    base = [sys.executable, "-m", "lwfc_host", "eval", "--bundle", bundle, "--quick", "--methods", "lwfc",
+            "--kinds", "uniform", "--clips", "mse", "--contexts", "one", "--levels", "2,3",
+            "--cache", str(ROOT / "cache" / "eval"), "--no-progress"]
+    limit = ["--limit", os.environ["LWFC_EVAL_LIMIT"]] if os.environ.get("LWFC_EVAL_LIMIT") else []
+    r = subprocess.run(base + limit + ["--extend", str(out), "--output", str(ext)], capture_output=True, text=True,
+                       timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = json.loads((ext / "evaluation.json").read_text())
+    keys = [(p["method"], p["setting"]) for p in new["points"]]
+    assert len(keys) == len(set(keys)) == len(old["points"]) + 1  # 2 levels replaced, 3 levels added
+    assert ("lwfc uniform clip=mse ctx=one", "3 levels") in keys
+    assert {2, 3, 4} <= set(new["plan"]["levels"])
+    assert new["command"].count("lwfc eval") == 2
+    check_rates_are_measured(ext)
+
+    # other tensors (another --limit) cannot be merged: a clear error, nothing written
+    bad = tmp_path / "bad"
+    r = subprocess.run(base + ["--limit", "40", "--extend", str(out), "--output", str(bad)],
+                       capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert r.returncode != 0
+    assert "cannot extend" in r.stderr and "edge-output cache" in r.stderr
+    assert not (bad / "evaluation.json").exists()
+    r = subprocess.run(base + limit + ["--extend", str(tmp_path / "nowhere"), "--output", str(bad)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode != 0 and "evaluation.json" in r.stderr

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 import time
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,14 +47,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes for the lwfc quantizers and baseline settings (default 1; at most the "
                         "free cores, so that the per-tensor timings stay per core)")
+    p.add_argument("--extend", default=None, metavar="REPORT_DIR",
+                   help="add this run's points to the evaluation in REPORT_DIR (same bundle, data set and tensors, "
+                        "checked; a point with the same method and setting is replaced) and write the combined "
+                        "report to --output, e.g. to add rate points to a long evaluation later")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def _check_extendable(previous: Path, bundle_dir: Path) -> None:
+    import json
+
+    from lwfc_host.cli import CommandError
+
+    try:
+        old = json.loads((previous / "evaluation.json").read_text(encoding="utf-8"))
+        new = json.loads((bundle_dir / "bundle.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--extend {previous}: {exc}") from exc
+    for key in ("model", "split"):
+        if old.get("bundle", {}).get(key) != new.get(key):
+            raise CommandError(f"--extend {previous}: its bundle's {key} is {old.get('bundle', {}).get(key)!r}, "
+                               f"this bundle's is {new.get(key)!r}")
 
 
 def run(args: argparse.Namespace) -> int:
     from lwfc_host.cli import CommandError
     from lwfc_host.evaluate import METRICS, evaluate_bundle
-    from lwfc_host.report import headline, write_report
+    from lwfc_host.report import ExtendError, extend_evaluation, headline, write_report
 
     if args.metric != "auto" and args.metric not in METRICS:
         raise CommandError(f"unknown metric {args.metric!r}; known: auto, {', '.join(METRICS)}")
@@ -87,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         bad = [c for c in overrides["clips"] if c not in ("mse", "model", "sweep")]
         if bad:
             raise CommandError(f"unknown clips {bad}: mse, model or sweep")
+    if args.extend:  # the cheap checks before a long run; extend_evaluation checks the rest after it
+        _check_extendable(Path(args.extend), Path(args.bundle))
     t0 = time.time()
     try:
         ev = evaluate_bundle(args.bundle, args.dataset, args.limit, args.quick, args.cache, args.metric, methods,
@@ -96,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     ev.command = "lwfc " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else \
         f"lwfc eval --bundle {args.bundle} --output {args.output}" + (" --quick" if args.quick else "")
     ev.seconds["other"] = max(0.0, time.time() - t0 - sum(ev.seconds.values()))
+    if args.extend:
+        try:
+            ev = extend_evaluation(args.extend, ev)
+        except ExtendError as exc:
+            raise CommandError(str(exc)) from exc
     paths = write_report(ev, args.output)
     for row in headline(ev):
         r = row["rate_within_1pp"]

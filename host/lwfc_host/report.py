@@ -3,7 +3,9 @@ and evaluation.json (everything, for later comparison)."""
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -298,6 +300,61 @@ def load_evaluation(path: str | Path) -> Evaluation:
 
 
 
+class ExtendError(ValueError):
+    """An evaluation cannot be extended with another (different bundle, data or tensors)."""
+
+
+def extend_evaluation(previous_dir: str | Path, new: Evaluation) -> Evaluation:
+    """``new``'s points added to the evaluation saved in ``previous_dir`` (``lwfc eval --extend``).
+
+    Both must have coded the same cached edge outputs (same bundle files, data set, evaluation and calibration
+    images: the edge-cache key says so) with the same metric. A point of ``new`` replaces an earlier one with
+    the same method and setting. Plans are merged (unions), wall and method seconds summed, commands kept in
+    order. The earlier points' table files are read back, so that the report written next holds them all."""
+    previous_dir = Path(previous_dir)
+    path = previous_dir / "evaluation.json"
+    if not path.exists():
+        raise ExtendError(f"{previous_dir} holds no evaluation.json to extend")
+    old = load_evaluation(path)
+    for what, a, b in (("edge-output cache (bundle files, data set, images)", Path(old.edge_cache).name,
+                        Path(new.edge_cache).name),
+                       ("number of tensors", old.tensors, new.tensors), ("metric", old.metric, new.metric),
+                       ("model", old.bundle.get("model"), new.bundle.get("model")),
+                       ("split", old.bundle.get("split"), new.bundle.get("split"))):
+        if a != b:
+            raise ExtendError(f"cannot extend {previous_dir}: its {what} is {a!r}, this run's is {b!r}")
+    for p in old.points:
+        ref = p.extra.get("table")
+        if isinstance(ref, str):
+            try:
+                p.extra["table"] = json.loads((previous_dir / ref).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ExtendError(f"cannot read table {ref} of {previous_dir}: {exc}") from exc
+            p.notes = "; ".join(n for n in p.notes.split("; ") if not n.startswith("table tables/"))
+    replaced = {(p.method, p.setting) for p in new.points}
+    points = [p for p in old.points if (p.method, p.setting) not in replaced] + list(new.points)
+    plan = copy.deepcopy(old.plan)
+    for f in dataclasses.fields(plan):
+        a, b = getattr(plan, f.name), getattr(new.plan, f.name)
+        if isinstance(a, list):
+            setattr(plan, f.name, sorted(set(a) | set(b), key=lambda v: (str(type(v)), v)))
+        elif isinstance(a, dict):
+            merged = {int(k): list(v) for k, v in a.items()}
+            for k, v in b.items():
+                merged[int(k)] = sorted(set(merged.get(int(k), [])) | set(v))
+            setattr(plan, f.name, merged)
+    seconds = dict(old.seconds)
+    for k, v in new.seconds.items():
+        seconds[k] = seconds.get(k, 0.0) + v
+    method_seconds = dict(old.method_seconds)
+    for k, v in new.method_seconds.items():
+        method_seconds[k] = method_seconds.get(k, 0.0) + v
+    return dataclasses.replace(new, points=points, plan=plan, seconds=seconds, method_seconds=method_seconds,
+                               command="; ".join(c for c in (old.command, new.command) if c),
+                               hevc_single_process_ms=new.hevc_single_process_ms or old.hevc_single_process_ms,
+                               jobs=max(old.jobs, new.jobs))
+
+
 def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -305,6 +362,12 @@ def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
              "json": out / "evaluation.json"}
     # the lwfc tables, so that anyone can re-encode the cached tensors and check the rates
     tdir = out / "tables"
+    # a report directory rewritten (e.g. by --extend) keeps no tables that no point refers to; points read back
+    # from evaluation.json (re-rendering) refer to theirs by path
+    kept = {str(p.extra["table"]) for p in ev.points if isinstance(p.extra.get("table"), str)}
+    for stale in tdir.glob("*.json"):
+        if f"tables/{stale.name}" not in kept:
+            stale.unlink()
     for i, p in enumerate(ev.points):
         table = p.extra.get("table")
         if isinstance(table, dict):
