@@ -139,7 +139,7 @@ def evaluate(model: Any, edge: Any, cloud: Any, tflite_path: Path, onnx_path: Pa
 
 def convert(name: str, at: str | None, output: str | Path, calib_images: int = 256,
             eval_images: int | None = None, bias_correction: bool = True, seed: int = 0,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, qat_epochs: int = 16) -> dict[str, Any]:
     """Build a bundle for zoo model ``name`` split at ``at`` (the model's default split if None) in
     directory ``output``; returns the bundle.json content."""
     import torch
@@ -181,7 +181,13 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
         edge_q, bc_info = bias_correct(edge, calib)
     t_bc = time.time() - t0
     t0 = time.time()
-    tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], out / "edge.tflite", progress)
+    refine = None
+    if qat_epochs > 0:  # fine-tune the converted graph against the float edge half (qat.py)
+        from .qat import qat_finetune
+
+        def refine(quantized: Any) -> dict[str, Any]:
+            return qat_finetune(quantized, edge, calib, epochs=qat_epochs, seed=seed, progress=progress)
+    tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], out / "edge.tflite", progress, refine=refine)
     t_tflite = time.time() - t0
     problems = check_int8(out / "edge.tflite")
     if problems:
@@ -214,7 +220,7 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
             "quantization": {"scheme": "PT2E static, per-channel symmetric int8 weights, per-tensor int8 "
                                        "activations (histogram observer)",
                              "calibration_images": calib_images, "seed": seed,
-                             "bias_correction": bias_correction},
+                             "bias_correction": bias_correction, "qat_epochs": qat_epochs},
         },
         "cloud": {"file": "cloud.onnx", **onnx_info},
         "feature": {"shape_nhwc": tfl["output"]["shape"], "shape_chw": point["shape_chw"],
@@ -231,6 +237,7 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
                    "pt2e_calibration_seconds": tfl["pt2e_seconds"], "bias_correction_seconds": t_bc,
                    "onnx_export_seconds": t_onnx},
         "bias_correction": bc_info,
+        "qat": tfl["refine"],
         "versions": _versions(),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.machine(),

@@ -67,7 +67,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         get_spec(args.model)  # unknown model: fail before importing the heavy converter
         info = convert(args.model, args.split, args.output, calib_images=args.calib_images,
                        eval_images=args.eval_images, bias_correction=not args.no_bias_correction,
-                       seed=args.seed, progress=not args.quiet)
+                       seed=args.seed, progress=not args.quiet, qat_epochs=args.qat_epochs)
     except ModuleNotFoundError as exc:
         raise _error(f"missing converter dependency {exc.name!r}: pip install '.[convert]'") from exc
     except _user_errors() as exc:
@@ -150,6 +150,10 @@ def register(subparsers: Any) -> None:
                    "set, or 32 photo views for ImageNet models)")
     p.add_argument("--output", required=True, help="bundle directory to write")
     p.add_argument("--no-bias-correction", action="store_true", help="skip BN folding + bias correction")
+    p.add_argument("--qat-epochs", type=int, default=16,
+                   help="epochs of quantization-aware fine-tuning of the converted graph (weights, biases and "
+                        "activation scales) on the calibration images, distilled from the float edge half "
+                        "(default 16; 0: plain post-training quantization)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -165,17 +165,21 @@ def convert_edge_to_tflite(
     example: torch.Tensor,
     output: str | Path,
     progress: bool = True,
+    refine: Callable[[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``edge`` (NCHW float) to an int8 TFLite file with NHWC int8 input and output.
 
     ``calib`` yields NCHW float batches of real preprocessed images; ``example`` is one NCHW batch of 1.
-    Returns the interpreter's input/output details (shape, dtype, scale, zero point) and timings."""
+    ``refine``, if given, changes the converted PT2E graph in place before the TFLite conversion (e.g.
+    ``qat.qat_finetune``) and returns a summary, stored under ``"refine"``. Returns the interpreter's
+    input/output details (shape, dtype, scale, zero point) and timings."""
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
 
     t0 = time.time()
     quantized, quantizer = quantize_edge(edge, calib, example, progress)
     t_quant = time.time() - t0
+    refined = refine(quantized) if refine is not None else None
     nhwc = litert_torch.to_channel_last_io(quantized, args=[0], outputs=[0])
     example_nhwc = example.permute(0, 2, 3, 1).contiguous()
     try:
@@ -194,6 +198,7 @@ def convert_edge_to_tflite(
     info["conversion_seconds"] = time.time() - t0
     info["pt2e_seconds"] = t_quant  # export + observers + calibration + convert_pt2e
     info["size_bytes"] = output.stat().st_size
+    info["refine"] = refined
     return info
 
 

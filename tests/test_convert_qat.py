@@ -1,0 +1,74 @@
+"""Quantization-aware fine-tuning of a converted PT2E graph (lwfc_convert.qat) on the real resnet_fmnist edge
+half: the fake-quantized copy computes what the converted graph computes, fine-tuning lowers the int8 error
+against the float edge half, and the TFLite model converted from the tuned graph shows the same error."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="converter tests need torch (pip install '.[convert]')")
+pytest.importorskip("litert_torch", reason="conversion needs litert-torch (pip install '.[convert]')")
+pytest.importorskip("ai_edge_litert", reason="conversion needs ai-edge-litert (pip install '.[convert]')")
+
+from lwfc_convert import qat, split, tflite_export, zoo  # noqa: E402
+from lwfc_convert.bundle import calibration_and_eval_data  # noqa: E402
+from lwfc_convert.quant_fix import bias_correct  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def converted():
+    torch.manual_seed(0)
+    model = zoo.load_model("resnet_fmnist")
+    edge, _ = split.split(model, "stage2")
+    calib, ev, _ = calibration_and_eval_data("resnet_fmnist", 256, 64, seed=0, progress=False)
+    folded, _ = bias_correct(edge, calib)
+    quantized, quantizer = tflite_export.quantize_edge(folded, calib, calib[0][:1], progress=False)
+    return edge, quantized, quantizer, calib, ev[0][0][:64]
+
+
+def test_fake_quant_graph_matches_converted_graph(converted):
+    _, quantized, _, _, x = converted
+    fq = qat.fake_quant_graph(quantized)
+    with torch.no_grad():
+        batched = fq(x[:16])  # the copy runs batches; the converted graph is specialised to batch 1
+        single = torch.cat([quantized(x[i:i + 1]) for i in range(16)])
+    assert torch.allclose(batched, single, atol=1e-6)
+    assert set(dict(fq.named_parameters())) == set(dict(quantized.named_parameters()))
+
+
+def test_qat_lowers_int8_error_and_survives_tflite(converted, tmp_path):
+    import copy
+
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    edge, quantized, quantizer, calib, x = converted
+    tuned = copy.deepcopy(quantized)
+    summary = qat.qat_finetune(tuned, edge, calib, epochs=2, progress=False)
+    assert summary["calibration_rel_l2_after"] < summary["calibration_rel_l2_before"]
+    assert summary["images"] == 256 and len(summary["history"]) == 3
+    # learned activation scales were written into the graph's quantize/dequantize nodes
+    moved = [a for a in summary["activation_scales"] if a["scale_after"] != a["scale_before"]]
+    assert moved
+    assert qat._activation_groups(tuned).keys() == {(a["scale_after"], a["zero_point"])
+                                                    for a in summary["activation_scales"]}
+    with torch.no_grad():
+        ref = edge(x)
+        before = qat.relative_l2(torch.cat([quantized(x[i:i + 1]) for i in range(len(x))]), ref)
+        after = qat.relative_l2(torch.cat([tuned(x[i:i + 1]) for i in range(len(x))]), ref)
+    assert after < before  # held-out images, not the calibration set
+    # the tuned graph converts like the untuned one, and the int8 model computes what was simulated
+    nhwc = litert_torch.to_channel_last_io(tuned, args=[0], outputs=[0])
+    path = tmp_path / "edge.tflite"
+    litert_torch.convert(nhwc, (calib[0][:1].permute(0, 2, 3, 1).contiguous(),),
+                         quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+    assert tflite_export.check_int8(path) == []
+    _, deq = tflite_export.run_tflite(tflite_export.make_interpreter(path), x)
+    got = qat.relative_l2(torch.from_numpy(deq).permute(0, 3, 1, 2), ref)
+    assert got == pytest.approx(after, abs=0.004)
+
+
+def test_fake_quant_graph_rejects_a_float_graph(converted):
+    edge = converted[0]
+    with pytest.raises(ValueError, match="no quantize/dequantize pairs"):
+        qat.fake_quant_graph(torch.fx.symbolic_trace(edge) if not isinstance(edge, torch.fx.GraphModule) else edge)
