@@ -165,8 +165,9 @@ def test_tflite_runtime_matches_ai_edge_litert(resnet_bundle, tmp_path):
     rel = np.linalg.norm(got.astype(float) - ref) / np.linalg.norm(ref.astype(float) - z)
     print(f"tflite-runtime vs ai-edge-litert: max {diff.max()} steps, {(diff <= 1).mean():.4f} within 1 step, "
           f"relative L2 {rel:.4f}")
-    assert (diff <= 1).mean() >= 0.97 and diff.max() <= 8  # measured: 0.98, max 5 steps, 1.2%
-    assert rel <= 0.02
+    # measured with the QAT-tuned edge half: 95% within one step, max 5 steps, 2.4% (plain PTQ: 98%, 5, 1.2%);
+    # on 200 test images both runtimes are 2.7% from the float edge half, so neither is the worse one
+    assert (diff <= 1).mean() >= 0.93 and diff.max() <= 8 and rel <= 0.035
 
 
 def test_convert_cli_errors(tmp_path, capsys):
