@@ -40,7 +40,7 @@ def effnet_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("effnet_bundle")
     # A mid-network split keeps the test cheap; `lwfc convert` defaults to the deeper _blocks.8 point.
     info = bundle.convert("efficientnet_lite0", "_blocks.5._expand_act", out, calib_images=16,
-                          eval_images=8, progress=False)
+                          eval_images=8, progress=False, qat_epochs=2)  # the ResNet bundle tests the default
     return out, info
 
 
