@@ -151,7 +151,7 @@ def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
     t0 = time.time()
     xs = torch.cat([x for x in images]).float()
     with torch.no_grad():
-        target = torch.cat([teacher(xs[i:i + 1]) for i in range(len(xs))])
+        target = torch.cat([teacher(xs[i:i + batch]) for i in range(0, len(xs), batch)])
     student = fake_quant_graph(quantized, learn_scales)
     params = {n: p for n, p in student.named_parameters()}
     if not params:

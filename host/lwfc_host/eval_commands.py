@@ -55,26 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _check_extendable(previous: Path, bundle_dir: Path) -> None:
-    import json
-
-    from lwfc_host.cli import CommandError
-
-    try:
-        old = json.loads((previous / "evaluation.json").read_text(encoding="utf-8"))
-        new = json.loads((bundle_dir / "bundle.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CommandError(f"--extend {previous}: {exc}") from exc
-    for key in ("model", "split"):
-        if old.get("bundle", {}).get(key) != new.get(key):
-            raise CommandError(f"--extend {previous}: its bundle's {key} is {old.get('bundle', {}).get(key)!r}, "
-                               f"this bundle's is {new.get(key)!r}")
-
-
 def run(args: argparse.Namespace) -> int:
+    from lwfc_convert.bundle import read_bundle
     from lwfc_host.cli import CommandError
     from lwfc_host.evaluate import METRICS, evaluate_bundle
-    from lwfc_host.report import ExtendError, extend_evaluation, headline, write_report
+    from lwfc_host.report import ExtendError, check_extendable, extend_evaluation, headline, write_report
 
     if args.metric != "auto" and args.metric not in METRICS:
         raise CommandError(f"unknown metric {args.metric!r}; known: auto, {', '.join(METRICS)}")
@@ -109,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             raise CommandError(f"unknown clips {bad}: mse, model or sweep")
     if args.extend:  # the cheap checks before a long run; extend_evaluation checks the rest after it
-        _check_extendable(Path(args.extend), Path(args.bundle))
+        try:
+            check_extendable(Path(args.extend), read_bundle(Path(args.bundle)))
+        except (ExtendError, FileNotFoundError, ValueError) as exc:
+            raise CommandError(f"--extend: {exc}") from exc
     t0 = time.time()
     try:
         ev = evaluate_bundle(args.bundle, args.dataset, args.limit, args.quick, args.cache, args.metric, methods,

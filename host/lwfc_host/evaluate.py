@@ -393,7 +393,7 @@ def run_lwfc_combo(combo: tuple[str, str, int, float], stats: Any, data: EdgeDat
         frames = [encoder.frame_int8(data.q_eval[i]) for i in range(n)]
         t_enc = time.perf_counter() - t0
         dec = Decoder(tables)
-        lut = np.asarray(tables.index_of_q, dtype=np.uint8)
+        lut = encoder.lut
         m = n if vi == 0 else min(n, plan.decode_check)
         t_dec = 0.0
         outputs, se = [], 0.0

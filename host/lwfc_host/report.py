@@ -304,6 +304,23 @@ class ExtendError(ValueError):
     """An evaluation cannot be extended with another (different bundle, data or tensors)."""
 
 
+def check_extendable(previous_dir: Path, bundle: dict) -> Evaluation:
+    """The evaluation saved in ``previous_dir``, if a run on ``bundle`` (its bundle.json) may extend it: same
+    model and split. Raises ExtendError otherwise (what a run can be checked against before it starts)."""
+    path = previous_dir / "evaluation.json"
+    if not path.exists():
+        raise ExtendError(f"{previous_dir} holds no evaluation.json to extend")
+    try:
+        old = load_evaluation(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ExtendError(f"cannot read {path}: {exc}") from exc
+    for key in ("model", "split"):
+        if old.bundle.get(key) != bundle.get(key):
+            raise ExtendError(f"cannot extend {previous_dir}: its bundle's {key} is {old.bundle.get(key)!r}, "
+                              f"this bundle's is {bundle.get(key)!r}")
+    return old
+
+
 def extend_evaluation(previous_dir: str | Path, new: Evaluation) -> Evaluation:
     """``new``'s points added to the evaluation saved in ``previous_dir`` (``lwfc eval --extend``).
 
@@ -312,15 +329,10 @@ def extend_evaluation(previous_dir: str | Path, new: Evaluation) -> Evaluation:
     the same method and setting. Plans are merged (unions), wall and method seconds summed, commands kept in
     order. The earlier points' table files are read back, so that the report written next holds them all."""
     previous_dir = Path(previous_dir)
-    path = previous_dir / "evaluation.json"
-    if not path.exists():
-        raise ExtendError(f"{previous_dir} holds no evaluation.json to extend")
-    old = load_evaluation(path)
+    old = check_extendable(previous_dir, new.bundle)
     for what, a, b in (("edge-output cache (bundle files, data set, images)", Path(old.edge_cache).name,
                         Path(new.edge_cache).name),
-                       ("number of tensors", old.tensors, new.tensors), ("metric", old.metric, new.metric),
-                       ("model", old.bundle.get("model"), new.bundle.get("model")),
-                       ("split", old.bundle.get("split"), new.bundle.get("split"))):
+                       ("number of tensors", old.tensors, new.tensors), ("metric", old.metric, new.metric)):
         if a != b:
             raise ExtendError(f"cannot extend {previous_dir}: its {what} is {a!r}, this run's is {b!r}")
     for p in old.points:
