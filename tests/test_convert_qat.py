@@ -50,8 +50,12 @@ def test_qat_lowers_int8_error_and_survives_tflite(converted, tmp_path):
     # learned activation scales were written into the graph's quantize/dequantize nodes
     moved = [a for a in summary["activation_scales"] if a["scale_after"] != a["scale_before"]]
     assert moved
-    assert qat._activation_groups(tuned).keys() == {(a["scale_after"], a["zero_point"])
-                                                    for a in summary["activation_scales"]}
+    nodes = {n.name: n for n in tuned.graph.nodes}
+    for group in summary["activation_scales"]:
+        for name in group["tensors"]:
+            q = nodes[name]
+            assert q.args[1] == group["scale_after"] and q.args[2] == group["zero_point"]
+            assert all(d.args[1] == group["scale_after"] for d in q.users)  # its dequantize nodes too
     with torch.no_grad():
         ref = edge(x)
         before = qat.relative_l2(torch.cat([quantized(x[i:i + 1]) for i in range(len(x))]), ref)
@@ -72,3 +76,35 @@ def test_fake_quant_graph_rejects_a_float_graph(converted):
     edge = converted[0]
     with pytest.raises(ValueError, match="no quantize/dequantize pairs"):
         qat.fake_quant_graph(torch.fx.symbolic_trace(edge) if not isinstance(edge, torch.fx.GraphModule) else edge)
+
+
+def test_activation_groups_tie_only_what_tflite_shares():
+    """A padding keeps its input's quantization (one group); two ReLU6 outputs calibrated to the same 0..6
+    range are different tensors (two groups), so each may learn its own scale."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 4, 3)
+            self.b = torch.nn.Conv2d(4, 4, 3)
+            with torch.no_grad():
+                self.b.weight.mul_(20)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.relu6(self.a(x))
+            y = torch.nn.functional.pad(y, (1, 1, 1, 1))
+            return torch.nn.functional.relu6(self.b(y))
+
+    torch.manual_seed(0)
+    calib = [4 * torch.randn(8, 3, 12, 12)]  # wide enough that both ReLU6 outputs saturate at 6
+    quantized, _ = tflite_export.quantize_edge(Net().eval(), calib, calib[0][:1], progress=False)
+    by_input = {}
+    for n in quantized.graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default:
+            by_input[n.args[0].name] = n
+    relus = [k for k in by_input if "hardtanh" in k or "relu6" in k]
+    pad = next(k for k in by_input if "pad" in k)
+    assert len(relus) == 2 and by_input[relus[0]].args[1] == by_input[relus[1]].args[1]  # same 0..6 scale
+    groups = {name: i for i, names in enumerate(qat._activation_groups(quantized)) for name in names}
+    assert groups[by_input[pad].name] == groups[by_input[relus[0]].name]
+    assert groups[by_input[relus[0]].name] != groups[by_input[relus[1]].name]

@@ -41,16 +41,50 @@ def _q_ops() -> tuple[Any, Any]:
     return _Q.quantize_per_tensor.default, _Q.quantize_per_channel.default
 
 
-def _activation_groups(gm: fx.GraphModule) -> dict[tuple[float, int], list[str]]:
-    """Per-tensor quantize nodes grouped by (scale, zero point). Tensors that must share their quantization
-    (concatenation inputs, padding and max pooling: shared specs) carry equal values, so a learned scale is
-    learned per group and they stay equal; unrelated tensors with equal ranges (ReLU6's 0..6) are tied too."""
-    groups: dict[tuple[float, int], list[str]] = {}
+def _activation_groups(gm: fx.GraphModule) -> list[list[str]]:
+    """Per-tensor quantize nodes that must share one scale and zero point, as lists of node names, in graph
+    order. Two quantize nodes are tied when they quantize the same tensor (a tensor with several consumers
+    gets one quantize node per consumer) or when one quantizes the output of a padding, max-pooling or
+    concatenation whose input the other quantizes with the same parameters (TFLite runs those ops without
+    rescaling: shared specs in ``tflite_export``). Every other tensor gets its own scale, so that, e.g.,
+    each ReLU6 output may learn its own clipping range."""
+    from .tflite_export import CAT_TARGETS, SHARE_TARGETS, _aten_name
+
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def params(q: fx.Node) -> tuple[float, int]:
+        return float(_const(gm, q.args[1])), int(_const(gm, q.args[2]))
+
+    by_input: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == _Q.quantize_per_tensor.default:
-            key = (float(_const(gm, node.args[1])), int(_const(gm, node.args[2])))
-            groups.setdefault(key, []).append(node.name)
-    return groups
+        if not (node.op == "call_function" and node.target == _Q.quantize_per_tensor.default):
+            continue
+        parent[node.name] = node.name
+        x = node.args[0]
+        if not isinstance(x, fx.Node):
+            continue
+        key = f"{x.name}/{params(node)}"
+        if key in by_input:
+            parent[find(node.name)] = find(by_input[key])
+        else:
+            by_input[key] = node.name
+        if x.op == "call_function" and _aten_name(x) in SHARE_TARGETS + CAT_TARGETS:
+            inputs = x.args[0] if _aten_name(x) in CAT_TARGETS else [x.args[0]]
+            for d in inputs:
+                if (isinstance(d, fx.Node) and d.target == _Q.dequantize_per_tensor.default
+                        and isinstance(d.args[0], fx.Node) and d.args[0].target == _Q.quantize_per_tensor.default
+                        and params(d.args[0]) == params(node)):
+                    parent[find(node.name)] = find(d.args[0].name)
+    groups: dict[str, list[str]] = {}
+    for name in parent:
+        groups.setdefault(find(name), []).append(name)
+    return list(groups.values())
 
 
 def fake_quant_graph(quantized: fx.GraphModule, learn_scales: bool = False) -> fx.GraphModule:
@@ -59,20 +93,24 @@ def fake_quant_graph(quantized: fx.GraphModule, learn_scales: bool = False) -> f
     runs batches; the exported graph is specialised to batch 1). Parameters are copies.
 
     ``learn_scales``: each group of activation quantizers (:func:`_activation_groups`) gets a trainable
-    scale, the parameter ``qat_scales`` (one entry per group, in the order of ``qat_scale_keys``), with LSQ's
-    gradient (Esser et al. 2020); zero points stay."""
+    scale, stored as its logarithm in the parameter ``qat_log_scales`` (one entry per group, in the order of
+    ``qat_groups``, the groups' quantize node names) so that one learning rate moves small and large scales
+    by the same fraction; LSQ's gradient (Esser et al. 2020); zero points stay."""
     gm = copy.deepcopy(quantized)
     g = gm.graph
     group_of: dict[str, int] = {}
     if learn_scales:
-        groups = _activation_groups(gm)
-        gm.qat_scale_keys = list(groups)
-        gm.register_parameter("qat_scales", nn.Parameter(torch.tensor([k[0] for k in groups], dtype=torch.float32)))
-        gm.register_buffer("qat_zero_points", torch.tensor([float(k[1]) for k in groups], dtype=torch.float32))
-        group_of = {name: i for i, names in enumerate(groups.values()) for name in names}
+        gm.qat_groups = _activation_groups(gm)
+        nodes = {n.name: n for n in g.nodes}
+        first_q = [nodes[names[0]] for names in gm.qat_groups]
+        log_scales = [math.log(float(_const(gm, q.args[1]))) for q in first_q]
+        gm.register_parameter("qat_log_scales", nn.Parameter(torch.tensor(log_scales, dtype=torch.float32)))
+        gm.register_buffer("qat_zero_points", torch.tensor([float(_const(gm, q.args[2])) for q in first_q],
+                                                            dtype=torch.float32))
+        group_of = {name: i for i, names in enumerate(gm.qat_groups) for name in names}
         first = next(n for n in g.nodes if n.op != "placeholder")
         with g.inserting_before(first):
-            scales_node = g.get_attr("qat_scales")
+            scales_node = g.call_function(torch.exp, (g.get_attr("qat_log_scales"),))
             zps_node = g.get_attr("qat_zero_points")
     pairs = 0
     for node in list(g.nodes):
@@ -113,18 +151,16 @@ def fake_quant_graph(quantized: fx.GraphModule, learn_scales: bool = False) -> f
     return gm
 
 
-def set_activation_scales(quantized: fx.GraphModule, new: dict[tuple[float, int], float]) -> int:
-    """Write learned scales into ``quantized``'s per-tensor quantize and dequantize nodes: every node whose
-    (scale, zero point) is a key of ``new`` gets that key's new scale. Returns the number of nodes changed."""
+def set_activation_scales(quantized: fx.GraphModule, new: dict[str, float]) -> int:
+    """Write learned scales into ``quantized``: ``new`` maps a per-tensor quantize node's name to its new
+    scale, which that node and the dequantize nodes reading it get. Returns the number of nodes changed."""
     changed = 0
     for node in quantized.graph.nodes:
-        if node.op == "call_function" and node.target in (_Q.quantize_per_tensor.default,
-                                                          _Q.dequantize_per_tensor.default):
-            key = (float(_const(quantized, node.args[1])), int(_const(quantized, node.args[2])))
-            if key in new:
-                args = list(node.args)
-                args[1] = float(new[key])
-                node.args = tuple(args)
+        if node.op == "call_function" and node.target == _Q.quantize_per_tensor.default and node.name in new:
+            for n in [node] + [u for u in node.users if u.target == _Q.dequantize_per_tensor.default]:
+                args = list(n.args)
+                args[1] = float(new[node.name])
+                n.args = tuple(args)
                 changed += 1
     quantized.recompile()
     return changed
@@ -137,14 +173,15 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable[torch.Tensor],
                  epochs: int = 16, lr: float = 1e-4, batch: int = 16, seed: int = 0, learn_scales: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
+                 scale_lr: float = 1e-3, progress: bool = True) -> dict[str, Any]:
     """Fine-tune the float weights and biases of ``quantized`` (a ``convert_pt2e`` graph, changed in place)
     so that its simulated int8 output matches ``teacher`` (the float edge half, NCHW) on ``images``
     (NCHW batches). Adam on the relative squared error, ``epochs`` passes over the images in random
     batches of ``batch``; the learning rate decays to zero on a cosine. Weights are clipped to their int8
     range by the fake-quantizers' zero gradient outside it. ``learn_scales``: the activation scales are
-    trained too (LSQ, a tenth of the learning rate; groups as in :func:`fake_quant_graph`) and written back
-    into the graph (:func:`set_activation_scales`). Returns a summary with the relative L2 error on
+    trained too (LSQ on the logarithm of each scale with learning rate ``scale_lr``, i.e. about that
+    fraction of the scale per step; groups as in :func:`_activation_groups`) and written back into the
+    graph (:func:`set_activation_scales`). Returns a summary with the relative L2 error on
     ``images`` before and after; the parameters of the best epoch (by that error) are kept."""
     from tqdm import tqdm
 
@@ -166,8 +203,8 @@ def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
 
     before = best = error()
     best_state = {n: p.detach().clone() for n, p in params.items()}
-    opt = torch.optim.Adam([{"params": [p for n, p in params.items() if n != "qat_scales"], "lr": lr},
-                            {"params": [p for n, p in params.items() if n == "qat_scales"], "lr": lr / 10}])
+    opt = torch.optim.Adam([{"params": [p for n, p in params.items() if n != "qat_log_scales"], "lr": lr},
+                            {"params": [p for n, p in params.items() if n == "qat_log_scales"], "lr": scale_lr}])
     steps = epochs * math.ceil(len(xs) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
@@ -182,9 +219,6 @@ def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
             loss.backward()
             opt.step()
             sched.step()
-            if learn_scales:
-                with torch.no_grad():
-                    student.qat_scales.clamp_(min=1e-8)
         err = error()
         history.append(err)
         if err < best:
@@ -193,17 +227,21 @@ def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
     with torch.no_grad():
         own = dict(quantized.named_parameters())
         for n, v in best_state.items():
-            if n != "qat_scales":
+            if n != "qat_log_scales":
                 own[n].copy_(v)
-    scales = {}
+    scales = []
     if learn_scales:
-        scales = {k: float(v) for k, v in zip(student.qat_scale_keys, best_state["qat_scales"])}
-        set_activation_scales(quantized, scales)
+        nodes = {n.name: n for n in quantized.graph.nodes}
+        for names, log_s in zip(student.qat_groups, best_state["qat_log_scales"].tolist()):
+            q = nodes[names[0]]
+            scales.append({"tensors": names, "scale_before": float(_const(quantized, q.args[1])),
+                           "zero_point": int(_const(quantized, q.args[2])), "scale_after": math.exp(log_s)})
+        set_activation_scales(quantized, {n: a["scale_after"] for a in scales for n in a["tensors"]})
     return {"method": "QAT fine-tuning of the converted graph's weights and biases"
                       + (" and activation scales (LSQ)" if learn_scales else " (PT2E's scales fixed)")
                       + ", distilled from the float edge half",
-            "epochs": epochs, "lr": lr, "batch": batch, "images": len(xs),
+            "epochs": epochs, "lr": lr, "scale_lr": scale_lr if learn_scales else None, "batch": batch,
+            "images": len(xs),
             "calibration_rel_l2_before": before, "calibration_rel_l2_after": best,
-            "activation_scales": [{"scale_before": k[0], "zero_point": k[1], "scale_after": v}
-                                  for k, v in scales.items()],
+            "activation_scales": scales,
             "history": history, "seconds": time.time() - t0}
