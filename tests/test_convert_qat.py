@@ -70,6 +70,11 @@ def test_qat_lowers_int8_error_and_survives_tflite(converted, tmp_path):
     _, deq = tflite_export.run_tflite(tflite_export.make_interpreter(path), x)
     got = qat.relative_l2(torch.from_numpy(deq).permute(0, 3, 1, 2), ref)
     assert got == pytest.approx(after, abs=0.004)
+    # the error budget's full simulation is what the TFLite model shows; its parts are smaller
+    budget = qat.error_budget(tuned, edge, [x])
+    assert budget["images"] == len(x)
+    assert budget["int8"] == pytest.approx(got, abs=0.004)
+    assert 0 < budget["output_rounding"] < budget["weights_and_output"] < budget["int8"]
 
 
 def test_fake_quant_graph_rejects_a_float_graph(converted):

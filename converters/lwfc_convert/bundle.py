@@ -17,6 +17,9 @@ BUNDLE_VERSION = 1
 # int8 error and top-1 agreement; calibration uses random crops of the other photos.
 HELD_OUT_PHOTOS = ("skimage/coffee", "skimage/chelsea", "matplotlib/grace_hopper", "sklearn/china")
 
+# The int8 error budget (qat.error_budget) is simulated on at most this many held-out images.
+ERROR_BUDGET_IMAGES = 512
+
 
 def _rel_l2(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-12))
@@ -42,6 +45,17 @@ def _photo_views(names: list[str], n: int, size: int, seed: int, random_crops: b
                 img = img[:, ::-1]
         views.append(np.asarray(Image.fromarray(np.ascontiguousarray(img))))
     return views
+
+
+def _first_images(batches: list[Any], limit: int) -> list[Any]:
+    """The first ``limit`` images of a list of NCHW batches, as batches."""
+    out, n = [], 0
+    for x in batches:
+        if n >= limit:
+            break
+        out.append(x[: limit - n])
+        n += len(out[-1])
+    return out
 
 
 def calibration_and_eval_data(name: str, calib_images: int, eval_images: int | None, seed: int = 0,
@@ -181,14 +195,26 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
         edge_q, bc_info = bias_correct(edge, calib)
     t_bc = time.time() - t0
     t0 = time.time()
-    refine = None
-    if qat_epochs > 0:  # fine-tune the converted graph against the float edge half (qat.py)
-        from .qat import qat_finetune
+    from .qat import error_budget, qat_finetune
 
-        def refine(quantized: Any) -> dict[str, Any]:
-            return qat_finetune(quantized, edge, calib, epochs=qat_epochs, seed=seed, progress=progress)
+    graph: dict[str, Any] = {}
+
+    def refine(quantized: Any) -> dict[str, Any] | None:
+        graph["quantized"] = quantized  # kept for the error budget below
+        if qat_epochs <= 0:
+            return None
+        # fine-tune the converted graph against the float edge half (qat.py)
+        return qat_finetune(quantized, edge, calib, epochs=qat_epochs, seed=seed, progress=progress)
+
     tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], out / "edge.tflite", progress, refine=refine)
     t_tflite = time.time() - t0
+    t0 = time.time()
+    budget_images = _first_images([x for x, *_ in ev], ERROR_BUDGET_IMAGES)
+    try:
+        budget: dict[str, Any] = error_budget(graph["quantized"], edge, budget_images)
+    except ValueError as exc:  # e.g. an output that is not quantized per tensor: say so, keep the bundle
+        budget = {"unavailable": str(exc)}
+    budget["seconds"] = time.time() - t0
     problems = check_int8(out / "edge.tflite")
     if problems:
         from .tflite_export import ExportError
@@ -238,6 +264,7 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
                    "onnx_export_seconds": t_onnx},
         "bias_correction": bc_info,
         "qat": tfl["refine"],
+        "int8_error_budget": budget,
         "versions": _versions(),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.machine(),

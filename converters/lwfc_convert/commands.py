@@ -89,6 +89,13 @@ def print_summary(info: dict[str, Any], where: Any) -> None:
     print(f"  evaluated on {info['evaluation_set']}")
     for k, v in acc.items():
         print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
+    budget = info.get("int8_error_budget")  # bundles written before it existed lack it
+    if budget and "int8" in budget:
+        print(f"  int8 error budget (relative L2, simulated on {budget['images']} held-out images): output "
+              f"rounding alone {budget['output_rounding']:.2%}, + int8 weights {budget['weights_and_output']:.2%}"
+              f", + int8 activations {budget['int8']:.2%}")
+    elif budget:
+        print(f"  int8 error budget: {budget.get('unavailable')}")
     t = info["timing"]
     print(f"  conversion: {t['total_seconds']:.1f} s total, TFLite {t['tflite_conversion_seconds']:.1f} s")
 

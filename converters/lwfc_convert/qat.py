@@ -171,6 +171,46 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp(min=1e-12))
 
 
+def error_budget(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable[torch.Tensor],
+                 batch: int = 16) -> dict[str, Any]:
+    """Where the int8 error of ``quantized`` (a ``convert_pt2e`` graph) against ``teacher`` (the float edge
+    half) comes from, as relative L2 errors over ``images`` (NCHW batches), each simulated with
+    :func:`fake_quant_graph`:
+
+    - ``output_rounding``: the float output rounded to the int8 output's scale and zero point: the floor no
+      change inside the edge half can remove;
+    - ``weights_and_output``: int8 weights and output, every other activation left in float;
+    - ``int8``: everything quantized (what the TFLite model computes, to about 0.1%).
+    """
+    fq = fake_quant_graph(quantized)
+    out = next(n for n in fq.graph.nodes if n.op == "output").args[0]
+    last = out[0] if isinstance(out, (tuple, list)) else out
+    if not (isinstance(last, fx.Node) and last.target == torch.fake_quantize_per_tensor_affine):
+        raise ValueError("the graph's output is not quantized per tensor")
+    out_params = last.args[1:5]
+    weights_only = copy.deepcopy(fq)
+    for node in list(weights_only.graph.nodes):
+        if node.target == torch.fake_quantize_per_tensor_affine and node.name != last.name:
+            node.replace_all_uses_with(node.args[0])
+            weights_only.graph.erase_node(node)
+    weights_only.recompile()
+    sums = {"output_rounding": 0.0, "weights_and_output": 0.0, "int8": 0.0}
+    norm = 0.0
+    n = 0
+    with torch.no_grad():
+        for x in images:
+            for i in range(0, len(x), batch):
+                xb = x[i:i + batch].float()
+                ref = teacher(xb)
+                got = {"output_rounding": torch.fake_quantize_per_tensor_affine(ref, *out_params),
+                       "weights_and_output": weights_only(xb), "int8": fq(xb)}
+                for k, v in got.items():
+                    sums[k] += float((v - ref).pow(2).sum())
+                norm += float(ref.pow(2).sum())
+                n += len(xb)
+    return {"images": n, **{k: math.sqrt(v / max(norm, 1e-30)) for k, v in sums.items()}}
+
+
 def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable[torch.Tensor],
                  epochs: int = 16, lr: float = 1e-4, batch: int = 16, seed: int = 0, learn_scales: bool = True,
                  scale_lr: float = 1e-3, progress: bool = True) -> dict[str, Any]:
