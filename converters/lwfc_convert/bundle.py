@@ -208,6 +208,11 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
 
     tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], out / "edge.tflite", progress, refine=refine)
     t_tflite = time.time() - t0
+    problems = check_int8(out / "edge.tflite")
+    if problems:
+        from .tflite_export import ExportError
+
+        raise ExportError(f"edge half is not fully int8: {'; '.join(sorted(set(problems)))}")
     t0 = time.time()
     budget_images = _first_images([x for x, *_ in ev], ERROR_BUDGET_IMAGES)
     try:
@@ -215,11 +220,6 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
     except ValueError as exc:  # e.g. an output that is not quantized per tensor: say so, keep the bundle
         budget = {"unavailable": str(exc)}
     budget["seconds"] = time.time() - t0
-    problems = check_int8(out / "edge.tflite")
-    if problems:
-        from .tflite_export import ExportError
-
-        raise ExportError(f"edge half is not fully int8: {'; '.join(sorted(set(problems)))}")
     t0 = time.time()
     onnx_info = export_cloud_onnx(cloud, tuple(point["shape_chw"]), out / "cloud.onnx")
     t_onnx = time.time() - t0

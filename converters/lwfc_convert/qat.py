@@ -61,7 +61,7 @@ def _activation_groups(gm: fx.GraphModule) -> list[list[str]]:
     def params(q: fx.Node) -> tuple[float, int]:
         return float(_const(gm, q.args[1])), int(_const(gm, q.args[2]))
 
-    by_input: dict[str, str] = {}
+    by_input: dict[tuple[str, tuple[float, int]], str] = {}
     for node in gm.graph.nodes:
         if not (node.op == "call_function" and node.target == _Q.quantize_per_tensor.default):
             continue
@@ -69,17 +69,15 @@ def _activation_groups(gm: fx.GraphModule) -> list[list[str]]:
         x = node.args[0]
         if not isinstance(x, fx.Node):
             continue
-        key = f"{x.name}/{params(node)}"
-        if key in by_input:
-            parent[find(node.name)] = find(by_input[key])
-        else:
-            by_input[key] = node.name
+        own = params(node)
+        first = by_input.setdefault((x.name, own), node.name)
+        parent[find(node.name)] = find(first)
         if x.op == "call_function" and _aten_name(x) in SHARE_TARGETS + CAT_TARGETS:
             inputs = x.args[0] if _aten_name(x) in CAT_TARGETS else [x.args[0]]
             for d in inputs:
                 if (isinstance(d, fx.Node) and d.target == _Q.dequantize_per_tensor.default
                         and isinstance(d.args[0], fx.Node) and d.args[0].target == _Q.quantize_per_tensor.default
-                        and params(d.args[0]) == params(node)):
+                        and params(d.args[0]) == own):
                     parent[find(node.name)] = find(d.args[0].name)
     groups: dict[str, list[str]] = {}
     for name in parent:
