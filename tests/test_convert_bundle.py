@@ -108,6 +108,25 @@ def test_effnet_bundle(effnet_bundle):
     assert acc["cloud_onnx_vs_torch_max_rel_l2_error"] <= 1e-4
     assert acc["edge_int8_rel_l2_error"] <= 0.05
     assert acc["float_top1_in_int8_top5"] >= 0.9
+
+
+def test_effnet_bundle_input_is_the_exact_pixel_grid(effnet_bundle):
+    """EfficientNet-Lite's (p - 127)/128 pixels are int8 values p - 128 exactly: the TFLite model's input
+    has that grid (not the calibrated one, nor one QAT learned) and quantizing real photos loses nothing."""
+    out, info = effnet_bundle
+    inp = tflite_export.tflite_io_details(out / "edge.tflite")["input"]
+    assert inp["scale"] == pytest.approx(1 / 128, rel=1e-6) and inp["zero_point"] == -1
+    assert info["edge"]["quantization"]["input"].startswith("exact")
+    from lwfc.runner import preprocess as device_preprocess
+    from lwfc.runner import resize_crop
+    from lwfc_convert.datasets import load_photo, photo_paths
+
+    img = load_photo(photo_paths()["skimage/coffee"])
+    x = device_preprocess(img, info["preprocessing"])[0]  # NHWC float, what the board computes
+    q = np.round(x / inp["scale"]) + inp["zero_point"]
+    pixels = np.asarray(resize_crop(img, 256, 224)).astype(int)
+    assert np.array_equal(q, pixels - 128)
+    assert np.abs((q - inp["zero_point"]) * inp["scale"] - x).max() < 1e-6
     # The deployed halves still see espresso in the coffee photo and a cat in Chelsea.
     from lwfc_convert.datasets import photos
 

@@ -113,3 +113,35 @@ def test_activation_groups_tie_only_what_tflite_shares():
     groups = {name: i for i, names in enumerate(qat._activation_groups(quantized)) for name in names}
     assert groups[by_input[pad].name] == groups[by_input[relus[0]].name]
     assert groups[by_input[relus[0]].name] != groups[by_input[relus[1]].name]
+
+
+def test_fixed_input_quantization_is_kept_by_qat():
+    """fix_input_quantization sets the input's grid on the input and on the padding that shares it, and
+    QAT trains the other scales but leaves that interface alone."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 8, 3, 2)
+            self.b = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.relu6(self.a(torch.nn.functional.pad(x, (0, 1, 0, 1))))
+            return torch.relu(self.b(y))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    calib = [(torch.randint(0, 256, (16, 3, 12, 12)).float() - 127) / 128 for _ in range(2)]
+    quantized, _ = tflite_export.quantize_edge(net, calib, calib[0][:1], progress=False,
+                                               input_qparams=(1 / 128, -1))
+    names = qat.input_quantizers(quantized)
+    assert len(names) == 2  # the input and its padding
+    nodes = {n.name: n for n in quantized.graph.nodes}
+    for name in names:
+        assert (nodes[name].args[1], nodes[name].args[2]) == (1 / 128, -1)
+        assert all((d.args[1], d.args[2]) == (1 / 128, -1) for d in nodes[name].users)
+    summary = qat.qat_finetune(quantized, net, calib, epochs=2, progress=False)
+    assert summary["activation_scales"] and not any(set(names) & set(a["tensors"])
+                                                    for a in summary["activation_scales"])
+    nodes = {n.name: n for n in quantized.graph.nodes}
+    assert all((nodes[name].args[1], nodes[name].args[2]) == (1 / 128, -1) for name in names)

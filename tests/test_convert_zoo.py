@@ -55,6 +55,22 @@ def test_imagenet_models_predict_what_a_person_expects(name):
     assert top1["skimage/chelsea"] in CAT_CLASSES
 
 
+def test_exact_int8_input_grids():
+    from lwfc_convert.preprocess import exact_int8_input
+
+    # EfficientNet-Lite's (p - 127)/128: q = p - 128 with scale 1/128 and zero point -1
+    assert exact_int8_input(zoo.get_spec("efficientnet_lite0").preprocess) == (1 / 128, -1)
+    # raw 0..255 pixels (the CenterNet detector): scale 1, zero point -128
+    assert exact_int8_input(zoo.get_spec("centernet_mbv3_coco").preprocess) == (1.0, -128)
+    # x = (p - 127.5)/127.5 falls halfway between int8 steps; per-channel Caffe means differ; Fashion-MNIST's
+    # mean is fractional and the backbone's grey images are resampled: no exact grid
+    assert exact_int8_input({"kind": "rgb", "size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}) is None
+    assert exact_int8_input(zoo.get_spec("squeezenet1_1").preprocess) is None
+    assert exact_int8_input(zoo.get_spec("resnet_fmnist").preprocess) is None
+    assert exact_int8_input(zoo.get_spec("efficientnet_lite0_fmnist").preprocess) is None
+    assert exact_int8_input({"kind": "caffe", "size": 8, "mean": [128.0] * 3}) == (1.0, 0)
+
+
 def test_efficientnet_definition_is_faithful():
     model = zoo.load_model("efficientnet_lite0")
     acts = {type(m).__name__ for m in model.modules()}

@@ -206,7 +206,12 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
         # fine-tune the converted graph against the float edge half (qat.py)
         return qat_finetune(quantized, edge, calib, epochs=qat_epochs, seed=seed, progress=progress)
 
-    tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], out / "edge.tflite", progress, refine=refine)
+    from .preprocess import exact_int8_input
+
+    # When the preprocessed pixels lie on an int8 grid, the input takes that grid, not a calibrated one.
+    input_grid = exact_int8_input(spec.preprocess)
+    tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], out / "edge.tflite", progress, refine=refine,
+                                 input_qparams=input_grid)
     t_tflite = time.time() - t0
     problems = check_int8(out / "edge.tflite")
     if problems:
@@ -246,7 +251,9 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
             "quantization": {"scheme": "PT2E static, per-channel symmetric int8 weights, per-tensor int8 "
                                        "activations (histogram observer)",
                              "calibration_images": calib_images, "seed": seed,
-                             "bias_correction": bias_correction, "qat_epochs": qat_epochs},
+                             "bias_correction": bias_correction, "qat_epochs": qat_epochs,
+                             "input": ("exact: q = pixel - 128" if input_grid is not None
+                                       else "calibrated")},
         },
         "cloud": {"file": "cloud.onnx", **onnx_info},
         "feature": {"shape_nhwc": tfl["output"]["shape"], "shape_chw": point["shape_chw"],

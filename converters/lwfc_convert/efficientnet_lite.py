@@ -81,7 +81,7 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 classifier. Input N x 3 x S x S (RGB scaled to [-1, 1], S = ``image_size``,
+    """EfficientNet-Lite0 classifier. Input N x 3 x S x S (RGB pixels p as (p - 127) / 128, S = ``image_size``,
     224 for the ImageNet weights), output ``num_classes`` logits."""
 
     def __init__(self, num_classes: int = 1000, image_size: int = 224, dropout: float = 0.2) -> None:

@@ -8,6 +8,8 @@ Kinds:
 - ``caffe``: like ``rgb`` but on the 0..255 scale: ``x - mean`` in ``order`` (Caffe models, BGR).
 - ``grey_to_rgb``: grey uint8 N x H x W -> resized to ``size`` (bilinear), replicated to 3 channels,
   then like ``rgb`` (used to feed Fashion-MNIST to an ImageNet backbone).
+
+:func:`exact_int8_input` says when the int8 input of an edge half can hold the preprocessed pixels exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +25,32 @@ def _resize_crop(img: np.ndarray, resize: int, size: int) -> np.ndarray:
     from lwfc.runner import resize_crop
 
     return np.asarray(resize_crop(img, resize, size))
+
+
+def exact_int8_input(spec: dict[str, Any]) -> tuple[float, int] | None:
+    """The int8 input quantization (scale, zero point) that represents every image preprocessed by
+    ``spec`` exactly, or None if there is none.
+
+    ``rgb`` and ``caffe`` preprocessing feed whole pixel values p in 0..255 (resizing works on uint8) through
+    x = (p - M) / D per channel (M = 255 mean, D = 255 std for ``rgb``; M = mean, D = std or 1 for
+    ``caffe``). When all channels share M and D and M - 128 is an integer, the int8 value q = p - 128 with
+    scale 1/D and zero point M - 128 is that x exactly: the input costs no rounding at all. A calibrated
+    scale instead puts most pixels between two int8 steps (e.g. x = (p - 127.5)/127.5 falls exactly halfway
+    between the steps of scale 2/255), noise that the first layers amplify. ``grey`` with its fractional
+    Fashion-MNIST mean, and resampled ``grey_to_rgb`` images, have no such grid."""
+    kind = spec.get("kind")
+    if kind not in ("rgb", "caffe"):
+        return None
+    unit = 255.0 if kind == "rgb" else 1.0
+    means = {round(float(m) * unit, 6) for m in spec["mean"]}
+    stds = {round(float(d) * unit, 6) for d in spec.get("std", [1.0, 1.0, 1.0])}
+    if len(means) != 1 or len(stds) != 1:
+        return None
+    offset, step = means.pop(), stds.pop()
+    zero_point = offset - 128.0
+    if step <= 0 or zero_point != round(zero_point) or not -128 <= zero_point <= 127:
+        return None
+    return 1.0 / step, int(zero_point)
 
 
 def make_preprocess(spec: dict[str, Any]) -> Callable[[Any], Any]:

@@ -93,13 +93,16 @@ def fake_quant_graph(quantized: fx.GraphModule, learn_scales: bool = False) -> f
     ``learn_scales``: each group of activation quantizers (:func:`_activation_groups`) gets a trainable
     scale, stored as its logarithm in the parameter ``qat_log_scales`` (one entry per group, in the order of
     ``qat_groups``, the groups' quantize node names) so that one learning rate moves small and large scales
-    by the same fraction; LSQ's gradient (Esser et al. 2020); zero points stay."""
+    by the same fraction; LSQ's gradient (Esser et al. 2020); zero points stay. The group that quantizes
+    the model's input is not trained: it is the device's interface, calibrated or set to the pixels' exact
+    grid (:func:`fix_input_quantization`)."""
     gm = copy.deepcopy(quantized)
     g = gm.graph
     group_of: dict[str, int] = {}
     if learn_scales:
-        gm.qat_groups = _activation_groups(gm)
         nodes = {n.name: n for n in g.nodes}
+        fixed = set(input_quantizers(gm))
+        gm.qat_groups = [names for names in _activation_groups(gm) if not fixed.intersection(names)]
         first_q = [nodes[names[0]] for names in gm.qat_groups]
         log_scales = [math.log(float(_const(gm, q.args[1]))) for q in first_q]
         gm.register_parameter("qat_log_scales", nn.Parameter(torch.tensor(log_scales, dtype=torch.float32)))
@@ -149,19 +152,45 @@ def fake_quant_graph(quantized: fx.GraphModule, learn_scales: bool = False) -> f
     return gm
 
 
-def set_activation_scales(quantized: fx.GraphModule, new: dict[str, float]) -> int:
-    """Write learned scales into ``quantized``: ``new`` maps a per-tensor quantize node's name to its new
-    scale, which that node and the dequantize nodes reading it get. Returns the number of nodes changed."""
+def set_activation_scales(quantized: fx.GraphModule, new: dict[str, float | tuple[float, int]]) -> int:
+    """Write scales into ``quantized``: ``new`` maps a per-tensor quantize node's name to its new scale, or
+    to a (scale, zero point) pair, which that node and the dequantize nodes reading it get. Returns the
+    number of nodes changed."""
     changed = 0
     for node in quantized.graph.nodes:
         if node.op == "call_function" and node.target == _Q.quantize_per_tensor.default and node.name in new:
+            value = new[node.name]
+            scale, zero_point = value if isinstance(value, tuple) else (value, None)
             for n in [node] + [u for u in node.users if u.target == _Q.dequantize_per_tensor.default]:
                 args = list(n.args)
-                args[1] = float(new[node.name])
+                args[1] = float(scale)
+                if zero_point is not None:
+                    args[2] = int(zero_point)
                 n.args = tuple(args)
                 changed += 1
     quantized.recompile()
     return changed
+
+
+def input_quantizers(quantized: fx.GraphModule) -> list[str]:
+    """Names of the per-tensor quantize nodes that must share the model input's scale and zero point: those
+    of the input itself and those tied to them (e.g. the "SAME" padding in front of the first convolution,
+    which TFLite runs on the input's int8 values)."""
+    inputs = [n.name for n in quantized.graph.nodes
+              if n.op == "call_function" and n.target == _Q.quantize_per_tensor.default
+              and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"]
+    return [name for group in _activation_groups(quantized) if set(group) & set(inputs) for name in group]
+
+
+def fix_input_quantization(quantized: fx.GraphModule, scale: float, zero_point: int) -> list[str]:
+    """Give the model input of ``quantized`` (a ``convert_pt2e`` graph, changed in place) the int8
+    quantization (``scale``, ``zero_point``) instead of the calibrated one, e.g. the exact pixel grid of
+    ``preprocess.exact_int8_input``. Returns the names of the quantize nodes changed."""
+    names = input_quantizers(quantized)
+    if not names:
+        raise ValueError("the graph's input is not quantized per tensor")
+    set_activation_scales(quantized, {n: (float(scale), int(zero_point)) for n in names})
+    return names
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:

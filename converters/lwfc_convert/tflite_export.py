@@ -121,10 +121,12 @@ def make_quantizer() -> Any:
 
 
 def quantize_edge(
-    edge: nn.Module, calib: Iterable[torch.Tensor], example: torch.Tensor, progress: bool = True
+    edge: nn.Module, calib: Iterable[torch.Tensor], example: torch.Tensor, progress: bool = True,
+    input_qparams: tuple[float, int] | None = None,
 ) -> tuple[Any, Any]:
     """Export, annotate, calibrate and convert (PT2E) the NCHW ``edge`` half; returns (quantized graph
-    module, quantizer)."""
+    module, quantizer). ``input_qparams``: the input's (scale, zero point), replacing the calibrated ones
+    (``preprocess.exact_int8_input``)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from tqdm import tqdm
 
@@ -140,6 +142,10 @@ def quantize_edge(
             for i in range(len(x)):
                 prepared(x[i : i + 1])
     quantized = convert_pt2e(prepared, fold_quantize=False)
+    if input_qparams is not None:
+        from .qat import fix_input_quantization
+
+        fix_input_quantization(quantized, *input_qparams)
     return quantized, quantizer
 
 
@@ -166,18 +172,20 @@ def convert_edge_to_tflite(
     output: str | Path,
     progress: bool = True,
     refine: Callable[[Any], dict[str, Any]] | None = None,
+    input_qparams: tuple[float, int] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``edge`` (NCHW float) to an int8 TFLite file with NHWC int8 input and output.
 
     ``calib`` yields NCHW float batches of real preprocessed images; ``example`` is one NCHW batch of 1.
     ``refine``, if given, changes the converted PT2E graph in place before the TFLite conversion (e.g.
-    ``qat.qat_finetune``) and returns a summary, stored under ``"refine"``. Returns the interpreter's
+    ``qat.qat_finetune``) and returns a summary, stored under ``"refine"``. ``input_qparams``: the input's
+    int8 (scale, zero point) instead of the calibrated ones (see :func:`quantize_edge`). Returns the interpreter's
     input/output details (shape, dtype, scale, zero point) and timings."""
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
 
     t0 = time.time()
-    quantized, quantizer = quantize_edge(edge, calib, example, progress)
+    quantized, quantizer = quantize_edge(edge, calib, example, progress, input_qparams)
     t_quant = time.time() - t0
     refined = refine(quantized) if refine is not None else None
     nhwc = litert_torch.to_channel_last_io(quantized, args=[0], outputs=[0])

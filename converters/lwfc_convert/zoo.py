@@ -163,9 +163,10 @@ def coco_classes() -> list[str]:
 
 
 FMNIST_PREPROCESS = {"kind": "grey", "size": 28, "mean": 0.2860, "std": 0.3530}
-# [-1, 1] scaling; resize the shorter side to 256 and centre-crop 224 (TF EfficientNet eval: crop_padding 32).
-EFFNET_PREPROCESS = {"kind": "rgb", "size": 224, "resize": 256, "mean": [0.5, 0.5, 0.5],
-                     "std": [0.5, 0.5, 0.5], "order": "RGB"}
+# TF EfficientNet-Lite's own "inception-style" scaling, (p - 127) / 128 ("for better post-quantization":
+# q = p - 128 is an exact int8 input); resize the shorter side to 256 and centre-crop 224 (crop_padding 32).
+EFFNET_PREPROCESS = {"kind": "rgb", "size": 224, "resize": 256, "mean": [127 / 255] * 3,
+                     "std": [128 / 255] * 3, "order": "RGB"}
 EFFNET_FMNIST_PREPROCESS = {"kind": "grey_to_rgb", "size": 112, "mean": [0.5, 0.5, 0.5],
                             "std": [0.5, 0.5, 0.5], "order": "RGB"}
 # Caffe SqueezeNet: BGR on the 0..255 scale minus the ImageNet channel means.

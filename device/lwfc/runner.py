@@ -167,7 +167,8 @@ class EdgeModel(object):
         import numpy as np
 
         if self.inp["dtype"].__name__ == "int8":
-            # the model's own input scale and zero point (calibrated; not exactly 1/255 or 2/255)
+            # the model's own input scale and zero point: calibrated, or the grid on which the preprocessed
+            # pixels lie exactly (EfficientNet-Lite: (p - 127)/128 becomes q = p - 128)
             x = np.clip(np.round(x / self.in_scale) + self.in_zp, -128, 127).astype(np.int8)
         self.interp.set_tensor(self.inp["index"], x.astype(self.inp["dtype"], copy=False))
         self.interp.invoke()
