@@ -124,7 +124,8 @@ def test_effnet_bundle_input_is_the_exact_pixel_grid(effnet_bundle):
     img = load_photo(photo_paths()["skimage/coffee"])
     x = device_preprocess(img, info["preprocessing"])[0]  # NHWC float, what the board computes
     q = np.round(x / inp["scale"]) + inp["zero_point"]
-    pixels = np.asarray(resize_crop(img, 256, 224)).astype(int)
+    pre = info["preprocessing"]
+    pixels = np.asarray(resize_crop(img, pre["resize"], pre["size"])).astype(int)
     assert np.array_equal(q, pixels - 128)
     assert np.abs((q - inp["zero_point"]) * inp["scale"] - x).max() < 1e-6
     # The deployed halves still see espresso in the coffee photo and a cat in Chelsea.

@@ -101,8 +101,9 @@ def fake_quant_graph(quantized: fx.GraphModule, learn_scales: bool = False) -> f
     group_of: dict[str, int] = {}
     if learn_scales:
         nodes = {n.name: n for n in g.nodes}
-        fixed = set(input_quantizers(gm))
-        gm.qat_groups = [names for names in _activation_groups(gm) if not fixed.intersection(names)]
+        groups = _activation_groups(gm)
+        fixed = set(input_quantizers(gm, groups))
+        gm.qat_groups = [names for names in groups if not fixed.intersection(names)]
         first_q = [nodes[names[0]] for names in gm.qat_groups]
         log_scales = [math.log(float(_const(gm, q.args[1]))) for q in first_q]
         gm.register_parameter("qat_log_scales", nn.Parameter(torch.tensor(log_scales, dtype=torch.float32)))
@@ -172,14 +173,16 @@ def set_activation_scales(quantized: fx.GraphModule, new: dict[str, float | tupl
     return changed
 
 
-def input_quantizers(quantized: fx.GraphModule) -> list[str]:
+def input_quantizers(quantized: fx.GraphModule, groups: list[list[str]] | None = None) -> list[str]:
     """Names of the per-tensor quantize nodes that must share the model input's scale and zero point: those
     of the input itself and those tied to them (e.g. the "SAME" padding in front of the first convolution,
-    which TFLite runs on the input's int8 values)."""
+    which TFLite runs on the input's int8 values). ``groups``: :func:`_activation_groups` of ``quantized``,
+    if already computed."""
     inputs = [n.name for n in quantized.graph.nodes
               if n.op == "call_function" and n.target == _Q.quantize_per_tensor.default
               and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"]
-    return [name for group in _activation_groups(quantized) if set(group) & set(inputs) for name in group]
+    groups = _activation_groups(quantized) if groups is None else groups
+    return [name for group in groups if set(group) & set(inputs) for name in group]
 
 
 def fix_input_quantization(quantized: fx.GraphModule, scale: float, zero_point: int) -> list[str]:
