@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from lwfc.tables import Tables
-from lwfc_host.bench import relu_tensor
-from lwfc_host.tablegen import uniform_table
+from lwfc_host.codec.bench import relu_tensor
+from lwfc_host.design.tablegen import uniform_table
 
 
 def make_case(shape=(8, 8, 16), levels=4, groups=1, classes=1, seed=0):
@@ -50,7 +50,7 @@ def converted_centernet_bundle() -> Path:
     from lwfc_convert.centernet import NpmError
     from lwfc_convert.datasets import DatasetMissing
     from lwfc_convert.detection import darknet_photo_paths
-    from lwfc_host.cache import cache_lock, cache_root
+    from lwfc_convert.cache import cache_lock, cache_root
 
     out = cache_root() / "bundles" / CENTERNET_MODEL
     if not (out / "bundle.json").exists():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lwfc_host.cli import main
-from lwfc_host.tablefile import write_tables
+from lwfc_host.design.tablefile import write_tables
 
 
 @pytest.fixture()

@@ -7,11 +7,11 @@ from hypothesis import strategies as st
 
 from lwfc.encoder import Encoder
 from lwfc.errors import EncodeError
-from lwfc.fast import encode_int8_constriction, indices_from_float_np
+from lwfc_host.codec.fast import encode_int8_constriction, indices_from_float_np
 from lwfc.quantize import index_of_float
 from lwfc.tables import Tables
-from lwfc_host.decoder import Decoder
-from lwfc_host.tablegen import uniform_table
+from lwfc_host.codec.decoder import Decoder
+from lwfc_host.design.tablegen import uniform_table
 
 
 @st.composite

@@ -9,11 +9,11 @@ import pytest
 
 from lwfc.encoder import Encoder
 from lwfc.tables import Tables
-from lwfc_host import context_design as cdz
-from lwfc_host import design as dz
-from lwfc_host.calibration import CalibrationStats
-from lwfc_host.decoder import Decoder
-from lwfc_host.tablefile import finalize
+from lwfc_host.design import contexts as cdz
+from lwfc_host.design import table_design as dz
+from lwfc_host.design.calibration import CalibrationStats
+from lwfc_host.codec.decoder import Decoder
+from lwfc_host.design.tablefile import finalize
 
 SHAPE = (12, 12, 24)
 LEVELS = 6
@@ -116,9 +116,8 @@ def test_class_maps_and_merge_rules():
 
 
 def test_joint_counts_match_spec_contexts(data):
-    """joint_counts summed by a class map equals entropy_models.count_contexts (lwfc.fast.context_ids)."""
-    from lwfc_host import entropy_models as em
-
+    """joint_counts summed by a class map equals entropy_models.count_contexts (lwfc_host.codec.fast.context_ids)."""
+    from lwfc_host.design import entropy_models as em
     stats, _ = data
     q, cc = dz.design_quantizer(stats, 4, "uniform", 0.0, "mse")
     base = dz.finish_design(stats, q, cc, 1, 1)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from lwfc_host.calibration import CalibrationError, CalibrationStats, calibrate, load_stats
+from lwfc_host.design.calibration import CalibrationError, CalibrationStats, calibrate, load_stats
 from lwfc_host.cli import main
-from lwfc_host.tablefile import load_verified
+from lwfc_host.design.tablefile import load_verified
 
 
 def _relu(seed: int, shape=(40, 6, 5, 8)) -> np.ndarray:

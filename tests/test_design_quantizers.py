@@ -10,10 +10,10 @@ import pytest
 from scipy import integrate, optimize
 from scipy import stats as st
 
-from lwfc_host import design as dz
-from lwfc_host.calibration import CalibrationStats
-from lwfc_host.clipping import choose_clip, fit_model
-from lwfc_host.quantizers import DesignError, ecsq, evaluate, uniform
+from lwfc_host.design import table_design as dz
+from lwfc_host.design.calibration import CalibrationStats
+from lwfc_host.design.clipping import choose_clip, fit_model
+from lwfc_host.design.quantizers import DesignError, ecsq, evaluate, uniform
 
 
 def stats_of(x: np.ndarray, **kw) -> CalibrationStats:

@@ -8,9 +8,9 @@ import pytest
 from lwfc.encoder import Encoder
 from lwfc.frame import CRC_SIZE, HEADER_SIZE
 from lwfc.tables import Tables
-from lwfc_host import design as dz
-from lwfc_host import entropy_models as em
-from lwfc_host.calibration import CalibrationStats
+from lwfc_host.design import table_design as dz
+from lwfc_host.design import entropy_models as em
+from lwfc_host.design.calibration import CalibrationStats
 
 
 def _channels_source(seed: int = 0, n: int = 300, c: int = 24) -> np.ndarray:
@@ -147,9 +147,9 @@ def test_lwfc_encode_cli_frames_match_the_design(stats, tmp_path):
     """The same check through ``lwfc encode --float``: frame bytes = promised payload within 1% plus
     header, CRC and flush."""
     from lwfc_host.cli import main
-    from lwfc_host.tablefile import write_tables
+    from lwfc_host.design.tablefile import write_tables
 
-    pytest.importorskip("lwfc_host.codec_commands")
+    pytest.importorskip("lwfc_host.cli.codec")
     d = dz.design(stats, 4, "ecsq", 0.001, "mse", "auto")
     table = write_tables(d.table, tmp_path / "t.json")
     t = Tables(table)

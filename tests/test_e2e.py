@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from lwfc_host.demo import ensure_bundle, ensure_tables, photo_files
-from lwfc_host.server import CloudModel
+from lwfc_host.cli.demo import ensure_bundle, ensure_tables, photo_files
+from lwfc_host.serve.server import CloudModel
 
 N_IMAGES = 3
 
@@ -137,7 +137,7 @@ def test_refused_device_gets_a_clear_error(bundle, images, tmp_path):
     other = tmp_path / "other.json"
     table = json.loads((bundle / "tables.json").read_text())
     table["clip_max"] = table["clip_max"] * 1.01  # another table: another id
-    from lwfc_host.tablefile import write_tables
+    from lwfc_host.design.tablefile import write_tables
 
     write_tables(table, other)
     srv = Serve(["--bundle", str(bundle), "--tcp", "127.0.0.1:0"])

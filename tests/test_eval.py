@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lwfc_host.report import curve, metric_at, rate_for
+from lwfc_host.evaluate.report import curve, metric_at, rate_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_curve_envelope_and_interpolation():
 def converted_resnet_bundle() -> Path:
     """The real resnet_fmnist bundle (int8 TFLite + ONNX) in cache/bundles/, converted once if absent."""
     from lwfc_convert.bundle import convert
-    from lwfc_host.cache import cache_lock
+    from lwfc_convert.cache import cache_lock
 
     out = ROOT / "cache" / "bundles" / "resnet_fmnist"
     with cache_lock(out.with_name("resnet_fmnist.lock")):
@@ -135,9 +135,9 @@ def check_rates_are_measured(out: Path) -> None:
     """The checks of :func:`test_quick_eval_rates_are_measured` on a report directory ``out`` (also used by the
     detector's quick evaluation test)."""
     from lwfc.encoder import Encoder
-    from lwfc.fast import encode_int8_constriction
-    from lwfc_host import baselines as bl
-    from lwfc_host.tablefile import load_verified
+    from lwfc_host.codec.fast import encode_int8_constriction
+    from lwfc_host.evaluate import baselines as bl
+    from lwfc_host.design.tablefile import load_verified
 
     ev = json.loads((out / "evaluation.json").read_text())
     with np.load(ev["edge_cache"]) as z:

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from lwfc_host.evaluate import run_tasks
+from lwfc_host.evaluate.core import run_tasks
 
 
 def _task(i: int, data: np.ndarray):

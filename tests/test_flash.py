@@ -18,8 +18,8 @@ import pytest
 from lwfc.encoder import Encoder
 from lwfc.protocol import DATA, pack_message
 from lwfc.tables import load_tables
-from lwfc_host.flash import FlashError, WasmBoard, board_files, flash, open_board
-from lwfc_host.server_bench import make_small_bundle, small_tensors
+from lwfc_host.deploy.flash import FlashError, WasmBoard, board_files, flash, open_board
+from lwfc_host.serve.bench import make_small_bundle, small_tensors
 
 needs_board = pytest.mark.skipif(shutil.which("socat") is None or shutil.which("node") is None,
                                  reason="needs socat and node (Debian packages socat, nodejs)")
@@ -90,8 +90,8 @@ def test_flash_micropython_board_over_serial_and_encode_there(small, tmp_path):
 
 
 def test_flash_directory_for_a_linux_board_and_run_from_it(tmp_path):
-    from lwfc_host.demo import ensure_bundle, ensure_tables, photo_files
-    from lwfc_host.server import CloudModel, ServerConfig, run_in_thread
+    from lwfc_host.cli.demo import ensure_bundle, ensure_tables, photo_files
+    from lwfc_host.serve.server import CloudModel, ServerConfig, run_in_thread
 
     bundle = ensure_bundle(log=lambda m: None)
     photos = photo_files(bundle.parent.parent / "photos")

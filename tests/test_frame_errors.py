@@ -9,7 +9,7 @@ import pytest
 from lwfc import errors as E
 from lwfc.encoder import Encoder
 from lwfc.frame import HEADER_SIZE, MAX_ELEMENTS, parse_header
-from lwfc_host.decoder import Decoder
+from lwfc_host.codec.decoder import Decoder
 
 
 def _frame(case):

@@ -8,7 +8,7 @@ import pytest
 
 from lwfc.encoder import Encoder
 from lwfc.errors import FrameError
-from lwfc_host.decoder import Decoder
+from lwfc_host.codec.decoder import Decoder
 
 
 def _mutate(rng, frame: bytes) -> bytes:

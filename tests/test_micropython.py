@@ -15,7 +15,7 @@ import pytest
 
 from lwfc.encoder import Encoder, pack_words
 from lwfc.tables import Tables
-from lwfc_host.micropython import (
+from lwfc_host.codec.micropython import (
     MicroPythonError,
     MicroPythonTimeout,
     compile_mpy,
@@ -25,7 +25,7 @@ from lwfc_host.micropython import (
     run_micropython,
     run_micropython_files,
 )
-from lwfc_host.tablegen import uniform_table
+from lwfc_host.design.tablegen import uniform_table
 
 pytestmark = pytest.mark.skipif(
     shutil.which("node") is None,

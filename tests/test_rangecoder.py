@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lwfc.rangecoder import RangeEncoder
-from lwfc_host.tablefile import integer_frequencies
+from lwfc_host.design.tablefile import integer_frequencies
 
 
 def _constriction_words(symbols, freqs_per_symbol):

@@ -21,8 +21,8 @@ import pytest
 from lwfc import protocol as P
 from lwfc.crc32 import crc32
 from lwfc.link import Link
-from lwfc_host.server import READ_CHUNK, CloudModel, ServerConfig, bundle_id, run_in_thread
-from lwfc_host.server_bench import make_small_bundle, small_frames
+from lwfc_host.serve.server import READ_CHUNK, CloudModel, ServerConfig, bundle_id, run_in_thread
+from lwfc_host.serve.bench import make_small_bundle, small_frames
 
 KEY = bytes(range(16, 48))
 

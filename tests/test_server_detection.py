@@ -46,9 +46,9 @@ def design(bundle, info, tmp_path_factory) -> dict:
     from lwfc.runner import EdgeModel, preprocess
     from lwfc_convert.datasets import DatasetMissing
     from lwfc_convert.detection import views
-    from lwfc_host import design as dz
-    from lwfc_host.calibration import CalibrationStats
-    from lwfc_host.tablefile import write_tables
+    from lwfc_host.design import table_design as dz
+    from lwfc_host.design.calibration import CalibrationStats
+    from lwfc_host.design.tablefile import write_tables
 
     try:
         vs = dict(views(CALIB_VIEWS, require_darknet=True))
@@ -89,8 +89,8 @@ def cloud(bundle, info):
 def host_detections(info, design, cloud, frame: bytes) -> tuple[list[dict], object]:
     """What the host computes for a frame without the server: decode, cloud half, describe."""
     from lwfc_convert.detection import describe
-    from lwfc_host.decoder import Decoder
-    from lwfc_host.tablefile import load_verified
+    from lwfc_host.codec.decoder import Decoder
+    from lwfc_host.design.tablefile import load_verified
 
     decoded = Decoder(load_verified(design["tables"])).decode(frame)
     out = cloud(decoded.tensor)
@@ -178,7 +178,7 @@ def test_detector_server_answers_malformed_frames_and_keeps_serving(bundle, info
     """An in-process server on a loopback socket, the device's Link: bad frames get ERROR answers on the same
     session, which then still gets detections."""
     from lwfc.link import Link
-    from lwfc_host.server import CloudModel, ServerConfig, bundle_id, run_in_thread
+    from lwfc_host.serve.server import CloudModel, ServerConfig, bundle_id, run_in_thread
 
     q = design["q"]["darknet/eagle"]
     good = _encode(design, q)

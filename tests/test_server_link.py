@@ -18,8 +18,8 @@ from lwfc.link import Link
 from lwfc.protocol import ConnectionClosed, Session
 from lwfc.runner import summarize
 from lwfc.transport import SerialTransport
-from lwfc_host.server import CloudModel, ServerConfig, bundle_id, run_in_thread
-from lwfc_host.server_bench import make_small_bundle, small_frames
+from lwfc_host.serve.server import CloudModel, ServerConfig, bundle_id, run_in_thread
+from lwfc_host.serve.bench import make_small_bundle, small_frames
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from lwfc.errors import TableError
 from lwfc.tables import Tables, parse_tables
-from lwfc_host.tablefile import compute_table_id, load_verified, write_tables
+from lwfc_host.design.tablefile import compute_table_id, load_verified, write_tables
 
 
 def _mutations(t):

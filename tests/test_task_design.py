@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lwfc_host.demo import bundle_complete, cache_root
+from lwfc_host.cli.demo import bundle_complete, cache_root
 
 TOLERANCE = 0.2
 IMAGES = 32
@@ -33,7 +33,7 @@ def result():
     b = _bundle()
     if b is None:
         pytest.skip("no cached bundle (run `lwfc demo` or `lwfc convert --model resnet_fmnist`)")
-    from lwfc_host.task_design import task_design
+    from lwfc_host.design.task_design import task_design
 
     td = task_design(b, images=IMAGES, tolerance=TOLERANCE, levels=(3, 4), clip_scales=(0.85, 1.0),
                      lambdas=(0.01,), kinds=("uniform", "ecsq"), finalists=2)
@@ -41,12 +41,12 @@ def result():
 
 
 def test_choice_is_within_tolerance_in_the_real_pipeline(result):
-    from lwfc.fast import encode_int8_constriction
+    from lwfc_host.codec.fast import encode_int8_constriction
     from lwfc.tables import Tables
     from lwfc_convert.bundle import read_bundle
-    from lwfc_host.decoder import Decoder
-    from lwfc_host.evaluate import cloud_outputs, make_session
-    from lwfc_host.task_design import calibration_edge_outputs
+    from lwfc_host.codec.decoder import Decoder
+    from lwfc_host.evaluate.core import cloud_outputs, make_session
+    from lwfc_host.design.task_design import calibration_edge_outputs
 
     b, td = result
     c = td.chosen

@@ -54,7 +54,7 @@ class NpmError(RuntimeError):
 
 def cache_dir() -> Path:
     """lwfc's cache folder: ``$LWFC_CACHE`` or ``~/.cache/lwfc``."""
-    from lwfc_host.cache import cache_root
+    from lwfc_convert.cache import cache_root
 
     return cache_root()
 

@@ -267,7 +267,7 @@ def is_detector(model_or_name: Any) -> bool:
 
 
 class DetectionMetric:
-    """Metric plug-in for ``lwfc_host.evaluate.METRICS`` (registered there as ``METRICS["detection"]``).
+    """Metric plug-in for ``lwfc_host.evaluate.core.METRICS`` (registered there as ``METRICS["detection"]``).
 
     ``outputs`` are cloud-half outputs ``[N, K, 6]``; ``ref`` holds the uncompressed references: ``"int8"``
     (int8 edge half + cloud half, no feature codec: the primary reference, since it is what a codec can at best

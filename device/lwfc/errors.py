@@ -10,6 +10,10 @@ class TableError(LwfcError):
     """A table file is malformed or violates the spec (codec_spec/SPEC.md, section 3)."""
 
 
+class BundleError(LwfcError):
+    """A bundle directory is missing a file, or its bundle.json is malformed (converters/README.md)."""
+
+
 class EncodeError(LwfcError):
     """The input to the encoder does not fit the table (shape, dtype, NaN, ...)."""
 

@@ -1,4 +1,4 @@
-// Run one Python script under MicroPython (WebAssembly port) in node, for lwfc_host.micropython.
+// Run one Python script under MicroPython (WebAssembly port) in node, for lwfc_host.codec.micropython.
 //
 // The npm package's own CLI always exits 0 and cannot read a script from stdin, so this drives its
 // loadMicroPython API directly:

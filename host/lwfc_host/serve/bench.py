@@ -6,7 +6,7 @@ half (a small classifier head built here, or a bundle's cloud.onnx with ``--bund
 frames per second (all devices together) and round-trip latency p50/p95/p99 seen by the devices, plus
 the server's own decode and inference percentiles.
 
-    python -m lwfc_host.server_bench [--devices 1 5 20] [--frames 2000] [--bundle DIR --images DIR]
+    python -m lwfc_host.serve.bench [--devices 1 5 20] [--frames 2000] [--bundle DIR --images DIR]
 
 Also provides ``make_small_bundle``: a small bundle directory (bundle.json, tables.json, cloud.onnx) whose
 frames are small, used by the load and fault tests.
@@ -62,8 +62,8 @@ def make_small_bundle(out: str | Path, shape: tuple[int, int, int] = SMALL_SHAPE
                       seed: int = 0) -> dict[str, Any]:
     """A small bundle without an edge model (the device gets int8 tensors from ``small_tensors``):
     bundle.json, tables.json (uniform quantizer, neighbour contexts) and cloud.onnx. Returns bundle.json."""
-    from lwfc_host.tablefile import write_tables
-    from lwfc_host.tablegen import uniform_table
+    from lwfc_host.design.tablefile import write_tables
+    from lwfc_host.design.tablegen import uniform_table
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def run_devices(url: str, bundle_dir: str | Path, frames: list[bytes], devices: 
     (all devices, from the first send to the last answer) and round-trip percentiles."""
     import multiprocessing as mp
 
-    from lwfc_host.server import bundle_id
+    from lwfc_host.serve.server import bundle_id
 
     info = json.loads(Path(bundle_dir, "bundle.json").read_text())
     table = json.loads(Path(bundle_dir, "tables.json").read_text())["table_id"]
@@ -179,7 +179,7 @@ def run_devices(url: str, bundle_dir: str | Path, frames: list[bytes], devices: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lwfc_host.server_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lwfc_host.serve.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--frames", type=int, default=2000, help="frames per run (split over the devices)")
     parser.add_argument("--workers", type=int, default=2, help="server worker threads")
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", help="with --bundle: images whose features make the frames")
     args = parser.parse_args(argv)
 
-    from lwfc_host.server import CloudModel, ServerConfig, run_in_thread
+    from lwfc_host.serve.server import CloudModel, ServerConfig, run_in_thread
 
     if args.bundle:
         if not args.images:

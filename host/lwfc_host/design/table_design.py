@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lwfc.fast import context_ids, indices_from_float_np
+from lwfc_host.codec.fast import context_ids, indices_from_float_np
 from lwfc.frame import CRC_SIZE, HEADER_SIZE
 from lwfc.tables import MAX_GROUPS, MAX_LEVELS, Tables
-from lwfc_host import entropy_models as em
-from lwfc_host.calibration import Histogram, LoadedStats
-from lwfc_host.clipping import ClipChoice, choose_clip
-from lwfc_host.quantizers import DesignError, Quantizer, ecsq, evaluate, uniform
-from lwfc_host.tablefile import finalize, integer_frequencies
-from lwfc_host.tablegen import int8_lut, neighbour_class_map
+from lwfc_host.design import entropy_models as em
+from lwfc_host.design.calibration import Histogram, LoadedStats
+from lwfc_host.design.clipping import ClipChoice, choose_clip
+from lwfc_host.design.quantizers import DesignError, Quantizer, ecsq, evaluate, uniform
+from lwfc_host.design.tablefile import finalize, integer_frequencies
+from lwfc_host.design.tablegen import int8_lut, neighbour_class_map
 
 RATE_TOLERANCE = 0.03
 MAX_TARGET_BITS = 8.0
@@ -206,7 +206,7 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
     proto = Tables(table)
     elements = hist.total
     if classes == 1:
-        # the group of each channel by the spec's rule (lwfc.fast.context_ids with K = 1)
+        # the group of each channel by the spec's rule (lwfc_host.codec.fast.context_ids with K = 1)
         ctx = np.asarray(context_ids(None, None, np.arange(c), proto))
         counts = np.zeros((gc.groups, n))
         np.add.at(counts, ctx, ev.ch_counts)
@@ -220,8 +220,7 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
     table["models"] = [integer_frequencies(row) for row in model_counts]
     ctx_info = None
     if auto_ctx:
-        from lwfc_host import context_design as cdz
-
+        from lwfc_host.design import contexts as cdz
         idx = sample_indices(stats, table)
         cd = cdz.design_contexts(idx, n, "auto", groups, amortise, extra_groups=(gc.groups,),
                                  labels_of={gc.groups: gc.labels})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lwfc_host.calibration import Histogram
+from lwfc_host.design.calibration import Histogram
 
 PIN_FRACTION = 1e-3  # a clip point holding at least this fraction of the data is a "pile" (section 4)
 

@@ -311,8 +311,8 @@ CONTEXTS = {"one": (1, 1), "groups": ("auto", 1), "groups+k2": ("auto", 2), "gro
 def scaled_clip(stats: Any, levels: int, clip_scale: float) -> Any:
     """The MSE clip range of an N-level uniform quantizer with its top scaled by ``clip_scale``
     (``clipping.scale_top``)."""
-    from lwfc_host.clipping import choose_clip, scale_top
-    from lwfc_host.design import zeros_of
+    from lwfc_host.design.clipping import choose_clip, scale_top
+    from lwfc_host.design.table_design import zeros_of
 
     hist = stats.histogram()
     return scale_top(hist, choose_clip(hist, levels, "mse", zeros_of(stats)), clip_scale)
@@ -324,13 +324,13 @@ def lwfc_designs(stats: Any, kind: str, clip: Any, levels: int, contexts: list[s
     times that of the uniform quantizer with the same levels and clip range. (At equal entropy, on int8
     edge outputs whose grid is coarse, ECSQ's thresholds snap back onto the uniform ones and its points
     would duplicate uniform's; at a lower rate it trades levels for rate, which is what it is for.)"""
-    from lwfc_host.design import design_quantizer, equal_rate_ecsq, finish_design
-    from lwfc_host.quantizers import evaluate
+    from lwfc_host.design.table_design import design_quantizer, equal_rate_ecsq, finish_design
+    from lwfc_host.design.quantizers import evaluate
 
     q, choice = design_quantizer(stats, levels, "uniform", 0.0, clip)
     if kind == "ecsq":
         hist = stats.histogram()
-        from lwfc_host.design import zeros_of
+        from lwfc_host.design.table_design import zeros_of
 
         target = ECSQ_RATE_RATIO * evaluate(q, hist, zeros_of(stats)).entropy
         q = equal_rate_ecsq(stats, levels, choice, target)
@@ -355,7 +355,7 @@ def lwfc_combos(plan: Plan) -> list[tuple[str, str, int, float]]:
 
 def lwfc_stats(data: EdgeData) -> Any:
     """Calibration statistics of the calibration edge outputs (what every lwfc design starts from)."""
-    from lwfc_host.calibration import CalibrationStats
+    from lwfc_host.design.calibration import CalibrationStats
 
     cs = CalibrationStats()
     cs.add_int8(data.q_calib, data.scale, data.zero_point, where="calibration edge outputs")
@@ -367,9 +367,9 @@ def run_lwfc_combo(combo: tuple[str, str, int, float], stats: Any, data: EdgeDat
     """The points of one quantizer: the cloud runs once on the decoded tensors of the first context variant;
     every variant's frames are all encoded (their sizes are the rate), the first is decoded in full and each
     other one on ``plan.decode_check`` tensors, checked to give the same indices."""
-    from lwfc.fast import FastEncoder
+    from lwfc_host.codec.fast import FastEncoder
     from lwfc.tables import Tables
-    from lwfc_host.decoder import Decoder
+    from lwfc_host.codec.decoder import Decoder
 
     kind, clip, levels, clip_scale = combo
     n, h, w, c = data.q_eval.shape
@@ -515,8 +515,7 @@ def run_baseline(name: str, fn: Callable[[np.ndarray], Any], data: EdgeData, ses
 
 
 def baseline_jobs(plan: Plan, clip_of_levels: Callable[[int], tuple[float, float]]) -> list[tuple[str, Callable]]:
-    from lwfc_host import baselines as bl
-
+    from lwfc_host.evaluate import baselines as bl
     jobs: list[tuple[str, Callable]] = []
     for bits, qps in plan.hevc_qps.items():
         for qp in qps:
@@ -616,7 +615,7 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
             reference[f"float {k}"] = v
     elif data.labeled and "float_accuracy" in bundle.get("accuracy", {}):
         reference["float accuracy"] = float(bundle["accuracy"]["float_accuracy"])  # whole test set (bundle.json)
-    from lwfc_host.design import design_quantizer
+    from lwfc_host.design.table_design import design_quantizer
 
     stats = lwfc_stats(data)
 
@@ -645,7 +644,7 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
     seconds["methods"] = time.time() - t0
     hevc_single: dict[str, float] = {}
     if "hevc" in methods and plan.hevc_qps:
-        from lwfc_host.baselines import hevc_single_process_ms
+        from lwfc_host.evaluate.baselines import hevc_single_process_ms
 
         qp = plan.hevc_qps[8][len(plan.hevc_qps[8]) // 2]
         e, d = hevc_single_process_ms(data.dequantize(data.q_eval[:1]), qp, 8)

@@ -5,8 +5,8 @@ Only for boards (and hosts) that have numpy; the host decoder reuses the context
 
 import numpy as np
 
-from .frame import pack_frame
-from .scan import diagonal_positions
+from lwfc.frame import pack_frame
+from lwfc.scan import diagonal_positions
 
 
 def index_array(indices_hwc):
@@ -140,7 +140,7 @@ def encode_int8_constriction(q_hwc, tables):
 
 def indices_from_float_np(x, tables):
     """Indices of a float array under the table's fixed-point thresholds (SPEC.md, section 3.3)."""
-    from .errors import EncodeError
+    from lwfc.errors import EncodeError
 
     x = np.asarray(x, dtype=np.float64)
     if np.isnan(x).any():

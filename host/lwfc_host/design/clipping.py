@@ -24,8 +24,8 @@ import numpy as np
 from scipy import optimize
 from scipy.special import ndtr
 
-from lwfc_host.calibration import Histogram
-from lwfc_host.quantizers import grid_mse, snap_clip
+from lwfc_host.design.calibration import Histogram
+from lwfc_host.design.quantizers import grid_mse, snap_clip
 
 SAT_FRACTION = 1e-3  # a data maximum (minimum) holding this fraction of the data is a saturation pile
 

@@ -76,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from lwfc_host.server import CloudModel, ServerConfig, ServerError, json_log_sink, load_keys, serve
+    from lwfc_host.serve.server import CloudModel, ServerConfig, ServerError, json_log_sink, load_keys, serve
 
     try:
         model = CloudModel(args.bundle, args.tables, top=args.top)
@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
-    from lwfc_host.flash import FlashError, flash
+    from lwfc_host.deploy.flash import FlashError, flash
 
     try:
         written = flash(args.bundle, args.target, kind=args.kind, tables=args.tables, connect=args.connect,
@@ -120,7 +120,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lwfc_host.demo import DemoError, run_demo
+    from lwfc_host.cli.demo import DemoError, run_demo
 
     try:
         run_demo(args.model, args.bundle, args.port, keep=args.keep)

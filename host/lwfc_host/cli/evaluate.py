@@ -58,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lwfc_convert.bundle import read_bundle
     from lwfc_host.cli import CommandError
-    from lwfc_host.evaluate import METRICS, evaluate_bundle
-    from lwfc_host.report import ExtendError, check_extendable, extend_evaluation, headline, write_report
+    from lwfc_host.evaluate.core import METRICS, evaluate_bundle
+    from lwfc_host.evaluate.report import ExtendError, check_extendable, extend_evaluation, headline, write_report
 
     if args.metric != "auto" and args.metric not in METRICS:
         raise CommandError(f"unknown metric {args.metric!r}; known: auto, {', '.join(METRICS)}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lwfc_host.cache import cache_lock, cache_root
+from lwfc_convert.cache import cache_lock, cache_root
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -136,8 +136,8 @@ def _ensure_tables(bundle: Path, photos: list[Path], levels: int, classes: int |
             log(f"tables: reusing {path}")
             return path
     if objective == "accuracy":
-        from lwfc_host.tablefile import write_tables
-        from lwfc_host.task_design import task_design
+        from lwfc_host.design.tablefile import write_tables
+        from lwfc_host.design.task_design import task_design
 
         t0 = time.time()
         try:
@@ -155,9 +155,9 @@ def _ensure_tables(bundle: Path, photos: list[Path], levels: int, classes: int |
                 f"{time.time() - t0:.0f} s): {path}")
             return path
     from lwfc.runner import EdgeModel, preprocess
-    from lwfc_host import design as dz
-    from lwfc_host.calibration import CalibrationStats
-    from lwfc_host.tablefile import write_tables
+    from lwfc_host.design import table_design as dz
+    from lwfc_host.design.calibration import CalibrationStats
+    from lwfc_host.design.tablefile import write_tables
 
     info = json.loads((bundle / "bundle.json").read_text())
     edge = EdgeModel(str(bundle / "edge.tflite"))
@@ -180,7 +180,7 @@ def reference_top(bundle: Path, photos: list[Path], k: int = 3) -> dict[str, lis
     import onnxruntime as ort
 
     from lwfc.runner import EdgeModel, preprocess
-    from lwfc_host.server import top_k
+    from lwfc_host.serve.server import top_k
 
     info = json.loads((bundle / "bundle.json").read_text())
     edge = EdgeModel(str(bundle / "edge.tflite"))
@@ -199,7 +199,7 @@ def reference_top(bundle: Path, photos: list[Path], k: int = 3) -> dict[str, lis
 def run_demo(model: str = DEFAULT_MODEL, bundle_dir: str | None = None, port: int = 0, workers: int = 2,
              keep: bool = False, out=sys.stdout) -> dict[str, Any]:
     """Run the full demo; returns the runner's JSON (summary and frames) plus the reference top-k."""
-    from lwfc_host.server import CloudModel, ServerConfig, run_in_thread
+    from lwfc_host.serve.server import CloudModel, ServerConfig, run_in_thread
 
     def log(msg: str) -> None:
         print(msg, file=out, flush=True)

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lwfc.tables import MAX_GROUPS, TOTAL
-from lwfc_host import entropy_models as em
-from lwfc_host.tablefile import integer_frequencies
+from lwfc_host.design import entropy_models as em
+from lwfc_host.design.tablefile import integer_frequencies
 
 FREQ_BITS = em.FREQ_BITS
 

@@ -8,7 +8,7 @@
 * G: the count (1 .. min(C, 256)) minimising total bits = data bits on the calibration set + the bits
   of the table's models and channel map (section 5 of codec_spec/DESIGN-quantizer.md).
 * Contexts with neighbour classes (K > 1) are counted on whole sampled tensors with
-  ``lwfc.fast.context_ids`` -- the one implementation of the spec's context rule.
+  ``lwfc_host.codec.fast.context_ids`` -- the one implementation of the spec's context rule.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lwfc.fast import context_ids
+from lwfc_host.codec.fast import context_ids
 from lwfc.tables import MAX_GROUPS, TOTAL
-from lwfc_host.tablefile import integer_frequencies
+from lwfc_host.design.tablefile import integer_frequencies
 
 FREQ_BITS = 24  # one stored frequency
 
@@ -156,7 +156,7 @@ def choose_groups(ch_counts: np.ndarray, groups: int | str = "auto", amortise: f
 
 
 def count_contexts(indices: np.ndarray, proto) -> np.ndarray:
-    """Counts[context, index] over (B, H, W, C) index arrays, contexts by ``lwfc.fast.context_ids``
+    """Counts[context, index] over (B, H, W, C) index arrays, contexts by ``lwfc_host.codec.fast.context_ids``
     (above/left neighbours; ``levels`` marks "outside the tensor")."""
     n = proto.levels
     k = proto.classes

@@ -69,7 +69,7 @@ def _error(msg: str):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from lwfc_host.calibration import CalibrationError, calibrate
+    from lwfc_host.design.calibration import CalibrationError, calibrate
 
     try:
         stats = calibrate(args.activations, args.layout, args.int8_scale, args.int8_zero_point, bins=args.bins,
@@ -106,9 +106,9 @@ def _parse_classes(text: str) -> int | str:
 
 def _design_for_accuracy(args: argparse.Namespace, classes: int | str) -> int:
     """--objective accuracy: task-aware choice on the bundle's calibration images (task_design.py)."""
-    from lwfc_host.quantizers import DesignError
-    from lwfc_host.tablefile import write_tables
-    from lwfc_host.task_design import format_candidates, task_design
+    from lwfc_host.design.quantizers import DesignError
+    from lwfc_host.design.tablefile import write_tables
+    from lwfc_host.design.task_design import format_candidates, task_design
 
     if not args.bundle:
         raise _error("--objective accuracy needs --bundle")
@@ -151,10 +151,10 @@ def _check_stats(stats, args) -> None:
 
 
 def cmd_design(args: argparse.Namespace) -> int:
-    from lwfc_host import design as dz
-    from lwfc_host.calibration import CalibrationError, load_stats
-    from lwfc_host.quantizers import DesignError
-    from lwfc_host.tablefile import write_tables
+    from lwfc_host.design import table_design as dz
+    from lwfc_host.design.calibration import CalibrationError, load_stats
+    from lwfc_host.design.quantizers import DesignError
+    from lwfc_host.design.tablefile import write_tables
 
     classes = _parse_classes(args.classes or ("1" if args.target_bits is not None and args.objective == "mse"
                                               else "auto"))
@@ -226,8 +226,8 @@ def report(stats, clip: str, png: str) -> dict:
     import matplotlib.pyplot as plt
     from tqdm import tqdm
 
-    from lwfc_host import design as dz
-    from lwfc_host.quantizers import DesignError
+    from lwfc_host.design import table_design as dz
+    from lwfc_host.design.quantizers import DesignError
 
     hist = stats.histogram()
     uni, ec, rows = [], [], []

@@ -17,12 +17,12 @@ import numpy as np
 
 from lwfc.encoder import Encoder
 from lwfc.errors import LwfcError
-from lwfc.fast import encode_indices_constriction, encode_int8_constriction, indices_from_float_np
+from lwfc_host.codec.fast import encode_indices_constriction, encode_int8_constriction, indices_from_float_np
 from lwfc.frame import pack_frame
 from lwfc.tables import Tables
-from lwfc_host.decoder import Decoder
-from lwfc_host.tablefile import load_verified, write_tables
-from lwfc_host.tablegen import uniform_table
+from lwfc_host.codec.decoder import Decoder
+from lwfc_host.design.tablefile import load_verified, write_tables
+from lwfc_host.design.tablegen import uniform_table
 
 VECTOR_DIR = Path(__file__).resolve().parents[2] / "codec_spec" / "vectors"
 
@@ -199,7 +199,7 @@ def run(root: Path = VECTOR_DIR, micropython: bool = True, progress: bool = Fals
 
 def _micropython_rows(loaded) -> list[Row]:
     try:
-        from lwfc_host import micropython as mp
+        from lwfc_host.codec import micropython as mp
     except ImportError as exc:
         return [Row("*", "micropython", 0, 0, False, f"runner unavailable: {exc}")]
     names = list(loaded)

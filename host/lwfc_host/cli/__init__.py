@@ -13,11 +13,11 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
-    "lwfc_host.codec_commands",
-    "lwfc_host.design_commands",
-    "lwfc_host.serve_commands",
-    "lwfc_host.eval_commands",
-    "lwfc_convert.commands",
+    "lwfc_host.cli.codec",
+    "lwfc_host.cli.design",
+    "lwfc_host.cli.serve",
+    "lwfc_host.cli.evaluate",
+    "lwfc_host.cli.convert",
 ]
 
 

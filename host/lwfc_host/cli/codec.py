@@ -60,7 +60,7 @@ def register(subparsers) -> None:
 def _load_tables(path: str):
     from lwfc.errors import TableError
     from lwfc_host.cli import CommandError
-    from lwfc_host.tablefile import load_verified
+    from lwfc_host.design.tablefile import load_verified
 
     try:
         return load_verified(path)
@@ -86,7 +86,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     from lwfc.encoder import Encoder
     from lwfc.errors import LwfcError
-    from lwfc.fast import encode_indices_constriction, indices_from_float_np
+    from lwfc_host.codec.fast import encode_indices_constriction, indices_from_float_np
     from lwfc.frame import pack_frame
     from lwfc_host.cli import CommandError
 
@@ -123,7 +123,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     from lwfc.errors import FrameError
     from lwfc_host.cli import CommandError
-    from lwfc_host.decoder import Decoder
+    from lwfc_host.codec.decoder import Decoder
 
     tables = _load_tables(args.tables)
     try:
@@ -167,7 +167,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"bits/element     {8 * header.frame_length / n:.4f} (payload only: {8 * header.payload_length / n:.4f})")
     print("crc32            ok")
     if args.tables:
-        from lwfc_host.decoder import Decoder
+        from lwfc_host.codec.decoder import Decoder
 
         tables = _load_tables(args.tables)
         try:
@@ -179,8 +179,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from lwfc_host import conformance
-
+    from lwfc_host.codec import conformance
     root = Path(args.vectors) if args.vectors else conformance.VECTOR_DIR
     if args.regenerate:
         conformance.regenerate(root)
@@ -196,7 +195,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lwfc_host import bench
+    from lwfc_host.codec import bench
     from lwfc_host.cli import CommandError
 
     try:

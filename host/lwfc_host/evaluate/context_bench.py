@@ -1,10 +1,10 @@
 """Measurements for the context design and the task-aware choice (codec_spec/DESIGN-quantizer.md, section 9).
 
-``python -m lwfc_host.context_bench eval BUNDLE OUT --levels 2,3,4 --qps 22,32,40``: ``lwfc eval``'s pipeline
+``python -m lwfc_host.evaluate.context_bench eval BUNDLE OUT --levels 2,3,4 --qps 22,32,40``: ``lwfc eval``'s pipeline
 (``evaluate_bundle``: real frames, host decoder, cloud half) with the context variants one model per channel,
 channel groups, naive K = 3 and designed contexts, uniform and ECSQ (MSE clip), and HEVC, in one run.
 
-``python -m lwfc_host.context_bench task BUNDLE EDGE_NPZ OUT.json --tolerance 0.01 --images 256``: the
+``python -m lwfc_host.evaluate.context_bench task BUNDLE EDGE_NPZ OUT.json --tolerance 0.01 --images 256``: the
 task-aware design on calibration images, then the chosen table on the evaluation tensors of an ``lwfc eval``
 edge cache (real frames, decoder, cloud half).
 """
@@ -19,14 +19,14 @@ import numpy as np
 
 
 def run_eval(bundle: str, out: str, levels: list[int], qps: list[int], limit: int | None = None) -> None:
-    from lwfc_host.evaluate import evaluate_bundle
-    from lwfc_host.report import headline, write_report
+    from lwfc_host.evaluate.core import evaluate_bundle
+    from lwfc_host.evaluate.report import headline, write_report
 
     ev = evaluate_bundle(bundle, "auto", limit, False, "cache/eval", "classification", ["lwfc", "hevc"],
                          progress=True,
                          overrides={"kinds": ["uniform", "ecsq"], "clips": ["mse"], "levels": levels,
                                     "contexts": ["channel", "groups", "groups+k3", "auto"], "hevc_qps": {8: qps}})
-    ev.command = f"python -m lwfc_host.context_bench eval {bundle} {out} --levels {','.join(map(str, levels))} " \
+    ev.command = f"python -m lwfc_host.evaluate.context_bench eval {bundle} {out} --levels {','.join(map(str, levels))} " \
                  f"--qps {','.join(map(str, qps))}" + (f" --limit {limit}" if limit else "")
     write_report(ev, out)
     print("reference:", ev.reference)
@@ -41,7 +41,7 @@ def run_eval(bundle: str, out: str, levels: list[int], qps: list[int], limit: in
 
 
 def run_task(bundle: str, edge_npz: str, out: str, tolerance: float, images: int) -> None:
-    from lwfc_host.task_design import evaluate_table, format_candidates, task_design
+    from lwfc_host.design.task_design import evaluate_table, format_candidates, task_design
 
     td = task_design(bundle, images=images, tolerance=tolerance, cache_dir="cache/eval", progress=True)
     print("\n".join(format_candidates(td)))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lwfc_host.evaluate import Evaluation, Point
+from lwfc_host.evaluate.core import Evaluation, Point
 
 CSV_COLUMNS = ["method", "setting", "bits_per_element", "bits_per_element_no_param_sets", "accuracy", "agreement",
                "agreement_confident", "agreement_float", "map50", "map50_float", "recall", "precision", "mse",
@@ -210,7 +210,7 @@ def markdown(ev: Evaluation) -> str:
         lines += ["", f"HEVC timing: points.csv gives x265/ffmpeg time per tensor inside one stream (one process "
                   f"for a batch of tensors). With one ffmpeg process per tensor (QP {s['qp']}, 8-bit) encoding took "
                   f"{s['encode_ms']:.0f} ms and decoding {s['decode_ms']:.0f} ms, mostly process start-up.", ""]
-    lines += ["lwfc timing: encode = numpy table lookup + constriction range coder + framing (`lwfc.fast`, byte-"
+    lines += ["lwfc timing: encode = numpy table lookup + constriction range coder + framing (`lwfc_host.codec.fast`, byte-"
               "identical to the pure-Python device encoder); decode = the host decoder with the canonical-payload "
               "check. Context variants of one quantizer share its reconstruction, so the cloud runs once per "
               "quantizer; every variant's frames are all encoded, the first decoded in full, the others on a subset "
@@ -288,7 +288,7 @@ def _equal_quality(ev: Evaluation, rows: list[dict]) -> list[str]:
 
 def load_evaluation(path: str | Path) -> Evaluation:
     """An Evaluation read back from evaluation.json (to re-render a report without re-running it)."""
-    from lwfc_host.evaluate import Plan
+    from lwfc_host.evaluate.core import Plan
 
     d = json.loads(Path(path).read_text(encoding="utf-8"))
     d.pop("headline", None)
@@ -402,7 +402,7 @@ def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-if __name__ == "__main__":  # python -m lwfc_host.report REPORT_DIR: re-render report.md and the plot
+if __name__ == "__main__":  # python -m lwfc_host.evaluate.report REPORT_DIR: re-render report.md and the plot
     import sys
 
     ev = load_evaluation(Path(sys.argv[1]) / "evaluation.json")

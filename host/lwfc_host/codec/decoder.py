@@ -15,7 +15,7 @@ import constriction
 import numpy as np
 
 from lwfc.errors import BadShape, PayloadError, TableMismatch
-from lwfc.fast import plane_models, probability_rows, scan_permutation
+from lwfc_host.codec.fast import plane_models, probability_rows, scan_permutation
 from lwfc.frame import FrameHeader, parse_frame
 from lwfc.scan import diagonal_runs
 from lwfc.tables import Tables

@@ -9,10 +9,10 @@ import math
 
 import numpy as np
 
-from lwfc.fast import indices_from_float_np
+from lwfc_host.codec.fast import indices_from_float_np
 from lwfc.tables import Tables
-from lwfc_host.entropy_models import count_contexts
-from lwfc_host.tablefile import finalize, integer_frequencies
+from lwfc_host.design.entropy_models import count_contexts
+from lwfc_host.design.tablefile import finalize, integer_frequencies
 
 
 def neighbour_class_map(levels: int, classes: int) -> list[int]:

@@ -67,8 +67,8 @@ def board_files(bundle: str | Path, kind: str, tables: str | Path | None = None,
                 device: str = "lwfc-device", key: str | None = None, mpy: bool = True) -> dict[str, bytes]:
     """Board path (relative, '/'-separated) -> content, for a board of ``kind`` ('linux' or 'micropython')."""
     from lwfc.errors import LwfcError
-    from lwfc_host.server import bundle_id
-    from lwfc_host.tablefile import load_verified
+    from lwfc_host.serve.server import bundle_id
+    from lwfc_host.design.tablefile import load_verified
 
     b = Path(bundle)
     info_path = b / "bundle.json"
@@ -247,7 +247,7 @@ class WasmBoard:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self) -> WasmBoard:
-        from lwfc_host.micropython import ensure_installed, node_executable
+        from lwfc_host.codec.micropython import ensure_installed, node_executable
 
         socat = shutil.which("socat")
         if socat is None:

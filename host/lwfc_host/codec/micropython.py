@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from lwfc_host.cache import cache_lock, cache_root
+from lwfc_convert.cache import cache_lock, cache_root
 
 NPM_PACKAGE = "@micropython/micropython-webassembly-pyscript"
 # Pinned: 1.27.0 is the npm "latest" tag and its MicroPython (v1.27.0, .mpy v6.3) matches the
@@ -178,8 +178,7 @@ def device_package_dir() -> Path:
 
 
 def _device_modules() -> list[Path]:
-    # fast.py is the numpy path: it is not part of the MicroPython core.
-    return sorted(p for p in device_package_dir().glob("*.py") if p.name != "fast.py")
+    return sorted(device_package_dir().glob("*.py"))
 
 
 def device_files() -> dict[str, bytes]:

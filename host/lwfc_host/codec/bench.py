@@ -17,10 +17,10 @@ from typing import TextIO
 import numpy as np
 
 from lwfc.encoder import Encoder
-from lwfc.fast import FastEncoder
+from lwfc_host.codec.fast import FastEncoder
 from lwfc.tables import Tables
-from lwfc_host.decoder import Decoder
-from lwfc_host.tablegen import uniform_table
+from lwfc_host.codec.decoder import Decoder
+from lwfc_host.design.tablegen import uniform_table
 
 
 def relu_tensor(shape: tuple[int, int, int], seed: int, zero_fraction: float = 0.5,
@@ -117,7 +117,7 @@ def run(shape=(64, 64, 256), repeats: int = 3, micropython: bool = True, x265: b
             try:
                 import json
 
-                from lwfc_host.micropython import encode_speed_micropython
+                from lwfc_host.codec.micropython import encode_speed_micropython
                 mps = encode_speed_micropython(json.dumps(table), qb, h, w)
                 timings["pure-Python encoder (MicroPython wasm, node)"] = n / mps
             except Exception as exc:  # report why, keep benchmarking the rest

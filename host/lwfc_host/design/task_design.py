@@ -109,9 +109,9 @@ def _quantizers(stats: Any, levels: tuple[int, ...], clip_scales: tuple[float, .
                 kinds: tuple[str, ...]) -> list[tuple[Any, Any, float]]:
     """(quantizer, clip choice, clip scale) for every candidate: the MSE clip range scaled at the top (the
     bottom stays: after a ReLU it is 0 and holds the pile of zeros), capped at the data maximum."""
-    from lwfc_host.clipping import choose_clip, scale_top
-    from lwfc_host.design import zeros_of
-    from lwfc_host.quantizers import DesignError, ecsq, uniform
+    from lwfc_host.design.clipping import choose_clip, scale_top
+    from lwfc_host.design.table_design import zeros_of
+    from lwfc_host.design.quantizers import DesignError, ecsq, uniform
 
     hist = stats.histogram()
     zeros = zeros_of(stats)
@@ -147,7 +147,7 @@ def _reconstruct(q8: np.ndarray, table: dict) -> np.ndarray:
 def measure_frames(table: dict, q8: np.ndarray) -> float:
     """Bits/element of real frames (header, CRC, payload) for int8 tensors (B, H, W, C), device-identical
     encoder (constriction fast path, byte-identical to lwfc.encoder)."""
-    from lwfc.fast import FastEncoder
+    from lwfc_host.codec.fast import FastEncoder
     from lwfc.tables import Tables
 
     encoder = FastEncoder(Tables(table))
@@ -164,10 +164,10 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
     from tqdm import tqdm
 
     from lwfc_convert.bundle import read_bundle
-    from lwfc_host.calibration import CalibrationStats
-    from lwfc_host.design import finish_design, zeros_of
-    from lwfc_host.evaluate import cloud_outputs, make_session
-    from lwfc_host.quantizers import evaluate
+    from lwfc_host.design.calibration import CalibrationStats
+    from lwfc_host.design.table_design import finish_design, zeros_of
+    from lwfc_host.evaluate.core import cloud_outputs, make_session
+    from lwfc_host.design.quantizers import evaluate
 
     t0 = time.time()
     bundle_dir = Path(bundle_dir)
@@ -230,7 +230,7 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
         "metric": "top-1 agreement with the uncompressed int8 pipeline", "tolerance": tolerance,
         "target_bits": target_bits, "heldout_images": int(len(held)), "agreement": chosen.agreement,
         "heldout_coded_bits": chosen.coded_bits, "clip_scale": chosen.clip_scale}
-    from lwfc_host.tablefile import finalize
+    from lwfc_host.design.tablefile import finalize
 
     d.table = finalize(d.table)
     return TaskDesign(d, chosen, [c[0] for c in cands], int(len(held)), tolerance, time.time() - t0, notes)
@@ -254,11 +254,11 @@ def evaluate_table(bundle_dir: str | Path, table: dict, q_eval: np.ndarray, labe
     """A table on evaluation int8 features through the real pipeline: frames (device-identical encoder),
     host decoder, ONNX cloud half. Returns bits/element of the frames, top-1 agreement with the uncompressed
     int8 pipeline and, with labels, accuracy of both."""
-    from lwfc.fast import FastEncoder
+    from lwfc_host.codec.fast import FastEncoder
     from lwfc.tables import Tables
     from lwfc_convert.bundle import read_bundle
-    from lwfc_host.decoder import Decoder
-    from lwfc_host.evaluate import cloud_outputs, make_session
+    from lwfc_host.codec.decoder import Decoder
+    from lwfc_host.evaluate.core import cloud_outputs, make_session
 
     bundle_dir = Path(bundle_dir)
     info = read_bundle(bundle_dir)

@@ -29,8 +29,8 @@ from lwfc import protocol as P
 from lwfc.errors import FrameError, LwfcError
 from lwfc.frame import CRC_SIZE, HEADER_SIZE, max_payload_length, parse_frame
 from lwfc.tables import Tables
-from lwfc_host.decoder import Decoder
-from lwfc_host.tablefile import load_verified
+from lwfc_host.codec.decoder import Decoder
+from lwfc_host.design.tablefile import load_verified
 
 READ_CHUNK = 65536
 

@@ -16,16 +16,16 @@ def _error(msg: str) -> Exception:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (reported as one line), not a bug."""
-    from .datasets import DatasetMissing
-    from .split import SplitError
-    from .tflite_export import ExportError
-    from .zoo import UnknownModel, WeightsError
+    from lwfc_convert.datasets import DatasetMissing
+    from lwfc_convert.split import SplitError
+    from lwfc_convert.tflite_export import ExportError
+    from lwfc_convert.zoo import UnknownModel, WeightsError
 
     return (UnknownModel, WeightsError, SplitError, ExportError, DatasetMissing)
 
 
 def _model_names() -> str:
-    from .zoo import MODELS
+    from lwfc_convert.zoo import MODELS
 
     return ", ".join(MODELS)
 
@@ -33,8 +33,8 @@ def _model_names() -> str:
 def cmd_layers(args: argparse.Namespace) -> int:
     """Print the valid split points of a model with their output shapes and activation types."""
     try:
-        from .split import list_split_points
-        from .zoo import get_spec, load_model
+        from lwfc_convert.split import list_split_points
+        from lwfc_convert.zoo import get_spec, load_model
 
         spec = get_spec(args.model)
         model = load_model(args.model)
@@ -61,8 +61,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a zoo model into a bundle directory."""
     try:
-        from .bundle import convert
-        from .zoo import get_spec
+        from lwfc_convert.bundle import convert
+        from lwfc_convert.zoo import get_spec
 
         get_spec(args.model)  # unknown model: fail before importing the heavy converter
         info = convert(args.model, args.split, args.output, calib_images=args.calib_images,
@@ -102,7 +102,7 @@ def print_summary(info: dict[str, Any], where: Any) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a bundle's bundle.json (summary, or the full JSON with --json)."""
-    from .bundle import read_bundle
+    from lwfc_convert.bundle import read_bundle
 
     try:
         info = read_bundle(args.bundle)
@@ -120,12 +120,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train resnet_fmnist or the efficientnet_lite0_fmnist head."""
     try:
         if args.model == "resnet_fmnist":
-            from .train import train_resnet_fmnist
+            from lwfc_convert.train import train_resnet_fmnist
 
             res = train_resnet_fmnist(args.output, epochs=args.epochs or 12, seed=args.seed,
                                       threads=args.threads, progress=not args.quiet)
         elif args.model == "efficientnet_lite0_fmnist":
-            from .train import train_effnet_fmnist_head
+            from lwfc_convert.train import train_effnet_fmnist_head
 
             res = train_effnet_fmnist_head(args.output, epochs=args.epochs or 30, seed=args.seed,
                                            threads=args.threads, cache=args.cache, progress=not args.quiet)

@@ -1,0 +1,1 @@
+"""Host codec: the vectorised decoder, the numpy/constriction encoder, conformance, the MicroPython bridge, benches."""

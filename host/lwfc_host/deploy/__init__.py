@@ -1,0 +1,1 @@
+"""Writing what a board needs onto it."""

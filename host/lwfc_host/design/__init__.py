@@ -1,0 +1,1 @@
+"""Host design: calibration, clipping, quantizers, entropy models, contexts, table files."""

@@ -1,0 +1,1 @@
+"""Rate-accuracy evaluation: lwfc points, baselines, reports."""

@@ -1,0 +1,1 @@
+"""The host server: devices connect, frames are decoded, the cloud half answers."""
