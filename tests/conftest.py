@@ -10,8 +10,22 @@ import numpy as np
 import pytest
 
 from lwfc.tables import Tables
-from lwfc_host.codec.bench import relu_tensor
 from lwfc_host.design.tablegen import uniform_table
+
+
+def relu_tensor(shape: tuple[int, int, int], seed: int, zero_fraction: float = 0.5,
+                batch: int | None = None) -> np.ndarray:
+    """Float activations with ReLU-like statistics: spatially smooth, ``zero_fraction`` exactly zero.
+    (``lwfc bench`` draws its workload the same way; the tests keep their own copy.)"""
+    rng = np.random.default_rng(seed)
+    h, w, c = shape
+    b = batch or 1
+    x = rng.normal(size=(b, h + 2, w + 2, c)).astype(np.float32)
+    x = (x[:, :-2, :-2] + x[:, 1:-1, 1:-1] + x[:, 2:, 2:] + x[:, 2:, :-2]) / 2.0
+    x *= rng.uniform(0.5, 1.5, size=c).astype(np.float32)
+    threshold = np.quantile(x, zero_fraction)
+    y = np.maximum(x - threshold, 0.0)
+    return y if batch else y[0]
 
 
 def make_case(shape=(8, 8, 16), levels=4, groups=1, classes=1, seed=0):
@@ -47,10 +61,10 @@ def converted_centernet_bundle() -> Path:
     or the Debian package darknet (its demo photos) are missing. The bundle holds no tables.json: tests that
     need tables design their own, outside the cache."""
     from lwfc_convert.bundle import convert
+    from lwfc_convert.cache import cache_lock, cache_root
     from lwfc_convert.centernet import NpmError
     from lwfc_convert.datasets import DatasetMissing
     from lwfc_convert.detection import darknet_photo_paths
-    from lwfc_convert.cache import cache_lock, cache_root
 
     out = cache_root() / "bundles" / CENTERNET_MODEL
     if not (out / "bundle.json").exists():

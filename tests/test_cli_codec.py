@@ -93,3 +93,14 @@ def test_conformance_command(capsys):
     assert " 0 failed" in out
     for impl in ["python", "python-loop", "constriction", "host-decoder"] + (["micropython"] if use_mp else []):
         assert impl in out.split("implementations:")[1]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+    (["bench", "--shape", "0,4,4"], "three positive integers"),
+])
+def test_bench_refuses_what_it_cannot_time(argv, needle, capsys):
+    """--repeats 0 would time nothing and print 0 elements/s; an empty shape has no elements to time."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1

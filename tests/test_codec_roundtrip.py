@@ -5,12 +5,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lwfc.encoder import Encoder
+from lwfc.encoder import Encoder, keys_fast, keys_slow
 from lwfc.errors import EncodeError
-from lwfc_host.codec.fast import encode_int8_constriction, indices_from_float_np
 from lwfc.quantize import index_of_float
-from lwfc.tables import Tables
+from lwfc.tables import Tables, context_number
 from lwfc_host.codec.decoder import Decoder
+from lwfc_host.codec.fast import context_map, encode_int8_constriction, indices_from_float_np, scan_permutation
 from lwfc_host.design.tablegen import uniform_table
 
 
@@ -93,3 +93,60 @@ def test_contexts_use_neighbours():
         q = np.clip(np.round(x / table["int8"]["scale"]) + table["int8"]["zero_point"], -128, 127)
         sizes.append(len(Encoder(tables).encode_int8(q.astype(np.int8).tobytes(), 16, 16)))
     assert sizes[1] < 0.8 * sizes[0]
+
+
+@st.composite
+def random_context_tables(draw):
+    """A valid table whose context fields (groups, class map, context -> model map, models) are random,
+    and an index tensor for it."""
+    levels = draw(st.integers(2, 16))
+    classes = draw(st.integers(1, max(k for k in range(1, 17) if k * k * levels <= 256)))
+    h, w, c = draw(st.integers(1, 7)), draw(st.integers(1, 7)), draw(st.integers(1, 9))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    table = uniform_table(np.abs(rng.normal(size=(1, h, w, c))).astype(np.float32), levels, clip_max=1.0)
+    groups = int(rng.integers(1, c + 1))
+    contexts = groups * classes * classes
+    models = int(rng.integers(1, contexts + 1))
+    freqs = rng.integers(1, 1000, size=(models, levels))
+    freqs[:, -1] += (1 << 24) - freqs.sum(axis=1)
+    table["contexts"] = {
+        "groups": groups, "classes": classes,
+        "channel_group": rng.integers(0, groups, size=c).tolist(),
+        "neighbour_class": rng.integers(0, classes, size=levels + 1).tolist(),
+        "model_of_context": rng.integers(0, models, size=contexts).tolist(),
+    }
+    table["models"] = freqs.tolist()
+    return Tables(table), rng.integers(0, levels, size=(h, w, c)).astype(np.uint8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_context_tables())
+def test_context_rule_scalar_equals_vectorised(case):
+    """The device's scalar context rule (lwfc.tables.context_number, per element and as the encoder's keys
+    on both paths) equals the host's vectorised one (lwfc_host.codec.fast.context_map)."""
+    tables, idx = case
+    h, w, c = idx.shape
+    n, k = tables.levels, tables.classes
+    ncls = tables.neighbour_class
+    vectorised = context_map(idx.astype(np.int64), tables)
+    scalar = np.empty_like(vectorised)
+    for y in range(h):
+        for x in range(w):
+            for ch in range(c):
+                above = idx[y - 1, x, ch] if y > 0 else n
+                left = idx[y, x - 1, ch] if x > 0 else n
+                g = tables.channel_group[ch]
+                scalar[y, x, ch] = context_number(g, ncls[above], ncls[left], k)
+                assert scalar[y, x, ch] == g * k * k + ncls[above] * k + ncls[left]  # SPEC.md 4.2, literally
+    np.testing.assert_array_equal(scalar, vectorised)
+    if k > 1:
+        in_scan = vectorised.reshape(h * w, c)[scan_permutation(h, w)].reshape(-1)
+        for keys in (keys_fast(idx.tobytes(), h, w, tables), keys_slow(idx.tobytes(), h, w, tables)):
+            keys = np.asarray(list(keys), dtype=np.int64)
+            group, low = keys >> 8, keys & 0xFF
+            np.testing.assert_array_equal(group * k * k + low // n, in_scan)
+            np.testing.assert_array_equal(low % n, idx.reshape(h * w, c)[scan_permutation(h, w)].reshape(-1))
+    # and the coder's (start, freq) per key are those of the context's model
+    mids = np.asarray(tables.model_of_context)[vectorised]
+    keys = np.asarray(tables.channel_group)[np.arange(c)] * 256 + (vectorised % (k * k)) * n + idx
+    np.testing.assert_array_equal(np.asarray(tables.freq)[keys], np.asarray(tables.models)[mids, idx])

@@ -1,4 +1,4 @@
-"""Context design (host/lwfc_host/context_design.py): designed neighbour classes and merged context models
+"""Context design (host/lwfc_host/design/contexts.py): designed neighbour classes and merged context models
 beat the naive class map in real frames of the device encoder, stay valid tables and round-trip through
 the host decoder."""
 
@@ -9,10 +9,10 @@ import pytest
 
 from lwfc.encoder import Encoder
 from lwfc.tables import Tables
+from lwfc_host.codec.decoder import Decoder
 from lwfc_host.design import contexts as cdz
 from lwfc_host.design import table_design as dz
 from lwfc_host.design.calibration import CalibrationStats
-from lwfc_host.codec.decoder import Decoder
 from lwfc_host.design.tablefile import finalize
 
 SHAPE = (12, 12, 24)

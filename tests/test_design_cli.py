@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from lwfc_host.design.calibration import CalibrationError, CalibrationStats, calibrate, load_stats
 from lwfc_host.cli import main
+from lwfc_host.design.calibration import CalibrationError, CalibrationStats, calibrate, load_stats
 from lwfc_host.design.tablefile import load_verified
 
 
@@ -163,3 +163,56 @@ def test_int8_file_needs_parameters(tmp_path, capsys):
     assert "--int8-scale" in err
     assert main(["calibrate", "--activations", str(tmp_path / "q.npy"), "--output", str(tmp_path / "s.npz"),
                  "--int8-scale", "0.05", "--int8-zero-point", "-10"]) == 0
+
+
+# ---- no flag is silently ignored --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["uniform", "ecsq"])
+def test_quantizer_is_honoured_with_target_bits(stats_file, tmp_path, kind):
+    out = tmp_path / f"{kind}.json"
+    assert main(["design", "--stats", str(stats_file), "--target-bits", "1.75", "--groups", "1", "--quantizer", kind,
+                 "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["quantizer"] == kind
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--levels", "3", "--lam", "0.01"], "give --quantizer ecsq with it"),
+    (["--levels", "3", "--quantizer", "uniform", "--lam", "0.01"], "give --quantizer ecsq with it"),
+    (["--target-bits", "1.5", "--lam", "0.01"], "searches lambda itself"),
+    (["--levels", "3", "--tolerance", "0.02"], "--tolerance apply to --objective accuracy only"),
+    (["--levels", "3", "--task-images", "64"], "--task-images apply to --objective accuracy only"),
+    (["--levels", "3", "--bundle", "b"], "--bundle apply to --objective accuracy only"),
+    (["--levels", "3", "--report-png", "rd.png"], "give --report too"),
+    (["--report", "--groups", "4"], "--report alone"),
+    (["--report", "--quantizer", "ecsq"], "--report alone"),
+    (["--report", "--output", "t.json"], "--report alone"),
+])
+def test_flags_that_do_not_apply_are_refused(stats_file, tmp_path, capsys, flags, needle):
+    argv = ["design", "--stats", str(stats_file)] + flags
+    if "--output" not in flags and "--report" not in flags:
+        argv += ["--output", str(tmp_path / "t.json")]
+    err = run_err(argv, capsys)
+    assert needle in err
+    assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("flags", [["--stats", "s.npz"], ["--clip", "model"], ["--groups", "2"], ["--lam", "0.1"],
+                                   ["--int8-scale", "0.1", "--int8-zero-point", "0"], ["--shape", "4x4x8"],
+                                   ["--report"], ["--report-png", "rd.png"]])
+def test_mse_flags_refused_with_objective_accuracy(tmp_path, capsys, flags):
+    """Refused before anything is loaded: the bundle does not even exist here."""
+    err = run_err(["design", "--objective", "accuracy", "--bundle", str(tmp_path / "none"), "--output",
+                   str(tmp_path / "t.json")] + flags, capsys)
+    assert "apply to --objective mse only" in err and flags[0] in err
+
+
+def test_calibrate_refuses_int8_flags_the_data_do_not_use(tmp_path, capsys):
+    np.save(tmp_path / "f.npy", _relu(0))
+    argv = ["calibrate", "--activations", str(tmp_path / "f.npy"), "--output", str(tmp_path / "s.npz")]
+    assert "together" in run_err(argv + ["--int8-scale", "0.1"], capsys)
+    assert "activations are float" in run_err(argv + ["--int8-scale", "0.1", "--int8-zero-point", "0"], capsys)
+    np.savez(tmp_path / "q.npz", q=np.zeros((2, 3, 3, 4), np.int8), scale=0.05, zero_point=-10)
+    argv = ["calibrate", "--activations", str(tmp_path / "q.npz"), "--output", str(tmp_path / "s.npz")]
+    assert "carry their own scale" in run_err(argv + ["--int8-scale", "0.1", "--int8-zero-point", "0"], capsys)
+    assert "--bins applies to float" in run_err(argv + ["--bins", "128"], capsys)
+    assert not (tmp_path / "s.npz").exists()
+    assert main(argv + ["--int8-scale", "0.05", "--int8-zero-point", "-10"]) == 0  # the same parameters: fine

@@ -80,7 +80,7 @@ def test_ecsq_never_worse_than_uniform_at_equal_rate(clipped_relu_gaussian, leve
     one = np.zeros(1, dtype=np.int64)  # one model: the coded rate with the table's integer frequencies
 
     def coded(ev):
-        return dz._rate_with_groups(ev, one, 1, 0.0)
+        return dz.rate_with_groups(ev, one, 1, 0.0)
 
     qe = dz.equal_rate_ecsq(s, levels, clip, coded(eu), one)
     ee = evaluate(qe, h, zeros)

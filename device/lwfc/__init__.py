@@ -1,5 +1,7 @@
 """lwfc device codec: table-lookup quantization and constriction-compatible range coding of split-DNN
-features. Pure Python, MicroPython-compatible; imports nothing outside the standard library."""
+features. The codec core imported here is pure Python, MicroPython-compatible and standard-library only. The
+board-side modules that may use numpy, Pillow, TFLite or pyserial (``edge``, ``images``, ``transport``) import
+them inside their functions, and nothing here imports those modules."""
 
 from .encoder import Encoder
 from .errors import EncodeError, FrameError, LwfcError, TableError

@@ -1,8 +1,9 @@
 """The device encoder: indices -> context keys in scan order -> range coder -> frame (SPEC.md, 4-5).
 
-Pure Python in the MicroPython-compatible subset. On CPython the key computation runs at C speed with
-``bytes.translate``, big-integer lane arithmetic (byte lanes never carry because every lane value
-stays below 256) and strided slice assignment; elsewhere a per-element loop gives the same keys.
+Pure Python in the MicroPython-compatible subset. The context rule is ``tables.context_number``; both key
+paths call it. On CPython the key computation runs at C speed with ``bytes.translate``, big-integer lane
+arithmetic (byte lanes never carry because every lane value stays below 256) and strided slice assignment;
+elsewhere a per-element loop gives the same keys.
 """
 
 import struct
@@ -13,6 +14,7 @@ from .frame import MAX_ELEMENTS, pack_frame
 from .quantize import byte_table, indices_from_float, indices_from_int8
 from .rangecoder import RangeEncoder
 from .scan import diagonal_positions
+from .tables import context_number
 
 _HAS_TRANSLATE = hasattr(bytes, "translate")
 try:
@@ -40,20 +42,20 @@ def planes(indices, channels):
 
 
 def keys_fast(indices, height, width, tables):
-    """Neighbour-context keys (K > 1) ``group * 256 + (class_above * K + class_left) * N + index`` in scan order, as a
-    memoryview of native uint16 (CPython fast path)."""
+    """Range coder keys ``group * 256 + context_number(0, class_above, class_left, K) * N + index`` (K > 1) in
+    scan order, as a memoryview of native uint16 (CPython fast path). The rule runs once, on the whole
+    tensor's byte lanes packed into big integers."""
     c = tables.channels
     n_el = len(indices)
-    k = tables.classes
     n_lv = tables.levels
     row = width * c
     out = bytes([n_lv]) * c  # index N marks "outside the tensor"
     above = out * width + indices[: n_el - row]
     left = b"".join(out + indices[r * row: r * row + row - c] for r in range(height))
     ctab = _class_table(tables)
-    low_int = (int.from_bytes(above.translate(ctab), "little") * k
-               + int.from_bytes(left.translate(ctab), "little")) * n_lv + int.from_bytes(indices, "little")
-    low = low_int.to_bytes(n_el, "little")
+    lanes = context_number(0, int.from_bytes(above.translate(ctab), "little"),
+                           int.from_bytes(left.translate(ctab), "little"), tables.classes)
+    low = (lanes * n_lv + int.from_bytes(indices, "little")).to_bytes(n_el, "little")
     keys = bytearray(2 * n_el)
     keys[0::2] = low
     if tables.groups > 1:
@@ -71,11 +73,15 @@ def keys_fast(indices, height, width, tables):
 
 
 def keys_slow(indices, height, width, tables):
-    """The same keys as ``keys_fast``, one element at a time (MicroPython, or any platform)."""
+    """The same keys as ``keys_fast``, one element at a time (MicroPython, or any platform). The rule is
+    applied once per pair of neighbour indices (N + 1 squared pairs, N meaning "outside"), not per element."""
     c = tables.channels
     k = tables.classes
     n_lv = tables.levels
     ncls = tables.neighbour_class
+    span = n_lv + 1
+    # key low byte minus the index, for above index a and left index b at entry a * (N + 1) + b
+    pair = [context_number(0, ncls[a], ncls[b], k) * n_lv for a in range(span) for b in range(span)]
     group_hi = [g * 256 for g in tables.channel_group]
     row = width * c
     for p in diagonal_positions(height, width):
@@ -83,9 +89,9 @@ def keys_slow(indices, height, width, tables):
         has_above = p >= width
         has_left = p % width != 0
         for ch in range(c):
-            a = ncls[indices[base - row + ch]] if has_above else ncls[n_lv]
-            lft = ncls[indices[base - c + ch]] if has_left else ncls[n_lv]
-            yield group_hi[ch] + (a * k + lft) * n_lv + indices[base + ch]
+            a = indices[base - row + ch] if has_above else n_lv
+            b = indices[base - c + ch] if has_left else n_lv
+            yield group_hi[ch] + pair[a * span + b] + indices[base + ch]
 
 
 # MicroPython passes *args on its small Python stack (about 2000 arguments with the default pystack, and
@@ -130,7 +136,8 @@ class Encoder(object):
         _check_shape(len(indices), height, width, t)
         coder = RangeEncoder()
         if t.classes == 1:
-            # channel-planar order: each plane is coded with its group's model, keyed by the index alone
+            # channel-planar order; with K = 1 the context number is the group g (``context_number``), so
+            # each plane is coded with group g's keys g * 256 + index
             for ch, plane in enumerate(planes(bytes(indices), t.channels)):
                 off = t.channel_group[ch] * 256
                 coder.encode_keys(plane, t.start[off:off + t.levels], t.freq[off:off + t.levels])

@@ -45,6 +45,27 @@ def _get(d, key, where="table"):
     return d[key]
 
 
+def context_number(group, class_above, class_left, classes):
+    """The context rule (SPEC.md 4.2), stated once for the device core.
+
+    Element (h, w, c) has an above neighbour index a (of (h - 1, w, c), or N, "outside the tensor", when
+    h = 0) and a left neighbour index l (of (h, w - 1, c), or N when w = 0). With g = channel_group[c],
+    the element's context number is
+
+        x = g * K^2 + neighbour_class[a] * K + neighbour_class[l]
+
+    and it is coded with model model_of_context[x]. With K = 1 every class is 0, so x = g.
+
+    This function is that formula on the classes. It is plain integer arithmetic, so the encoder uses it
+    both per element and on many elements at once: its fast path passes byte lanes packed into big
+    integers with group 0 (K^2 * N <= 256 keeps every lane below 256, so lanes never carry). The range
+    coder key of an element packs the group and its context within the group into two bytes:
+    ``group * 256 + context_number(0, class_above, class_left, K) * N + index`` (``Tables.start``/``freq``).
+    The host's vectorised form, on numpy arrays, is ``lwfc_host.codec.fast.context_ids``; a test ties the two.
+    """
+    return (group * classes + class_above) * classes + class_left
+
+
 class Tables(object):
     """A validated table file, with the lookups the encoder uses.
 
@@ -54,16 +75,28 @@ class Tables(object):
       neighbour_class (N+1 ints; entry N is "outside the tensor"), channel_group (C ints),
       model_of_context (G*K*K ints), models (lists of N frequencies),
       start, freq: the range coder's (cumulative start, frequency) per key
-      ``group * 256 + (class_above * K + class_left) * N + index``.
+      ``group * 256 + context_number(0, class_above, class_left, K) * N + index``.
       raw: the parsed JSON object.
+    Every field is checked, in a fixed order; the first failing check raises TableError.
     """
 
     def __init__(self, obj):
+        self.raw = obj
+        self._read_header(obj)
+        self._read_shape(obj)
+        self._read_int8(obj)
+        self._read_float_input(obj)
+        self._read_reconstruction(obj)
+        self._read_contexts(_get(obj, "contexts"))
+        self._read_models(obj)
+        self._build_keys()
+
+    def _read_header(self, obj):
+        """format, version, table_id, layout."""
         _require(isinstance(obj, dict), "a table file must hold a JSON object")
         _require(_get(obj, "format") == FORMAT, "format must be %r, found %r" % (FORMAT, obj.get("format")))
         version = _get(obj, "version")
         _require(version == VERSION, "unsupported table version %r (this reader reads %d)" % (version, VERSION))
-        self.raw = obj
         tid = _get(obj, "table_id")
         _require(isinstance(tid, str) and len(tid) == 8, "table_id must be 8 hex digits")
         try:
@@ -72,6 +105,8 @@ class Tables(object):
             raise TableError("table_id must be 8 hex digits, found %r" % tid) from None
         _require(_get(obj, "layout") == "NHWC", "layout must be 'NHWC'")
 
+    def _read_shape(self, obj):
+        """channels, levels, and the clip range (checked; only the host uses it)."""
         channels = _get(obj, "channels")
         _require(isinstance(channels, int) and 1 <= channels <= MAX_CHANNELS,
                  "channels must be an integer in 1..%d" % MAX_CHANNELS)
@@ -80,11 +115,13 @@ class Tables(object):
                  "levels must be an integer in 2..%d, found %r" % (MAX_LEVELS, levels))
         self.channels = channels
         self.levels = levels
-
         clip_min = _number(_get(obj, "clip_min"), "clip_min")
         clip_max = _number(_get(obj, "clip_max"), "clip_max")
         _require(clip_min < clip_max, "clip_min must be below clip_max")
 
+    def _read_int8(self, obj):
+        """int8: scale and zero point (checked), and index_of_q, the lookup the device quantizes by."""
+        levels = self.levels
         int8 = _get(obj, "int8")
         scale = _number(_get(int8, "scale", "int8"), "int8.scale")
         _require(scale > 0, "int8.scale must be positive")
@@ -96,10 +133,12 @@ class Tables(object):
             _require(i == 0 or v >= lut[i - 1], "int8.index_of_q must be non-decreasing (entry %d)" % i)
         self.index_of_q = lut
 
+    def _read_float_input(self, obj):
+        """float_input: fixed-point fraction bits and the N - 1 thresholds."""
         fl = _get(obj, "float_input")
         frac_bits = _get(fl, "frac_bits", "float_input")
         _require(isinstance(frac_bits, int) and 0 <= frac_bits <= 24, "float_input.frac_bits must be in 0..24")
-        thr = _int_list(_get(fl, "thresholds", "float_input"), "float_input.thresholds", levels - 1)
+        thr = _int_list(_get(fl, "thresholds", "float_input"), "float_input.thresholds", self.levels - 1)
         for i in range(1, len(thr)):
             _require(thr[i] > thr[i - 1], "float_input.thresholds must be strictly increasing")
         for t in thr:
@@ -107,14 +146,18 @@ class Tables(object):
         self.frac_bits = frac_bits
         self.thresholds = thr
 
+    def _read_reconstruction(self, obj):
         recon = _get(obj, "reconstruction")
-        _require(isinstance(recon, list) and len(recon) == levels,
-                 "reconstruction must list %d values" % levels)
+        _require(isinstance(recon, list) and len(recon) == self.levels,
+                 "reconstruction must list %d values" % self.levels)
         for v in recon:
             _number(v, "reconstruction value")
         self.reconstruction = recon
 
-        ctx = _get(obj, "contexts")
+    def _read_contexts(self, ctx):
+        """contexts: groups G, classes K, the channel -> group and neighbour index -> class maps, and
+        model_of_context (checked against the models in ``_read_models``)."""
+        channels, levels = self.channels, self.levels
         groups = _get(ctx, "groups", "contexts")
         _require(isinstance(groups, int) and 1 <= groups <= min(channels, MAX_GROUPS),
                  "contexts.groups must be in 1..min(channels, %d)" % MAX_GROUPS)
@@ -135,20 +178,22 @@ class Tables(object):
         self.neighbour_class = ncls
         self.model_of_context = moc
 
+    def _read_models(self, obj):
+        """models: M lists of N integer frequencies, each >= 1, each list summing to 2^24."""
         models = _get(obj, "models")
-        _require(isinstance(models, list) and 1 <= len(models) <= groups * classes * classes,
+        _require(isinstance(models, list) and 1 <= len(models) <= self.groups * self.classes * self.classes,
                  "models must list 1..groups*classes^2 models")
         for m, freqs in enumerate(models):
-            _int_list(freqs, "models[%d]" % m, levels)
+            _int_list(freqs, "models[%d]" % m, self.levels)
             for f in freqs:
                 _require(f >= 1, "models[%d] has a frequency below 1" % m)
             _require(sum(freqs) == TOTAL, "models[%d] sums to %d, not 2^24" % (m, sum(freqs)))
-        for v in moc:
+        for v in self.model_of_context:
             _require(0 <= v < len(models), "contexts.model_of_context entry %d outside 0..%d" % (v, len(models) - 1))
         self.models = models
-        self._build_keys()
 
     def _build_keys(self):
+        """start/freq per range coder key (see ``context_number``): the model of each context, by the rule."""
         n, k = self.levels, self.classes
         start = [0] * (self.groups * 256)
         freq = [0] * (self.groups * 256)
@@ -160,12 +205,13 @@ class Tables(object):
                 acc += f
             cumulative.append(c)
         for g in range(self.groups):
-            for ctx in range(k * k):
-                m = self.model_of_context[g * k * k + ctx]
-                for s in range(n):
-                    key = g * 256 + ctx * n + s
-                    start[key] = cumulative[m][s]
-                    freq[key] = self.models[m][s]
+            for ca in range(k):
+                for cl in range(k):
+                    m = self.model_of_context[context_number(g, ca, cl, k)]
+                    base = g * 256 + context_number(0, ca, cl, k) * n
+                    for s in range(n):
+                        start[base + s] = cumulative[m][s]
+                        freq[base + s] = self.models[m][s]
         self.start = start
         self.freq = freq
 

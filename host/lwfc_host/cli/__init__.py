@@ -1,44 +1,33 @@
 """The ``lwfc`` command line.
 
-Each subcommand lives next to the code it drives: a module listed in ``COMMAND_MODULES`` exposes
-``register(subparsers)``, which adds its subcommands and sets ``func`` on each parser. Registration
-imports nothing heavy, so ``lwfc --help`` stays fast; the work functions import torch, constriction, ...
-when they run.
+Each subcommand module of this package (codec, design, serve, evaluate, convert) exposes
+``register(subparsers)``, which adds its subcommands and sets ``func`` on each parser. Those modules
+import nothing heavy at module level, so ``lwfc --help`` stays fast; the work functions import torch,
+constriction, ... when they run. Bad input raises ``CommandError`` (``lwfc_host.cli.errors``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-COMMAND_MODULES = [
-    "lwfc_host.cli.codec",
-    "lwfc_host.cli.design",
-    "lwfc_host.cli.serve",
-    "lwfc_host.cli.evaluate",
-    "lwfc_host.cli.convert",
-]
+from lwfc_host.cli.errors import CommandError
 
-
-class CommandError(Exception):
-    """An error the command line reports as one line and exit status 2 (bad input, not a bug)."""
+__all__ = ["CommandError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # imported here, not at the top: the subcommand modules import CommandError while this package is
+    # still initialising otherwise
+    from lwfc_host.cli import codec, convert, design, evaluate, serve
+
     parser = argparse.ArgumentParser(
         prog="lwfc",
         description="Lightweight feature codec for split neural networks: edge encode, host decode.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # the module exists but one of its imports is missing: a real error
-                raise
-            continue
+    for module in (codec, design, serve, evaluate, convert):
         module.register(subparsers)
     return parser
 

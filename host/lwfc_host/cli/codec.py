@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lwfc_host.cli.errors import CommandError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -48,7 +50,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "bench", help="encoder/decoder speed on a 256x64x64 tensor, with x265 for scale",
-        description="Encode and decode a 256x64x64 int8 tensor with ReLU-like statistics (about 70%% zeros, "
+        description="Encode and decode a 256x64x64 int8 tensor with ReLU-like statistics (about 70% zeros, "
                     "4 levels) and print elements per second for each implementation.")
     p.add_argument("--shape", default="64,64,256", help="H,W,C (default 64,64,256)")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats; the best is reported")
@@ -59,7 +61,6 @@ def register(subparsers) -> None:
 
 def _load_tables(path: str):
     from lwfc.errors import TableError
-    from lwfc_host.cli import CommandError
     from lwfc_host.design.tablefile import load_verified
 
     try:
@@ -69,8 +70,6 @@ def _load_tables(path: str):
 
 
 def _hwc(arr, channels: int):
-    from lwfc_host.cli import CommandError
-
     shape = arr.shape
     if len(shape) == 4 and shape[0] == 1:
         shape = shape[1:]
@@ -86,9 +85,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     from lwfc.encoder import Encoder
     from lwfc.errors import LwfcError
-    from lwfc_host.codec.fast import encode_indices_constriction, indices_from_float_np
     from lwfc.frame import pack_frame
-    from lwfc_host.cli import CommandError
+    from lwfc_host.codec.fast import encode_indices_constriction, indices_from_float_np
 
     tables = _load_tables(args.tables)
     try:
@@ -122,7 +120,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lwfc.errors import FrameError
-    from lwfc_host.cli import CommandError
     from lwfc_host.codec.decoder import Decoder
 
     tables = _load_tables(args.tables)
@@ -145,7 +142,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lwfc.errors import FrameError
     from lwfc.frame import parse_frame
-    from lwfc_host.cli import CommandError
 
     try:
         frame = Path(args.frame).read_bytes()
@@ -179,7 +175,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from lwfc_host.codec import conformance
+    from lwfc_host.checks import conformance
     root = Path(args.vectors) if args.vectors else conformance.VECTOR_DIR
     if args.regenerate:
         conformance.regenerate(root)
@@ -195,13 +191,16 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lwfc_host.codec import bench
-    from lwfc_host.cli import CommandError
+    from lwfc_host.checks import bench
 
     try:
         h, w, c = (int(v) for v in args.shape.split(","))
     except ValueError as exc:
         raise CommandError(f"--shape must be H,W,C, got {args.shape!r}") from exc
+    if min(h, w, c) < 1:
+        raise CommandError(f"--shape must be three positive integers H,W,C, got {args.shape!r}")
+    if args.repeats < 1:  # no timing at all would print 0 elements/s for every implementation
+        raise CommandError(f"--repeats must be at least 1, got {args.repeats}")
     bench.run(shape=(h, w, c), repeats=args.repeats, micropython=not args.no_micropython,
               x265=not args.no_x265, out=sys.stdout)
     return 0

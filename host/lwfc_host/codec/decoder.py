@@ -2,7 +2,9 @@
 
 Decoding follows SPEC.md, section 6. With neighbour contexts (K > 1) one constriction call decodes a
 whole anti-diagonal of positions (all their channels), whose contexts depend only on the diagonal
-before; without them one call decodes the whole tensor. The payload must be exactly the canonical
+before (the context rule: ``lwfc_host.codec.fast.context_ids``). Without them (K = 1, channel-planar
+order) one call decodes each channel's plane with its group's model, or the whole tensor in one call
+when the table has a single model. The payload must be exactly the canonical
 encoder output: it is re-encoded and compared, which catches words that run out, words left over and
 any other non-canonical payload.
 """
@@ -15,10 +17,10 @@ import constriction
 import numpy as np
 
 from lwfc.errors import BadShape, PayloadError, TableMismatch
-from lwfc_host.codec.fast import plane_models, probability_rows, scan_permutation
 from lwfc.frame import FrameHeader, parse_frame
 from lwfc.scan import diagonal_runs
 from lwfc.tables import Tables
+from lwfc_host.codec.fast import class_context_ids, plane_models, probability_rows, scan_permutation
 
 
 @dataclass
@@ -107,13 +109,13 @@ class Decoder:
         decoder = constriction.stream.queue.RangeDecoder(words)
         encoder = constriction.stream.queue.RangeEncoder() if self.verify else None
         last = np.full((h + 1, c), ncls[t.levels], dtype=np.int64)
-        group_base = np.asarray(t.channel_group, dtype=np.int64) * (k * k)
+        group = np.asarray(t.channel_group, dtype=np.int64)
         probs_of_context = self._probs[self._model_of_context]
         symbols = np.empty(h * w * c, dtype=np.int32)
         done = 0
         for first, count in diagonal_runs(h, w):
             r0 = first // w
-            ctx = group_base + last[r0:r0 + count] * k + last[r0 + 1:r0 + count + 1]
+            ctx = class_context_ids(last[r0:r0 + count], last[r0 + 1:r0 + count + 1], group, k)
             rows = np.take(probs_of_context, ctx.reshape(-1), axis=0)
             sym = decoder.decode(self._family, rows)
             if encoder is not None:
@@ -126,7 +128,6 @@ class Decoder:
         return idx.reshape(h, w, c), None if encoder is None else encoder.get_compressed()
 
 
-
 def _check_canonical(words: np.ndarray, canonical: np.ndarray) -> None:
     """The canonical-payload rule (SPEC.md 4.6): the payload must be exactly the re-encoded symbols."""
     if len(canonical) > len(words):
@@ -135,8 +136,3 @@ def _check_canonical(words: np.ndarray, canonical: np.ndarray) -> None:
         raise PayloadError(f"{len(words) - len(canonical)} payload words left over after the last symbol")
     if not np.array_equal(canonical, words):
         raise PayloadError("payload is not the canonical encoding of the symbols it decodes to")
-
-
-def decode_frame(frame: bytes, tables: Tables, verify: bool = True) -> Decoded:
-    """Decode one frame with ``tables`` (see ``Decoder``)."""
-    return Decoder(tables, verify=verify).decode(frame)

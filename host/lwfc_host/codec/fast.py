@@ -1,47 +1,65 @@
 """Optional fast paths with numpy and constriction; frames are byte-identical to the pure-Python core.
 
-Only for boards (and hosts) that have numpy; the host decoder reuses the context rule from here.
+Host code (the device package does not import it): the numpy+constriction encoder, and the vectorised
+context rule (``context_ids``, ``context_map``) that the host decoder and the table design use.
 """
+
+from __future__ import annotations
 
 import numpy as np
 
 from lwfc.frame import pack_frame
 from lwfc.scan import diagonal_positions
+from lwfc.tables import Tables, context_number
 
 
-def index_array(indices_hwc):
+def index_array(indices_hwc: np.ndarray) -> np.ndarray:
+    """The indices as int64, the width the table lookups below index with."""
     return np.asarray(indices_hwc, dtype=np.int64)
 
 
-def context_ids(above, left, channel, tables):
-    """Context number ``group * K^2 + class(above) * K + class(left)`` for elements whose above and left
-    neighbour indices are given (the value ``levels`` meaning "outside the tensor") and whose channel
-    index is ``channel``. All arrays broadcast together."""
+def context_ids(above: np.ndarray | None, left: np.ndarray | None, channel: np.ndarray | int,
+                tables: Tables) -> np.ndarray:
+    """The context rule (SPEC.md 4.2) vectorised: the context number
+    ``group * K^2 + neighbour_class[above] * K + neighbour_class[left]`` of elements whose above and left
+    neighbour indices are ``above`` and ``left`` (the value ``levels`` meaning "outside the tensor", as
+    ``neighbours`` fills them in) and whose channel index is ``channel``. All arrays broadcast together;
+    with K = 1 the context is the channel's group and ``above``/``left`` are not read (they may be None).
+
+    The formula itself is the device's ``lwfc.tables.context_number`` (plain arithmetic, so it takes
+    arrays); this adds the table lookups. ``class_context_ids`` is the same with the classes given."""
     k = tables.classes
     group = np.asarray(tables.channel_group, dtype=np.int64)[channel]
     if k == 1:
         return group
     ncls = np.asarray(tables.neighbour_class, dtype=np.int64)
-    return group * (k * k) + ncls[above] * k + ncls[left]
+    return class_context_ids(ncls[above], ncls[left], group, k)
 
 
-def neighbours(idx, outside):
-    """Above and left neighbour indices of every element of an (H, W, C) index array, ``outside``
-    where the neighbour lies outside the tensor."""
+def class_context_ids(class_above: np.ndarray, class_left: np.ndarray, group: np.ndarray,
+                      classes: int) -> np.ndarray:
+    """``context_ids`` for neighbours whose classes are already looked up (the host decoder keeps the
+    classes of the last decoded positions, so each class is looked up once)."""
+    return context_number(group, class_above, class_left, classes)
+
+
+def neighbours(idx: np.ndarray, outside: int) -> tuple[np.ndarray, np.ndarray]:
+    """Above and left neighbour indices of every element of a (..., H, W, C) index array (one tensor, or
+    a batch), ``outside`` where the neighbour lies outside the tensor."""
     above = np.full_like(idx, outside)
     left = np.full_like(idx, outside)
-    above[1:] = idx[:-1]
-    left[:, 1:] = idx[:, :-1]
+    above[..., 1:, :, :] = idx[..., :-1, :, :]
+    left[..., :, 1:, :] = idx[..., :, :-1, :]
     return above, left
 
 
-def context_map(idx, tables):
-    """Context number (SPEC.md 4.2) of every element of an (H, W, C) index array."""
+def context_map(idx: np.ndarray, tables: Tables) -> np.ndarray:
+    """Context number (SPEC.md 4.2) of every element of a (..., H, W, C) index array."""
     above, left = neighbours(idx, tables.levels)
-    return np.broadcast_to(context_ids(above, left, np.arange(idx.shape[2]), tables), idx.shape)
+    return np.broadcast_to(context_ids(above, left, np.arange(idx.shape[-1]), tables), idx.shape)
 
 
-def model_ids(idx, tables, model_of_context=None):
+def model_ids(idx: np.ndarray, tables: Tables, model_of_context: np.ndarray | None = None) -> np.ndarray:
     """Model index of every element of an (H, W, C) index array (raster order). ``model_of_context``:
     ``tables.model_of_context`` as an int64 array, when the caller already has it."""
     if model_of_context is None:
@@ -49,12 +67,12 @@ def model_ids(idx, tables, model_of_context=None):
     return model_of_context[context_map(idx, tables)]
 
 
-def scan_permutation(height, width):
+def scan_permutation(height: int, width: int) -> np.ndarray:
     """Raster position index of each position in scan order."""
     return np.fromiter(diagonal_positions(height, width), dtype=np.int64, count=height * width)
 
 
-def probability_rows(tables):
+def probability_rows(tables: Tables) -> np.ndarray:
     """Float32 rows ``frequency - 1`` per model: constriction's ``Categorical(perfect=False)`` turns
     them back into exactly these integer frequencies. Float32 is exact here, and half the memory
     traffic of float64: each row sums to 2^24 - N, so every partial sum constriction forms is an integer
@@ -62,7 +80,7 @@ def probability_rows(tables):
     return np.asarray(tables.models, dtype=np.float32) - np.float32(1.0)
 
 
-def plane_models(tables):
+def plane_models(tables: Tables) -> list:
     """For K = 1 tables: the constriction model coding each channel's plane."""
     import constriction
 
@@ -77,12 +95,12 @@ def plane_models(tables):
     return out
 
 
-class FastEncoder(object):
+class FastEncoder:
     """Frames for one table, with numpy and constriction: byte-identical to ``encoder.encode_int8``.
     The per-table arrays (index lookup, probability rows, plane models, scan orders) are built once, so
     coding many tensors with one table costs only the per-tensor work."""
 
-    def __init__(self, tables):
+    def __init__(self, tables: Tables) -> None:
         import constriction
 
         self.tables = tables
@@ -95,7 +113,7 @@ class FastEncoder(object):
         self._planes = plane_models(tables) if tables.classes == 1 and self._single is None else None
         self._scan = {}  # (H, W) -> scan_permutation
 
-    def payload(self, idx_hwc):
+    def payload(self, idx_hwc: np.ndarray) -> bytes:
         """Payload bytes (SPEC.md section 5) for an (H, W, C) index array."""
         import constriction
 
@@ -119,26 +137,26 @@ class FastEncoder(object):
             encoder.encode(symbols, self._family, np.take(self.probs, mids, axis=0))
         return encoder.get_compressed().astype("<u4").tobytes()
 
-    def frame_int8(self, q_hwc):
+    def frame_int8(self, q_hwc: np.ndarray) -> bytes:
         """Frame for an int8 (H, W, C) array: quantized by table lookup, then coded."""
         q = np.asarray(q_hwc, dtype=np.int8)
         idx = self.lut[q.astype(np.int64) + 128]
         return pack_frame(self.tables.table_id, idx.shape, self.payload(idx))
 
 
-def encode_indices_constriction(idx_hwc, tables):
+def encode_indices_constriction(idx_hwc: np.ndarray, tables: Tables) -> bytes:
     """Payload bytes for an (H, W, C) index array, coded with constriction (one-off; ``FastEncoder``
     for many tensors with one table)."""
     return FastEncoder(tables).payload(idx_hwc)
 
 
-def encode_int8_constriction(q_hwc, tables):
+def encode_int8_constriction(q_hwc: np.ndarray, tables: Tables) -> bytes:
     """Frame for an int8 (H, W, C) array, quantized with numpy and coded with constriction (one-off;
     ``FastEncoder`` for many tensors with one table)."""
     return FastEncoder(tables).frame_int8(q_hwc)
 
 
-def indices_from_float_np(x, tables):
+def indices_from_float_np(x: np.ndarray, tables: Tables) -> np.ndarray:
     """Indices of a float array under the table's fixed-point thresholds (SPEC.md, section 3.3)."""
     from lwfc.errors import EncodeError
 

@@ -6,7 +6,7 @@ its frames are byte-identical to CPython's: the same package files that CPython 
 MicroPython's virtual filesystem and run there.
 
 The npm package's bundled CLI always exits 0 and cannot take a script on stdin, so a small node script
-shipped with this package (``data/mpy_run.mjs``) drives its ``loadMicroPython`` API, copies files in and
+shipped with ``lwfc_host`` (``lwfc_host/data/mpy_run.mjs``) drives its ``loadMicroPython`` API, copies files in and
 out of the virtual filesystem and turns an uncaught MicroPython exception into exit status 3.
 
 Install once (CI runs this on a fresh clone; ``ensure_installed`` does the same on first use)::
@@ -35,7 +35,7 @@ NPM_VERSION = "1.27.0"
 # word lists; a bigger heap also means fewer garbage collections during an encode.
 DEFAULT_HEAP_BYTES = 256 * 1024 * 1024
 
-_RUNNER = Path(__file__).resolve().parent / "data" / "mpy_run.mjs"
+_RUNNER = Path(__file__).resolve().parents[1] / "data" / "mpy_run.mjs"  # lwfc_host/data
 _EXIT_PYTHON_ERROR = 3  # set by mpy_run.mjs when the script raised
 
 

@@ -71,17 +71,6 @@ class Histogram:
     def upper(self) -> np.ndarray:
         return self.lower if self.exact_values else self.lower + self.width
 
-    def mean_square_error(self, lo: np.ndarray, hi: np.ndarray, recon: np.ndarray) -> float:
-        """Exact MSE when bins [lo[j], hi[j]) (bin indices) are reconstructed as recon[j]."""
-        c0 = np.concatenate([[0.0], np.cumsum(self.count)])
-        c1 = np.concatenate([[0.0], np.cumsum(self.s1)])
-        c2 = np.concatenate([[0.0], np.cumsum(self.s2)])
-        n = c0[hi] - c0[lo]
-        s1 = c1[hi] - c1[lo]
-        s2 = c2[hi] - c2[lo]
-        err = s2 - 2 * recon * s1 + recon * recon * n
-        return float(max(err.sum(), 0.0) / self.total)
-
 
 class CalibrationStats:
     """Streaming accumulator of calibration statistics for one split layer (NHWC tensors)."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lwfc.tables import MAX_GROUPS, TOTAL
+from lwfc_host.codec.fast import neighbours
 from lwfc_host.design import entropy_models as em
 from lwfc_host.design.tablefile import integer_frequencies
 
@@ -44,12 +45,9 @@ def max_classes(levels: int) -> int:
 def joint_counts(indices: np.ndarray, levels: int) -> np.ndarray:
     """Counts (C, N+1, N+1, N) of (channel, above index, left index, index) over (B, H, W, C) indices."""
     idx = np.asarray(indices, dtype=np.int64).reshape((-1,) + np.shape(indices)[-3:])
-    b, h, w, c = idx.shape
+    c = idx.shape[-1]
     n = levels
-    above = np.full_like(idx, n)
-    left = np.full_like(idx, n)
-    above[:, 1:] = idx[:, :-1]
-    left[:, :, 1:] = idx[:, :, :-1]
+    above, left = neighbours(idx, n)  # the neighbours of the spec's context rule, N = outside
     ch = np.arange(c, dtype=np.int64)
     key = ((ch * (n + 1) + above) * (n + 1) + left) * n + idx
     return np.bincount(key.ravel(), minlength=c * (n + 1) * (n + 1) * n).reshape(c, n + 1, n + 1, n)

@@ -8,7 +8,7 @@
 * G: the count (1 .. min(C, 256)) minimising total bits = data bits on the calibration set + the bits
   of the table's models and channel map (section 5 of codec_spec/DESIGN-quantizer.md).
 * Contexts with neighbour classes (K > 1) are counted on whole sampled tensors with
-  ``lwfc_host.codec.fast.context_ids`` -- the one implementation of the spec's context rule.
+  ``lwfc_host.codec.fast.context_map``, the host's one vectorised form of the spec's context rule.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lwfc_host.codec.fast import context_ids
 from lwfc.tables import MAX_GROUPS, TOTAL
+from lwfc_host.codec.fast import context_map
 from lwfc_host.design.tablefile import integer_frequencies
 
 FREQ_BITS = 24  # one stored frequency
@@ -125,10 +125,6 @@ class GroupChoice:
     side_bits: int
     tried: dict[int, tuple[float, int]]
 
-    @property
-    def total_bits(self) -> float:
-        return self.data_bits + self.side_bits
-
 
 def choose_groups(ch_counts: np.ndarray, groups: int | str = "auto", amortise: float = 1.0,
                   candidates: list[int] | None = None) -> GroupChoice:
@@ -156,18 +152,14 @@ def choose_groups(ch_counts: np.ndarray, groups: int | str = "auto", amortise: f
 
 
 def count_contexts(indices: np.ndarray, proto) -> np.ndarray:
-    """Counts[context, index] over (B, H, W, C) index arrays, contexts by ``lwfc_host.codec.fast.context_ids``
-    (above/left neighbours; ``levels`` marks "outside the tensor")."""
+    """Counts[context, index] over (B, H, W, C) index arrays, contexts by the spec's rule
+    (``lwfc_host.codec.fast.context_map``). One tensor at a time: the int64 context map of a whole
+    batch would take 8 bytes per element."""
     n = proto.levels
     k = proto.classes
     counts = np.zeros((proto.groups * k * k, n), dtype=np.int64)
-    c = indices.shape[-1]
     for idx in indices.reshape((-1,) + indices.shape[-3:]):
         idx = idx.astype(np.int64)
-        above = np.full_like(idx, n)
-        left = np.full_like(idx, n)
-        above[1:] = idx[:-1]
-        left[:, 1:] = idx[:, :-1]
-        ctx = np.broadcast_to(context_ids(above, left, np.arange(c), proto), idx.shape)
+        ctx = context_map(idx, proto)
         counts += np.bincount((ctx * n + idx).ravel(), minlength=counts.size).reshape(counts.shape)
     return counts

@@ -294,24 +294,9 @@ def ecsq(hist: Histogram, levels: int, lam: float, c_min: float, c_max: float, z
                 raise DesignError(f"lambda {lam:g} leaves a single cell: no information would be sent")
             t = np.delete(t, sorted({min(int(j), len(t) - 1) for j in np.flatnonzero(~keep)}))
             continue
-        lo_edge = np.concatenate([[c_min], t])
-        hi_edge = np.concatenate([t, [c_max]])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = np.where(cn > 0, cs / cn, 0.5 * (lo_edge + hi_edge))
-        if pins[0]:
-            r[0] = c_min
-        if pins[1]:
-            r[-1] = c_max
+        r = _centroids(cn, cs, t, c_min, c_max, pins)
         gap = np.maximum(np.diff(r), 1e-12 * span)
-        if groups is None:
-            p = np.maximum(cn / cum.total, 1e-300)
-            dlen = np.diff(-np.log2(p))
-        else:
-            below, share = cum.group_at(t)
-            gcn = np.diff(np.concatenate([np.zeros((below.shape[0], 1)), below, cum.g_total[:, None]], axis=1), axis=1)
-            gcn = np.maximum(gcn, 0.0)
-            q = (gcn + 0.5) / (gcn + 0.5).sum(axis=1, keepdims=True)  # as the integer models will smooth
-            dlen = (share * np.diff(-np.log2(q), axis=1)).sum(axis=0)
+        dlen = _length_steps(cum, cn, t, groups is not None)
         new_t = 0.5 * (r[:-1] + r[1:]) + lam_abs * dlen / (2 * gap)
         new_t = np.clip(new_t, c_min, c_max)
         # a threshold overtaking its neighbour empties the cell between them: drop that cell
@@ -339,17 +324,52 @@ def ecsq(hist: Histogram, levels: int, lam: float, c_min: float, c_max: float, z
         # converged; or cycling around a bin boundary with steps far below the grid's resolution
         if moved < tol * span or (alpha <= 1.0 / 64 and moved < 0.05 * hist.width):
             break
-    # snap to the grid; thresholds landing on the same boundary merge their cells
+    edges = _snap_to_grid(hist, t, n, lam)
+    return _finish("ecsq", hist, c_min, c_max, edges, n, s1, pins, lam, levels, it)
+
+
+def _centroids(cn: np.ndarray, cs: np.ndarray, t: np.ndarray, c_min: float, c_max: float,
+               pins: tuple[bool, bool]) -> np.ndarray:
+    """ECSQ step (2): reconstruction values = cell centroids (cell mid-points for empty cells), with the
+    pinned ends at the clip points."""
+    lo_edge = np.concatenate([[c_min], t])
+    hi_edge = np.concatenate([t, [c_max]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(cn > 0, cs / cn, 0.5 * (lo_edge + hi_edge))
+    if pins[0]:
+        r[0] = c_min
+    if pins[1]:
+        r[-1] = c_max
+    return r
+
+
+def _length_steps(cum: _Cumulative, cn: np.ndarray, t: np.ndarray, grouped: bool) -> np.ndarray:
+    """l_{j+1} - l_j for each threshold t_j: code-length differences between neighbouring cells, of one
+    global model, or (``grouped``) of the channel-group models weighted by each group's share of the data
+    density at the threshold."""
+    if not grouped:
+        p = np.maximum(cn / cum.total, 1e-300)
+        return np.diff(-np.log2(p))
+    below, share = cum.group_at(t)
+    gcn = np.diff(np.concatenate([np.zeros((below.shape[0], 1)), below, cum.g_total[:, None]], axis=1), axis=1)
+    gcn = np.maximum(gcn, 0.0)
+    q = (gcn + 0.5) / (gcn + 0.5).sum(axis=1, keepdims=True)  # as the integer models will smooth
+    return (share * np.diff(-np.log2(q), axis=1)).sum(axis=0)
+
+
+def _snap_to_grid(hist: Histogram, t: np.ndarray, n: np.ndarray, lam: float) -> np.ndarray:
+    """Cell edges (bin indices) for thresholds ``t`` snapped to the histogram's grid; thresholds landing on
+    the same boundary merge their cells, and a cell left without calibration data merges into its neighbour."""
     inner = np.unique(boundary_of(hist, t))
     inner = inner[(inner > 0) & (inner < len(n))]
     if len(inner) == 0:
         raise DesignError(f"lambda {lam:g} leaves a single cell: no information would be sent")
     edges = np.concatenate([[0], inner, [len(n)]]).astype(np.int64)
     cn = _cells(n, edges)
-    if np.any(cn <= 0):  # a cell holding no calibration data after snapping: merge it into its neighbour
+    if np.any(cn <= 0):
         keep = np.concatenate([[True], cn[1:] > 0])
         edges = np.concatenate([edges[:-1][keep], [len(n)]])
-    return _finish("ecsq", hist, c_min, c_max, edges, n, s1, pins, lam, levels, it)
+    return edges
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Quantizer design end to end: clip range, quantizer, entropy models, table file, rate targeting.
 
-``design`` builds one table from calibration statistics; ``target_rate`` searches levels, lambda and
-the clip range for the lowest MSE at a coded rate within 3% of a target; ``rd_curve`` gives the
-rate-distortion points of the ``--report``. Formulas: codec_spec/DESIGN-quantizer.md.
+``design`` builds one table from calibration statistics (``finish_design`` for a quantizer designed
+elsewhere); ``rd_point`` and ``equal_rate_ecsq`` give rate-distortion points (the ``--report``,
+``rd_report``; the evaluation). Rate targeting is ``rate_target``. Formulas: codec_spec/DESIGN-quantizer.md.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lwfc_host.codec.fast import context_ids, indices_from_float_np
 from lwfc.frame import CRC_SIZE, HEADER_SIZE
 from lwfc.tables import MAX_GROUPS, MAX_LEVELS, Tables
+from lwfc_host.codec.fast import context_ids, indices_from_float_np
 from lwfc_host.design import entropy_models as em
 from lwfc_host.design.calibration import Histogram, LoadedStats
 from lwfc_host.design.clipping import ClipChoice, choose_clip
-from lwfc_host.design.quantizers import DesignError, Quantizer, ecsq, evaluate, uniform
+from lwfc_host.design.quantizers import DesignError, Evaluation, Quantizer, ecsq, evaluate, uniform
 from lwfc_host.design.tablefile import finalize, integer_frequencies
 from lwfc_host.design.tablegen import int8_lut, neighbour_class_map
 
-RATE_TOLERANCE = 0.03
-MAX_TARGET_BITS = 8.0
 # Besides its payload a frame carries a 22-byte header, a 4-byte CRC and, on average, about 2 bytes of
 # range-coder flush (the partly used last 32-bit word); measured on real frames (tests/test_design_rate.py).
 FLUSH_BYTES = 2
@@ -185,7 +183,7 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
                      f"cells: the table has {q.levels} levels")
     n = q.levels
     c = stats.channels
-    auto_ctx = classes == "auto"  # context design: classes, class map, merged models (context_design.py)
+    auto_ctx = classes == "auto"  # context design: classes, class map, merged models (design/contexts.py)
     if auto_ctx:
         classes = 1
     if classes < 1 or classes * classes * n > 256:
@@ -268,148 +266,13 @@ def measure_coded_rate(stats: LoadedStats, table: dict, limit: int | None = None
     return 8.0 * real / idx.size, promised / idx.size + overhead_bits(stats), int(idx.shape[0])
 
 
-# ---- rate targeting ----------------------------------------------------------------------------------------------
-@dataclass
-class Candidate:
-    levels: int
-    kind: str
-    lam: float
-    clip_scale: float
-    rate: float
-    mse: float
-
-
-def _rate_with_groups(ev, labels: np.ndarray, groups: int, overhead: float) -> float:
+# ---- rate of channel-group models --------------------------------------------------------------------------
+def rate_with_groups(ev: Evaluation, labels: np.ndarray, groups: int, overhead: float) -> float:
+    """Bits/element of the cell counts of ``ev`` coded with one integer model per channel group (channel
+    -> group ``labels``), plus ``overhead`` bits/element."""
     counts = np.zeros((groups, ev.ch_counts.shape[1]))
     np.add.at(counts, labels, ev.ch_counts)
     return em.coded_bits(counts) / ev.counts.sum() + overhead
-
-
-def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int | str = 1, classes: int = 1,
-                int8_scale: float | None = None, int8_zero_point: int | None = None,
-                levels: list[int] | None = None, clip_scales: tuple[float, ...] = (0.8, 1.0, 1.25),
-                progress: bool = False) -> tuple[Design, list[Candidate]]:
-    """The design whose coded rate on the calibration set is within 3% of ``bits`` per element and whose
-    MSE is lowest among the candidates tried: uniform and ECSQ (lambda by bisection) for each level
-    count, on the chosen clip range scaled by each of ``clip_scales``."""
-    if not math.isfinite(bits) or bits <= 0:
-        raise DesignError(f"target rate must be a positive number of bits per element, got {bits}")
-    if bits > MAX_TARGET_BITS:
-        raise DesignError(f"target rate {bits} bits/element is above 8 (the int8 input itself)")
-    hist = stats.histogram()
-    zeros = zeros_of(stats)
-    over = overhead_bits(stats)
-    c = stats.channels
-    levels = levels or [2, 3, 4, 5, 6, 8, 10, 12, 16]
-    # cheap bounds first: the frame overhead is the least any quantizer costs, log2(N) + overhead the most
-    if bits * (1 + RATE_TOLERANCE) < over:
-        raise DesignError(f"target {bits} bits/element is below the lowest rate reached: the frame header alone "
-                          f"costs {over:.4f} bits/element on a {'x'.join(map(str, stats.shape))} tensor")
-    if bits * (1 - RATE_TOLERANCE) > math.log2(max(levels)) + over:
-        raise DesignError(f"target {bits} bits/element is above the highest rate reached: {max(levels)} levels "
-                          f"code at most {math.log2(max(levels)) + over:.4f} bits/element here")
-    if groups == "auto" or int(groups) > 1:
-        # group once, on the uniform quantizer closest to the target, then keep the grouping while
-        # searching (clustering every candidate would cost more than it changes); the final design
-        # groups again
-        guess = min(levels, key=lambda n: abs(math.log2(n) - bits))
-        q0, _ = design_quantizer(stats, guess, "uniform", 0.0, clip)
-        gc = em.choose_groups(evaluate(q0, hist, zeros).ch_counts,
-                              groups if groups == "auto" else min(int(groups), min(c, MAX_GROUPS)))
-        labels, g = gc.labels, gc.groups
-    else:
-        labels, g = np.zeros(c, dtype=np.int64), 1
-    tried: list[Candidate] = []
-    lo_tol, hi_tol = bits * (1 - RATE_TOLERANCE), bits * (1 + RATE_TOLERANCE)
-    # clip ranges beyond the largest calibration value only waste levels (ReLU6 piles up exactly there)
-    data_top = float(hist.lower[np.flatnonzero(hist.count)[-1]])
-    it = levels
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(levels, desc="target rate", unit="levels")
-    best: tuple[float, Quantizer, ClipChoice] | None = None
-
-    def consider(q: Quantizer, cc: ClipChoice, ev, r: float, scale: float) -> None:
-        nonlocal best
-        tried.append(Candidate(q.requested_levels, q.kind, q.lam, scale, r, ev.mse))
-        if lo_tol <= r <= hi_tol and (best is None or ev.mse < best[0]):
-            best = (ev.mse, q, cc)
-
-    for n in it:
-        base = choose_clip(hist, n, clip, zeros)
-        tops = sorted({min(base.c_min + s * (base.c_max - base.c_min), data_top) for s in clip_scales})
-        for top in tops:
-            scale = (top - base.c_min) / (base.c_max - base.c_min)
-            cc = ClipChoice(base.c_min, top, base.method, base.mse, base.model, list(base.notes))
-            try:
-                qu = uniform(hist, n, cc.c_min, cc.c_max, zeros)
-            except DesignError:
-                continue
-            ev = evaluate(qu, hist, zeros)
-            consider(qu, cc, ev, _rate_with_groups(ev, labels, g, over), scale)
-            _search_lambda(hist, n, cc, zeros, labels, g, over, bits, stats.arrays["ch_zeros"],
-                           lambda q, e, r, cc=cc, scale=scale: consider(q, cc, e, r, scale))
-    if best is None:
-        rates = [t.rate for t in tried]
-        lo, hi = (min(rates), max(rates)) if rates else (float("nan"), float("nan"))
-        if bits < lo:
-            raise DesignError(f"target {bits} bits/element is below the lowest rate reached, {lo:.4f} "
-                              f"(the frame header alone costs {over:.4f} bits/element)")
-        if bits > hi:
-            raise DesignError(f"target {bits} bits/element is above the highest rate reached, {hi:.4f} "
-                              f"(at most {MAX_LEVELS} levels)")
-        raise DesignError(f"no quantizer tried came within 3% of {bits} bits/element (rates {lo:.4f}..{hi:.4f})")
-    _, q, cc = best
-    d = finish_design(stats, q, cc, groups, classes, int8_scale, int8_zero_point)
-    for _ in range(2):
-        # the final grouping fits the chosen quantizer better than the search's grouping did, which moves
-        # the rate; with ECSQ, find lambda again for the new groups (G kept, so the groups stay put)
-        if abs(d.coded_bits_per_element - bits) <= RATE_TOLERANCE * bits or q.kind != "ecsq":
-            break
-        labels, g = d.groups.labels, d.groups.groups
-        best = None
-        _search_lambda(hist, q.requested_levels, cc, zeros, labels, g, over, bits, stats.arrays["ch_zeros"],
-                       lambda q2, e, r, cc=cc: consider(q2, cc, e, r, 1.0))
-        if best is None:
-            break
-        _, q, cc = best
-        d = finish_design(stats, q, cc, g, classes, int8_scale, int8_zero_point)
-    if abs(d.coded_bits_per_element - bits) > RATE_TOLERANCE * bits:
-        d.notes.append(f"the final grouping moved the rate to {d.coded_bits_per_element:.4f} bits/element, "
-                       f"outside 3% of {bits}")
-    return d, tried
-
-
-def _search_lambda(hist: Histogram, n: int, cc: ClipChoice, zeros: float, labels: np.ndarray, g: int,
-                   over: float, bits: float, ch_zeros: np.ndarray, consider) -> None:
-    """ECSQ at lambda = 0, then bisection on log10 lambda for the coded rate ``bits``; every design is
-    passed to ``consider(q, evaluation, rate)``."""
-    grp = (labels, ch_zeros) if g > 1 else None
-
-    def run(lam):
-        q = ecsq(hist, n, lam, cc.c_min, cc.c_max, zeros, groups=grp)
-        e = evaluate(q, hist, zeros)
-        return q, e, _rate_with_groups(e, labels, g, over)
-
-    q0, e0, r0 = run(0.0)
-    consider(q0, e0, r0)
-    if r0 < bits * (1 - RATE_TOLERANCE):
-        return  # even lambda = 0 codes below the target: more levels are needed
-    a, b = -8.0, 1.0  # log10 lambda: the rate falls as lambda grows
-    for _ in range(20):
-        m = 0.5 * (a + b)
-        try:
-            q, e, r = run(10.0 ** m)
-        except DesignError:  # a single cell left: lambda too large
-            b = m
-            continue
-        consider(q, e, r)
-        if abs(r - bits) < 0.005 * bits:
-            break
-        if r > bits:
-            a = m
-        else:
-            b = m
 
 
 # ---- rate-distortion report --------------------------------------------------------------------------------------
@@ -448,7 +311,7 @@ def equal_rate_ecsq(stats: LoadedStats, levels: int, clip: ClipChoice, rate: flo
         e = evaluate(q, hist, zeros)
         if labels is None:
             return e.entropy
-        return _rate_with_groups(e, labels, int(labels.max()) + 1, 0.0)
+        return rate_with_groups(e, labels, int(labels.max()) + 1, 0.0)
 
     grp = (labels, stats.arrays["ch_zeros"]) if labels is not None and int(labels.max()) > 0 else None
     q0 = ecsq(hist, levels, 0.0, clip.c_min, clip.c_max, zeros, groups=grp)

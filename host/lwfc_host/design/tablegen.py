@@ -9,8 +9,8 @@ import math
 
 import numpy as np
 
-from lwfc_host.codec.fast import indices_from_float_np
 from lwfc.tables import Tables
+from lwfc_host.codec.fast import indices_from_float_np
 from lwfc_host.design.entropy_models import count_contexts
 from lwfc_host.design.tablefile import finalize, integer_frequencies
 

@@ -17,14 +17,14 @@ import numpy as np
 
 from lwfc.encoder import Encoder
 from lwfc.errors import LwfcError
-from lwfc_host.codec.fast import encode_indices_constriction, encode_int8_constriction, indices_from_float_np
 from lwfc.frame import pack_frame
 from lwfc.tables import Tables
 from lwfc_host.codec.decoder import Decoder
+from lwfc_host.codec.fast import encode_indices_constriction, encode_int8_constriction, indices_from_float_np
 from lwfc_host.design.tablefile import load_verified, write_tables
 from lwfc_host.design.tablegen import uniform_table
 
-VECTOR_DIR = Path(__file__).resolve().parents[2] / "codec_spec" / "vectors"
+VECTOR_DIR = Path(__file__).resolve().parents[3] / "codec_spec" / "vectors"  # the repository's codec_spec/
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import TextIO
 import numpy as np
 
 from lwfc.encoder import Encoder
-from lwfc_host.codec.fast import FastEncoder
 from lwfc.tables import Tables
 from lwfc_host.codec.decoder import Decoder
+from lwfc_host.codec.fast import FastEncoder
 from lwfc_host.design.tablegen import uniform_table
 
 
