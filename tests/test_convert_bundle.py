@@ -18,8 +18,9 @@ pytest.importorskip("litert_torch", reason="conversion needs litert-torch (pip i
 pytest.importorskip("onnxruntime", reason="conversion needs onnxruntime (pip install '.[convert]')")
 pytest.importorskip("ai_edge_litert", reason="conversion needs ai-edge-litert (pip install '.[convert]')")
 
+from lwfc.edge import make_interpreter  # noqa: E402
 from lwfc_convert import bundle, tflite_export, zoo  # noqa: E402
-from lwfc_convert.onnx_export import onnx_session, run_onnx  # noqa: E402
+from lwfc_convert.cloud_runtime import onnx_session, run_onnx  # noqa: E402
 
 EVAL_FMNIST = 2000
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def _check_fields(info, out):
 
 def _run_bundle(out, info, x_nchw):
     """Deploy path: int8 edge in the TFLite interpreter, dequantize, float cloud in onnxruntime."""
-    interp = tflite_export.make_interpreter(out / "edge.tflite")
+    interp = make_interpreter(out / "edge.tflite")
     _, deq = tflite_export.run_tflite(interp, x_nchw)
     return run_onnx(onnx_session(out / "cloud.onnx"), deq)
 
@@ -117,8 +118,8 @@ def test_effnet_bundle_input_is_the_exact_pixel_grid(effnet_bundle):
     inp = tflite_export.tflite_io_details(out / "edge.tflite")["input"]
     assert inp["scale"] == pytest.approx(1 / 128, rel=1e-6) and inp["zero_point"] == -1
     assert info["edge"]["quantization"]["input"].startswith("exact")
-    from lwfc.runner import preprocess as device_preprocess
-    from lwfc.runner import resize_crop
+    from lwfc.images import preprocess as device_preprocess
+    from lwfc.images import resize_crop
     from lwfc_convert.datasets import load_photo, photo_paths
 
     img = load_photo(photo_paths()["skimage/coffee"])
@@ -175,7 +176,7 @@ def test_tflite_runtime_matches_ai_edge_litert(resnet_bundle, tmp_path):
     subprocess.run([str(TFLITE_VENV_PYTHON), "-c", script, str(out / "edge.tflite"), str(tmp_path / "in.npy"),
                     str(tmp_path / "out.npy")], check=True, timeout=120)
     got = np.load(tmp_path / "out.npy")
-    interp = tflite_export.make_interpreter(out / "edge.tflite")
+    interp = make_interpreter(out / "edge.tflite")
     d_in, d_out = interp.get_input_details()[0], interp.get_output_details()[0]
     ref = []
     for k in range(len(q_in)):

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch", reason="converter tests need torch (pip ins
 pytest.importorskip("litert_torch", reason="conversion needs litert-torch (pip install '.[convert]')")
 pytest.importorskip("ai_edge_litert", reason="conversion needs ai-edge-litert (pip install '.[convert]')")
 
+from lwfc.edge import make_interpreter  # noqa: E402
 from lwfc_convert import qat, split, tflite_export, zoo  # noqa: E402
 from lwfc_convert.bundle import calibration_and_eval_data  # noqa: E402
 from lwfc_convert.quant_fix import bias_correct  # noqa: E402
@@ -32,7 +33,14 @@ def test_fake_quant_graph_matches_converted_graph(converted):
     with torch.no_grad():
         batched = fq(x[:16])  # the copy runs batches; the converted graph is specialised to batch 1
         single = torch.cat([quantized(x[i:i + 1]) for i in range(16)])
-    assert torch.allclose(batched, single, atol=1e-6)
+    # Same quantizers, same parameters: the outputs agree on the int8 grid. A batched convolution may sum in
+    # another order than a single-image one (CPU-dependent kernels), which can move a value sitting on a
+    # rounding boundary by one output step, so allow that, rarely, and nothing larger.
+    levels = torch.unique(single)
+    step = float((levels[1:] - levels[:-1]).min())
+    moved = (batched - single).abs()
+    assert float(moved.max()) <= step * 1.001
+    assert float((moved > 1e-6).float().mean()) <= 1e-3
     assert set(dict(fq.named_parameters())) == set(dict(quantized.named_parameters()))
 
 
@@ -67,7 +75,7 @@ def test_qat_lowers_int8_error_and_survives_tflite(converted, tmp_path):
     litert_torch.convert(nhwc, (calib[0][:1].permute(0, 2, 3, 1).contiguous(),),
                          quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
     assert tflite_export.check_int8(path) == []
-    _, deq = tflite_export.run_tflite(tflite_export.make_interpreter(path), x)
+    _, deq = tflite_export.run_tflite(make_interpreter(path), x)
     got = qat.relative_l2(torch.from_numpy(deq).permute(0, 3, 1, 2), ref)
     assert got == pytest.approx(after, abs=0.004)
     # the error budget's full simulation is what the TFLite model shows; its parts are smaller

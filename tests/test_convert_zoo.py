@@ -22,6 +22,12 @@ def test_list_models():
         assert n in names
 
 
+def test_cli_help_names_every_zoo_model():
+    from lwfc_host.cli.convert import ZOO_MODELS
+
+    assert list(ZOO_MODELS) == zoo.list_models()
+
+
 def test_unknown_model_lists_known_names():
     with pytest.raises(zoo.UnknownModel) as exc:
         zoo.load_model("resnet9000")

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from lwfc.bundle import CLOUD_FILE, EDGE_FILE, INFO_FILE
+
 BUNDLE_VERSION = 1
 
 # Photos held out from calibration (the ImageNet models have no labeled set here): they measure the
@@ -105,8 +107,10 @@ def evaluate(model: Any, edge: Any, cloud: Any, tflite_path: Path, onnx_path: Pa
     import torch
     from tqdm import tqdm
 
-    from .onnx_export import onnx_session, run_onnx
-    from .tflite_export import make_interpreter, run_tflite
+    from lwfc.edge import make_interpreter
+
+    from .cloud_runtime import onnx_session, run_onnx
+    from .tflite_export import run_tflite
 
     interp = make_interpreter(tflite_path)
     sess = onnx_session(onnx_path)
@@ -155,12 +159,15 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
             eval_images: int | None = None, bias_correction: bool = True, seed: int = 0,
             progress: bool = True, qat_epochs: int = 16) -> dict[str, Any]:
     """Build a bundle for zoo model ``name`` split at ``at`` (the model's default split if None) in
-    directory ``output``; returns the bundle.json content."""
+    directory ``output``; returns the bundle.json content.
+
+    Steps: split the model and check the cut is exact; the edge half to int8 TFLite
+    (:func:`convert_edge`); the cloud half to ONNX; measure both on held-out data; write bundle.json."""
     import torch
 
     from . import split as sp
+    from .detection import bundle_metrics, is_detector
     from .onnx_export import export_cloud_onnx
-    from .tflite_export import check_int8, convert_edge_to_tflite
     from .zoo import get_spec, load_model
 
     t_start = time.time()
@@ -172,31 +179,55 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    from .detection import is_detector
-
     detector = is_detector(name)
-    if detector:  # detectors: deterministic photo views, mAP@0.5 against the float model's detections
-        from .detection import bundle_metrics, detection_eval_data
-
-        calib, ev, eval_desc = detection_eval_data(name, calib_images, eval_images, seed, progress)
-    else:
-        calib, ev, eval_desc = calibration_and_eval_data(name, calib_images, eval_images, seed, progress)
+    calib, ev, eval_desc = _data(name, detector, calib_images, eval_images, seed, progress)
     # The split must be exact before anything is quantized.
-    x0 = ev[0][0][:4]
-    split_err = sp.check_split(model, edge, cloud, x0)
+    split_err = sp.check_split(model, edge, cloud, ev[0][0][:4])
     if split_err > 1e-5:
         raise sp.SplitError(f"split at {at!r} is not exact: max |cloud(edge(x)) - model(x)| = {split_err:g}")
-    edge_q = edge
-    bc_info = None
+    edge_int8 = convert_edge(edge, calib, ev, spec.preprocess, out / EDGE_FILE, bias_correction, qat_epochs,
+                             seed, progress)
     t0 = time.time()
-    if bias_correction:
-        from .quant_fix import bias_correct
+    onnx_info = export_cloud_onnx(cloud, tuple(point["shape_chw"]), out / CLOUD_FILE)
+    t_onnx = time.time() - t0
+    measure = bundle_metrics if detector else evaluate
+    metrics = measure(model, edge, cloud, out / EDGE_FILE, out / CLOUD_FILE, ev, progress)
+    settings = {"calibration_images": calib_images, "seed": seed, "bias_correction": bias_correction,
+                "qat_epochs": qat_epochs}
+    timing = {"total_seconds": time.time() - t_start, **edge_int8["timing"], "onnx_export_seconds": t_onnx}
+    info = _bundle_info(spec, point, detector, settings, edge_int8, onnx_info, metrics, eval_desc, split_err,
+                        timing)
+    with open(out / INFO_FILE, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    return info
 
-        edge_q, bc_info = bias_correct(edge, calib)
-    t_bc = time.time() - t0
-    t0 = time.time()
+
+def _data(name: str, detector: bool, calib_images: int, eval_images: int | None, seed: int,
+          progress: bool) -> tuple[list[Any], list[tuple[Any, Any]], str]:
+    """Calibration and evaluation data: deterministic photo views for detectors (scored by mAP@0.5 against
+    the float model's detections), else :func:`calibration_and_eval_data`."""
+    if detector:
+        from .detection import detection_eval_data
+
+        return detection_eval_data(name, calib_images, eval_images, seed, progress)
+    return calibration_and_eval_data(name, calib_images, eval_images, seed, progress)
+
+
+def convert_edge(edge: Any, calib: list[Any], ev: list[tuple[Any, Any]], preprocessing: dict[str, Any],
+                 output: Path, bias_correction: bool = True, qat_epochs: int = 16, seed: int = 0,
+                 progress: bool = True) -> dict[str, Any]:
+    """The float edge half -> fully int8 TFLite file ``output``: bias correction (``quant_fix``), PT2E,
+    QAT fine-tuning (``qat``, unless ``qat_epochs`` is 0), conversion, the int8 check (ExportError if any
+    op stays float) and the int8 error budget on the first held-out images of ``ev``. Returns the TFLite
+    model's details (``tflite``), ``bias_correction``, ``input_grid``, ``budget`` and ``timing``."""
+    from .preprocess import exact_int8_input
     from .qat import error_budget, qat_finetune
+    from .quant_fix import bias_correct
+    from .tflite_export import ExportError, check_int8, convert_edge_to_tflite
 
+    t0 = time.time()
+    edge_q, bc_info = bias_correct(edge, calib) if bias_correction else (edge, None)
+    t_bc = time.time() - t0
     graph: dict[str, Any] = {}
 
     def refine(quantized: Any) -> dict[str, Any] | None:
@@ -206,17 +237,14 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
         # fine-tune the converted graph against the float edge half (qat.py)
         return qat_finetune(quantized, edge, calib, epochs=qat_epochs, seed=seed, progress=progress)
 
-    from .preprocess import exact_int8_input
-
     # When the preprocessed pixels lie on an int8 grid, the input takes that grid, not a calibrated one.
-    input_grid = exact_int8_input(spec.preprocess)
-    tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], out / "edge.tflite", progress, refine=refine,
+    input_grid = exact_int8_input(preprocessing)
+    t0 = time.time()
+    tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], output, progress, refine=refine,
                                  input_qparams=input_grid)
     t_tflite = time.time() - t0
-    problems = check_int8(out / "edge.tflite")
+    problems = check_int8(output)
     if problems:
-        from .tflite_export import ExportError
-
         raise ExportError(f"edge half is not fully int8: {'; '.join(sorted(set(problems)))}")
     t0 = time.time()
     budget_images = _first_images([x for x, *_ in ev], ERROR_BUDGET_IMAGES)
@@ -225,16 +253,22 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
     except ValueError as exc:  # e.g. an output that is not quantized per tensor: say so, keep the bundle
         budget = {"unavailable": str(exc)}
     budget["seconds"] = time.time() - t0
-    t0 = time.time()
-    onnx_info = export_cloud_onnx(cloud, tuple(point["shape_chw"]), out / "cloud.onnx")
-    t_onnx = time.time() - t0
-    measure = bundle_metrics if detector else evaluate
-    metrics = measure(model, edge, cloud, out / "edge.tflite", out / "cloud.onnx", ev, progress)
-    import torch as _t
+    return {"tflite": tfl, "bias_correction": bc_info, "input_grid": input_grid, "budget": budget,
+            "timing": {"tflite_conversion_seconds": t_tflite, "pt2e_calibration_seconds": tfl["pt2e_seconds"],
+                       "bias_correction_seconds": t_bc}}
 
-    info = {
+
+def _bundle_info(spec: Any, point: dict[str, Any], detector: bool, settings: dict[str, Any],
+                 edge_int8: dict[str, Any], onnx_info: dict[str, Any], metrics: dict[str, Any], eval_desc: str,
+                 split_err: float, timing: dict[str, float]) -> dict[str, Any]:
+    """bundle.json's content (converters/README.md). ``settings``: the conversion's calibration_images,
+    seed, bias_correction and qat_epochs; ``edge_int8``: what :func:`convert_edge` returned."""
+    import torch
+
+    tfl = edge_int8["tflite"]
+    return {
         "bundle_version": BUNDLE_VERSION,
-        "model": name,
+        "model": spec.name,
         "description": spec.description,
         "split": point["path"],
         "split_aliases": point["aliases"],
@@ -243,19 +277,18 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
         "c_max": 6.0 if point["activation"] == "relu6" else None,
         "model_input": {"shape_nchw": [1, *spec.input_shape], "dtype": "float32"},
         "edge": {
-            "file": "edge.tflite",
+            "file": EDGE_FILE,
             "input": tfl["input"],
             "output": tfl["output"],
             "size_bytes": tfl["size_bytes"],
             "fully_int8": True,
             "quantization": {"scheme": "PT2E static, per-channel symmetric int8 weights, per-tensor int8 "
                                        "activations (histogram observer)",
-                             "calibration_images": calib_images, "seed": seed,
-                             "bias_correction": bias_correction, "qat_epochs": qat_epochs,
-                             "input": ("exact: q = pixel - 128" if input_grid is not None
+                             **settings,
+                             "input": ("exact: q = pixel - 128" if edge_int8["input_grid"] is not None
                                        else "calibrated")},
         },
-        "cloud": {"file": "cloud.onnx", **onnx_info},
+        "cloud": {"file": CLOUD_FILE, **onnx_info},
         "feature": {"shape_nhwc": tfl["output"]["shape"], "shape_chw": point["shape_chw"],
                     "layout": "NHWC", "scale": tfl["output"]["scale"],
                     "zero_point": tfl["output"]["zero_point"], "activation": point["activation"]},
@@ -266,20 +299,15 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
         "class_names": spec.classes(),
         "accuracy": metrics,
         "split_max_abs_error": split_err,
-        "timing": {"total_seconds": time.time() - t_start, "tflite_conversion_seconds": t_tflite,
-                   "pt2e_calibration_seconds": tfl["pt2e_seconds"], "bias_correction_seconds": t_bc,
-                   "onnx_export_seconds": t_onnx},
-        "bias_correction": bc_info,
+        "timing": timing,
+        "bias_correction": edge_int8["bias_correction"],
         "qat": tfl["refine"],
-        "int8_error_budget": budget,
+        "int8_error_budget": edge_int8["budget"],
         "versions": _versions(),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.machine(),
-        "torch": _t.__version__,
+        "torch": torch.__version__,
     }
-    with open(out / "bundle.json", "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-    return info
 
 
 def _versions() -> dict[str, str]:
@@ -292,14 +320,3 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def read_bundle(path: str | Path) -> dict[str, Any]:
-    """Load bundle.json from a bundle directory (or the file itself)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "bundle.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist (not a bundle directory?)")
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)

