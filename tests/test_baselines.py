@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from lwfc_host.evaluate import baselines as bl
+
+
 @pytest.fixture(scope="module")
 def feats() -> np.ndarray:
     """ReLU-like features with spatial structure (a random walk along rows, clipped at zero)."""

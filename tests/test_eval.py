@@ -59,6 +59,36 @@ def test_curve_envelope_and_interpolation():
     assert metric_at(r, a, 3.0) == pytest.approx(0.92)
 
 
+def test_plan_refuses_overrides_that_nothing_would_use():
+    from lwfc_host.evaluate.plans import make_plan
+
+    assert make_plan(False, "fashion-mnist", True, None, {"levels": [3]}, {"lwfc"}).levels == [3]
+    with pytest.raises(ValueError, match=r"--levels.*not among the methods to run \(hevc\)"):
+        make_plan(False, "fashion-mnist", True, None, {"levels": [2]}, {"hevc"})
+    with pytest.raises(ValueError, match=r"--hevc-qps.*not among the methods"):
+        make_plan(False, "fashion-mnist", True, None, {"hevc_qps": {8: [30]}}, {"lwfc"})
+    with pytest.raises(ValueError, match="clip sweep only"):  # a detector's quick plan has no clip sweep
+        make_plan(True, "photos", True, 4, {"clip_scales": [1.0]})
+    with pytest.raises(ValueError, match="the clip sweep is uniform"):
+        make_plan(False, "fashion-mnist", True, None, {"kinds": ["ecsq"], "clips": ["sweep"]})
+    with pytest.raises(ValueError, match="unknown contexts"):
+        make_plan(False, "fashion-mnist", True, None, {"contexts": ["groups+k9"]})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", ","], "--methods needs at least one value"),
+    (["--levels", ""], "--levels needs at least one value"),
+    (["--kinds", "uniform,vq"], "--kinds: unknown vq"),
+    (["--levels", "2,x"], "--levels: bad number list"),
+    (["--methods", "lwfc,av1"], "--methods: unknown av1"),
+])
+def test_eval_cli_refuses_flags_it_would_drop(flags, message, tmp_path, capsys):
+    from lwfc_host.cli import main
+
+    assert main(["eval", "--bundle", str(tmp_path), "--output", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def converted_resnet_bundle() -> Path:
     """The real resnet_fmnist bundle (int8 TFLite + ONNX) in cache/bundles/, converted once if absent."""
     from lwfc_convert.bundle import convert
@@ -136,8 +166,8 @@ def check_rates_are_measured(out: Path) -> None:
     detector's quick evaluation test)."""
     from lwfc.encoder import Encoder
     from lwfc_host.codec.fast import encode_int8_constriction
-    from lwfc_host.evaluate import baselines as bl
     from lwfc_host.design.tablefile import load_verified
+    from lwfc_host.evaluate import baselines as bl
 
     ev = json.loads((out / "evaluation.json").read_text())
     with np.load(ev["edge_cache"]) as z:

@@ -20,7 +20,7 @@ import pytest
 from conftest import CENTERNET_MODEL, CENTERNET_SPLIT
 from test_eval import _rows, check_rates_are_measured
 
-from lwfc_host.evaluate.core import bundle_task, resolve_metric
+from lwfc_host.evaluate.metrics import bundle_task, resolve_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = CENTERNET_MODEL

@@ -1,4 +1,4 @@
-"""Task-aware design (host/lwfc_host/task_design.py) on a real bundle: the chosen table's agreement, checked
+"""Task-aware design (host/lwfc_host/design/task_design.py) on a real bundle: the chosen table's agreement, checked
 again through real frames, the host decoder and the ONNX cloud half, is within the tolerance, and no
 cheaper candidate within tolerance was passed over.
 
@@ -41,11 +41,11 @@ def result():
 
 
 def test_choice_is_within_tolerance_in_the_real_pipeline(result):
-    from lwfc_host.codec.fast import encode_int8_constriction
+    from lwfc.bundle import load_bundle
     from lwfc.tables import Tables
-    from lwfc_convert.bundle import read_bundle
+    from lwfc_convert.cloud_runtime import cloud_outputs, onnx_session
     from lwfc_host.codec.decoder import Decoder
-    from lwfc_host.evaluate.core import cloud_outputs, make_session
+    from lwfc_host.codec.fast import encode_int8_constriction
     from lwfc_host.design.task_design import calibration_edge_outputs
 
     b, td = result
@@ -63,8 +63,7 @@ def test_choice_is_within_tolerance_in_the_real_pipeline(result):
     frames = [encode_int8_constriction(x, t) for x in held]
     dec = Decoder(t)
     recon = np.concatenate([dec.decode(f).tensor for f in frames])
-    info = read_bundle(b)
-    sess = make_session(b / info["cloud"]["file"])
+    sess = onnx_session(load_bundle(b).cloud_path, threads=2)
     ref = cloud_outputs(sess, (scale * (held.astype(np.float32) - zp)).astype(np.float32)).argmax(axis=1)
     agree = float((cloud_outputs(sess, recon).argmax(axis=1) == ref).mean())
     assert agree == pytest.approx(c.agreement)

@@ -1,4 +1,7 @@
-"""``lwfc eval``: rate-accuracy curves of lwfc and the baselines on a real bundle (see evaluate.py)."""
+"""``lwfc eval``: rate-accuracy curves of lwfc and the baselines on a real bundle (``lwfc_host.evaluate.run``).
+
+Every flag takes effect or is refused: list flags that no method to run would use (``--levels`` without lwfc
+in ``--methods``, ``--clip-scales`` without the clip sweep, ...) are errors, not silently dropped."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,16 +32,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="fewer rate points and images (about 2 minutes)")
     p.add_argument("--methods", default="lwfc,hevc,jpeg,webp,rle,zlib",
                    help="comma-separated subset of lwfc,hevc,jpeg,webp,rle,zlib")
-    p.add_argument("--levels", default=None, help="lwfc level counts, e.g. 2,3,4,6 (default: 2..8; quick: 2,4)")
+    p.add_argument("--levels", default=None,
+                   help="lwfc level counts, e.g. 2,3,4,6 (default: 2..8; detectors 2..6,8; quick: 2,4)")
     p.add_argument("--contexts", default=None,
                    help="lwfc context variants among one,channel,groups,groups+k2,groups+k3,auto (default: "
-                        "one,channel,groups+k2,auto; quick: one,groups,groups+k2); the clip sweep uses the last")
+                        "one,channel,groups+k2,auto; detectors one,groups,groups+k2,groups+k3; quick: "
+                        "one,groups,groups+k2); the clip sweep uses the last")
     p.add_argument("--clips", default=None,
-                   help="lwfc clip choices among mse,model,sweep (default: all three); sweep = uniform quantizers "
-                        "with the MSE clip's top times each --clip-scales value")
-    p.add_argument("--clip-scales", default=None, help="clip sweep scales (default 1,1.3,1.6,2,2.5; quick: 1,1.6)")
-    p.add_argument("--kinds", default=None, help="lwfc quantizer kinds among uniform,ecsq (default: both; "
-                   "detector --quick: uniform)")
+                   help="lwfc clip choices among mse,model,sweep (default: all three; detectors mse,model; detector "
+                        "--quick: mse); sweep = uniform quantizers with the MSE clip's top times each --clip-scales "
+                        "value")
+    p.add_argument("--clip-scales", default=None,
+                   help="clip sweep scales (default 1,1.3,1.6,2,2.5; quick: 1,1.6); needs sweep among the clips")
+    p.add_argument("--kinds", default=None, help="lwfc quantizer kinds among uniform,ecsq for the mse and model "
+                   "clips (default: both; detector --quick: uniform); the sweep is uniform")
     p.add_argument("--hevc-qps", default=None, help="8-bit HEVC QPs, e.g. 30,36,42 (10-bit QPs are then dropped)")
     p.add_argument("--metric", default="auto",
                    help="metric plug-in: auto (the bundle's task), classification (accuracy / top-1 agreement) or "
@@ -55,11 +63,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from lwfc_convert.bundle import read_bundle
+def _values(args: argparse.Namespace, flag: str, convert: Callable[[str], Any],
+            allowed: tuple[str, ...] = ()) -> list | None:
+    """The comma-separated values of ``--flag`` (None when not given); an empty list, a bad number or a name
+    outside ``allowed`` is refused rather than dropped."""
     from lwfc_host.cli import CommandError
-    from lwfc_host.evaluate.core import METRICS, evaluate_bundle
+
+    text = getattr(args, flag.replace("-", "_"))
+    if text is None:
+        return None
+    try:
+        values = [convert(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise CommandError(f"--{flag}: bad number list {text!r}: {exc}") from exc
+    if not values:
+        raise CommandError(f"--{flag} needs at least one value")
+    bad = [v for v in values if allowed and v not in allowed]
+    if bad:
+        raise CommandError(f"--{flag}: unknown {', '.join(map(str, bad))}; known: {', '.join(allowed)}")
+    return values
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The plan fields the flags set (``plans.make_plan`` refuses those that no method to run would use)."""
+    from lwfc_host.evaluate.plans import CLIPS, CONTEXTS, KINDS
+
+    fields = {"levels": _values(args, "levels", int), "clip_scales": _values(args, "clip-scales", float),
+              "contexts": _values(args, "contexts", str, tuple(CONTEXTS)),
+              "kinds": _values(args, "kinds", str, KINDS), "clips": _values(args, "clips", str, CLIPS)}
+    qps = _values(args, "hevc-qps", int)
+    if qps is not None:
+        fields["hevc_qps"] = {8: qps}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from lwfc.bundle import load_bundle
+    from lwfc_host.cli import CommandError
+    from lwfc_host.evaluate.metrics import METRICS
+    from lwfc_host.evaluate.plans import METHODS
     from lwfc_host.evaluate.report import ExtendError, check_extendable, extend_evaluation, headline, write_report
+    from lwfc_host.evaluate.run import evaluate_bundle
 
     if args.metric != "auto" and args.metric not in METRICS:
         raise CommandError(f"unknown metric {args.metric!r}; known: auto, {', '.join(METRICS)}")
@@ -67,35 +111,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--jobs must be at least 1")
     if args.limit is not None and args.limit < 1:
         raise CommandError("--limit must be at least 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("lwfc", "hevc", "jpeg", "webp", "rle", "zlib")]
-    if bad:
-        raise CommandError(f"unknown methods {bad}")
-    overrides: dict[str, object] = {}
-    try:
-        if args.levels:
-            overrides["levels"] = [int(v) for v in args.levels.split(",")]
-        if args.clip_scales:
-            overrides["clip_scales"] = [float(v) for v in args.clip_scales.split(",")]
-        if args.hevc_qps:
-            overrides["hevc_qps"] = {8: [int(v) for v in args.hevc_qps.split(",")]}
-    except ValueError as exc:
-        raise CommandError(f"bad number list: {exc}") from exc
-    if args.contexts:
-        overrides["contexts"] = [c.strip() for c in args.contexts.split(",")]
-    if args.kinds:
-        overrides["kinds"] = [k.strip() for k in args.kinds.split(",") if k.strip()]
-        bad = [k for k in overrides["kinds"] if k not in ("uniform", "ecsq")]
-        if bad or not overrides["kinds"]:
-            raise CommandError(f"unknown kinds {bad or args.kinds!r}: uniform or ecsq")
-    if args.clips:
-        overrides["clips"] = [c.strip() for c in args.clips.split(",")]
-        bad = [c for c in overrides["clips"] if c not in ("mse", "model", "sweep")]
-        if bad:
-            raise CommandError(f"unknown clips {bad}: mse, model or sweep")
+    methods = _values(args, "methods", str, METHODS)
+    overrides = _overrides(args)
     if args.extend:  # the cheap checks before a long run; extend_evaluation checks the rest after it
         try:
-            check_extendable(Path(args.extend), read_bundle(Path(args.bundle)))
+            check_extendable(Path(args.extend), load_bundle(args.bundle).info)
         except (ExtendError, FileNotFoundError, ValueError) as exc:
             raise CommandError(f"--extend: {exc}") from exc
     t0 = time.time()

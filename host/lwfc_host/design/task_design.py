@@ -31,6 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from lwfc.bundle import INFO_FILE, load_bundle
+from lwfc_convert.cloud_runtime import cloud_outputs, onnx_session
+
 DEFAULT_LEVELS = (2, 3, 4, 5, 6, 8, 12, 16)  # hard layers (e.g. EfficientNet-Lite0 block 8) need > 8
 # Scales of the MSE clip's top. The task tolerates far wider ranges than MSE picks: on the ResNet stage-2
 # layer, 3 levels at 2x the MSE clip cost 0.38 bits/element at -0.5 pp, against 0.63 at the MSE clip (wider
@@ -38,6 +41,7 @@ DEFAULT_LEVELS = (2, 3, 4, 5, 6, 8, 12, 16)  # hard layers (e.g. EfficientNet-Li
 DEFAULT_CLIP_SCALES = (0.7, 1.0, 1.25, 1.6, 2.0, 2.5)
 DEFAULT_LAMBDAS = (0.003, 0.01, 0.03)
 FINALISTS = 4
+SESSION_THREADS = 2  # intra-op threads of the cloud-half session
 
 
 @dataclass
@@ -71,31 +75,30 @@ class TaskDesign:
     notes: list[str] = field(default_factory=list)
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def _digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def calibration_edge_outputs(bundle_dir: Path, images: int, seed: int = 1, cache_dir: Path | None = None,
+def calibration_edge_outputs(bundle_dir: str | Path, images: int, seed: int = 1, cache_dir: Path | None = None,
                              progress: bool = False) -> tuple[np.ndarray, float, int]:
     """Int8 edge outputs (B, H, W, C) of ``images`` calibration images of the bundle's data set (never its
     evaluation images), with the feature scale and zero point. Cached by bundle content, count and seed."""
-    from lwfc_convert.bundle import read_bundle
-
-    bundle = read_bundle(bundle_dir)
-    key = hashlib.sha256(json.dumps([_digest(bundle_dir / "edge.tflite"), _digest(bundle_dir / "bundle.json"),
+    bundle = load_bundle(bundle_dir)
+    key = hashlib.sha256(json.dumps([_digest(bundle.edge_path), _digest(bundle.path(INFO_FILE)),
                                      images, seed]).encode()).hexdigest()[:16]
-    cache = (cache_dir or bundle_dir) / f"task_calib_{key}.npz"
-    scale, zp = float(bundle["feature"]["scale"]), int(bundle["feature"]["zero_point"])
+    cache = (cache_dir or Path(bundle_dir)) / f"task_calib_{key}.npz"
+    scale, zp = float(bundle.info["feature"]["scale"]), int(bundle.info["feature"]["zero_point"])
     if cache.exists():
         with np.load(cache) as z:
             return z["q"], scale, zp
     from tqdm import tqdm
 
+    from lwfc.edge import make_interpreter
     from lwfc_convert.bundle import calibration_and_eval_data
-    from lwfc_convert.tflite_export import make_interpreter, run_tflite
+    from lwfc_convert.tflite_export import run_tflite
 
-    calib, _, _ = calibration_and_eval_data(bundle["model"], images, 1, seed=seed, progress=False)
-    interp = make_interpreter(bundle_dir / bundle["edge"]["file"])
+    calib, _, _ = calibration_and_eval_data(bundle.model, images, 1, seed=seed, progress=False)
+    interp = make_interpreter(bundle.edge_path)
     q = np.concatenate([run_tflite(interp, x)[0] for x in tqdm(calib, desc="edge half (task calibration)",
                                                                disable=not progress, leave=False)])
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +113,8 @@ def _quantizers(stats: Any, levels: tuple[int, ...], clip_scales: tuple[float, .
     """(quantizer, clip choice, clip scale) for every candidate: the MSE clip range scaled at the top (the
     bottom stays: after a ReLU it is 0 and holds the pile of zeros), capped at the data maximum."""
     from lwfc_host.design.clipping import choose_clip, scale_top
-    from lwfc_host.design.table_design import zeros_of
     from lwfc_host.design.quantizers import DesignError, ecsq, uniform
+    from lwfc_host.design.table_design import zeros_of
 
     hist = stats.histogram()
     zeros = zeros_of(stats)
@@ -147,45 +150,26 @@ def _reconstruct(q8: np.ndarray, table: dict) -> np.ndarray:
 def measure_frames(table: dict, q8: np.ndarray) -> float:
     """Bits/element of real frames (header, CRC, payload) for int8 tensors (B, H, W, C), device-identical
     encoder (constriction fast path, byte-identical to lwfc.encoder)."""
-    from lwfc_host.codec.fast import FastEncoder
     from lwfc.tables import Tables
+    from lwfc_host.codec.fast import FastEncoder
 
     encoder = FastEncoder(Tables(table))
     nbytes = sum(len(encoder.frame_int8(x)) for x in q8)
     return 8.0 * nbytes / q8.size
 
 
-def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.01, target_bits: float | None = None,
-                levels: tuple[int, ...] = DEFAULT_LEVELS, clip_scales: tuple[float, ...] = DEFAULT_CLIP_SCALES,
-                lambdas: tuple[float, ...] = DEFAULT_LAMBDAS, kinds: tuple[str, ...] = ("uniform", "ecsq"),
-                classes: int | str = "auto", cache_dir: str | Path | None = None, seed: int = 1,
-                finalists: int = FINALISTS, progress: bool = False) -> TaskDesign:
-    """Choose the quantizer by the task (see the module docstring). Returns the finished design."""
+def _score(stats: Any, quantizers: list[tuple[Any, Any, float]], session: Any, held: np.ndarray, ref: np.ndarray,
+           scale: float, zp: int, progress: bool) -> list[tuple[TaskCandidate, Any, Any]]:
+    """(candidate, quantizer, clip choice) of every quantizer: its one-model entropy and its top-1 agreement
+    on the held-out tensors (``ref``: the uncompressed pipeline's top-1)."""
     from tqdm import tqdm
 
-    from lwfc_convert.bundle import read_bundle
-    from lwfc_host.design.calibration import CalibrationStats
-    from lwfc_host.design.table_design import finish_design, zeros_of
-    from lwfc_host.evaluate.core import cloud_outputs, make_session
     from lwfc_host.design.quantizers import evaluate
+    from lwfc_host.design.table_design import finish_design, zeros_of
 
-    t0 = time.time()
-    bundle_dir = Path(bundle_dir)
-    bundle = read_bundle(bundle_dir)
-    q8, scale, zp = calibration_edge_outputs(bundle_dir, images, seed, Path(cache_dir) if cache_dir else None,
-                                             progress)
-    if len(q8) < 4:
-        raise ValueError(f"need at least 4 calibration images, got {len(q8)}")
-    fit, held = q8[0::2], q8[1::2]
-    cs = CalibrationStats(reservoir=min(len(fit), 64))
-    cs.add_int8(fit, scale, zp, where="task calibration edge outputs")
-    stats = cs.loaded()
-    session = make_session(bundle_dir / bundle["cloud"]["file"])
-    ref = cloud_outputs(session, (scale * (held.astype(np.float32) - zp)).astype(np.float32)).argmax(axis=1)
     hist = stats.histogram()
     zeros = zeros_of(stats)
     cands: list[tuple[TaskCandidate, Any, Any]] = []
-    quantizers = _quantizers(stats, levels, clip_scales, lambdas, kinds)
     seen: dict[tuple, float] = {}
     for q, cc, s in tqdm(quantizers, desc="task design (quantizers)", disable=not progress, leave=False):
         # K = 1, G = 1 is enough to score the task: accuracy depends on the quantizer alone
@@ -198,7 +182,13 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
         ent = evaluate(q, hist, zeros).entropy
         cands.append((TaskCandidate(q.levels, q.kind, float(q.lam), s, float(q.clip_min), float(q.clip_max),
                                     float(ent), seen[key]), q, cc))
-    notes: list[str] = []
+    return cands
+
+
+def _finalists(cands: list[tuple[TaskCandidate, Any, Any]], tolerance: float, target_bits: float | None,
+               finalists: int, notes: list[str]) -> list[tuple[TaskCandidate, Any, Any]]:
+    """The few candidates that get the full context design: the cheapest (by entropy) within tolerance, or,
+    with a target rate, the most accurate whose one-model entropy is at most the target."""
     if target_bits is None:
         ok = [c for c in cands if c[0].agreement >= 1.0 - tolerance]
         if not ok:
@@ -206,16 +196,43 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
             notes.append(f"no candidate reaches agreement {1 - tolerance:.3f} (best {best:.3f}): taking the most "
                          "accurate ones")
             ok = [c for c in cands if c[0].agreement >= best]
-        finals = sorted(ok, key=lambda c: c[0].entropy)[:finalists]
-    else:
-        # candidates whose one-model entropy is at most the target (contexts only lower it); best agreement
-        ok = [c for c in cands if c[0].entropy <= target_bits] or sorted(cands, key=lambda c: c[0].entropy)[:1]
-        top = max(c[0].agreement for c in ok)
-        finals = sorted([c for c in ok if c[0].agreement >= top - 0.5 * tolerance],
-                        key=lambda c: -c[0].agreement)[:finalists]
+        return sorted(ok, key=lambda c: c[0].entropy)[:finalists]
+    # candidates whose one-model entropy is at most the target (contexts only lower it); best agreement
+    ok = [c for c in cands if c[0].entropy <= target_bits] or sorted(cands, key=lambda c: c[0].entropy)[:1]
+    top = max(c[0].agreement for c in ok)
+    return sorted([c for c in ok if c[0].agreement >= top - 0.5 * tolerance], key=lambda c: -c[0].agreement)[:finalists]
+
+
+def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.01, target_bits: float | None = None,
+                levels: tuple[int, ...] = DEFAULT_LEVELS, clip_scales: tuple[float, ...] = DEFAULT_CLIP_SCALES,
+                lambdas: tuple[float, ...] = DEFAULT_LAMBDAS, kinds: tuple[str, ...] = ("uniform", "ecsq"),
+                classes: int | str = "auto", cache_dir: str | Path | None = None, seed: int = 1,
+                finalists: int = FINALISTS, progress: bool = False) -> TaskDesign:
+    """Choose the quantizer by the task (see the module docstring). Returns the finished design."""
+    from tqdm import tqdm
+
+    from lwfc_host.design.calibration import CalibrationStats
+    from lwfc_host.design.table_design import finish_design
+    from lwfc_host.design.tablefile import finalize
+
+    t0 = time.time()
+    bundle = load_bundle(bundle_dir)
+    q8, scale, zp = calibration_edge_outputs(bundle_dir, images, seed, Path(cache_dir) if cache_dir else None,
+                                             progress)
+    if len(q8) < 4:
+        raise ValueError(f"need at least 4 calibration images, got {len(q8)}")
+    fit, held = q8[0::2], q8[1::2]
+    cs = CalibrationStats(reservoir=min(len(fit), 64))
+    cs.add_int8(fit, scale, zp, where="task calibration edge outputs")
+    stats = cs.loaded()
+    session = onnx_session(bundle.cloud_path, threads=SESSION_THREADS)
+    ref = cloud_outputs(session, (scale * (held.astype(np.float32) - zp)).astype(np.float32)).argmax(axis=1)
+    cands = _score(stats, _quantizers(stats, levels, clip_scales, lambdas, kinds), session, held, ref, scale, zp,
+                   progress)
+    notes: list[str] = []
     results = []
-    for cand, q, cc in tqdm(finals, desc="task design (context models, frames)", disable=not progress,
-                            leave=False):
+    for cand, q, cc in tqdm(_finalists(cands, tolerance, target_bits, finalists, notes),
+                            desc="task design (context models, frames)", disable=not progress, leave=False):
         d = finish_design(stats, q, cc, "auto", classes, scale, zp)
         cand.coded_bits = measure_frames(d.table, held)
         c = d.table["contexts"]
@@ -230,8 +247,6 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
         "metric": "top-1 agreement with the uncompressed int8 pipeline", "tolerance": tolerance,
         "target_bits": target_bits, "heldout_images": int(len(held)), "agreement": chosen.agreement,
         "heldout_coded_bits": chosen.coded_bits, "clip_scale": chosen.clip_scale}
-    from lwfc_host.design.tablefile import finalize
-
     d.table = finalize(d.table)
     return TaskDesign(d, chosen, [c[0] for c in cands], int(len(held)), tolerance, time.time() - t0, notes)
 
@@ -254,16 +269,13 @@ def evaluate_table(bundle_dir: str | Path, table: dict, q_eval: np.ndarray, labe
     """A table on evaluation int8 features through the real pipeline: frames (device-identical encoder),
     host decoder, ONNX cloud half. Returns bits/element of the frames, top-1 agreement with the uncompressed
     int8 pipeline and, with labels, accuracy of both."""
-    from lwfc_host.codec.fast import FastEncoder
     from lwfc.tables import Tables
-    from lwfc_convert.bundle import read_bundle
     from lwfc_host.codec.decoder import Decoder
-    from lwfc_host.evaluate.core import cloud_outputs, make_session
+    from lwfc_host.codec.fast import FastEncoder
 
-    bundle_dir = Path(bundle_dir)
-    info = read_bundle(bundle_dir)
-    scale, zp = float(info["feature"]["scale"]), int(info["feature"]["zero_point"])
-    sess = make_session(bundle_dir / info["cloud"]["file"])
+    bundle = load_bundle(bundle_dir)
+    scale, zp = float(bundle.info["feature"]["scale"]), int(bundle.info["feature"]["zero_point"])
+    sess = onnx_session(bundle.cloud_path, threads=SESSION_THREADS)
     t = Tables(table)
     dec = Decoder(t)
     encoder = FastEncoder(t)

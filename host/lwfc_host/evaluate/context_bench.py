@@ -19,15 +19,16 @@ import numpy as np
 
 
 def run_eval(bundle: str, out: str, levels: list[int], qps: list[int], limit: int | None = None) -> None:
-    from lwfc_host.evaluate.core import evaluate_bundle
     from lwfc_host.evaluate.report import headline, write_report
+    from lwfc_host.evaluate.run import evaluate_bundle
 
     ev = evaluate_bundle(bundle, "auto", limit, False, "cache/eval", "classification", ["lwfc", "hevc"],
                          progress=True,
                          overrides={"kinds": ["uniform", "ecsq"], "clips": ["mse"], "levels": levels,
                                     "contexts": ["channel", "groups", "groups+k3", "auto"], "hevc_qps": {8: qps}})
-    ev.command = f"python -m lwfc_host.evaluate.context_bench eval {bundle} {out} --levels {','.join(map(str, levels))} " \
-                 f"--qps {','.join(map(str, qps))}" + (f" --limit {limit}" if limit else "")
+    ev.command = (f"python -m lwfc_host.evaluate.context_bench eval {bundle} {out} "
+                  f"--levels {','.join(map(str, levels))} --qps {','.join(map(str, qps))}"
+                  + (f" --limit {limit}" if limit else ""))
     write_report(ev, out)
     print("reference:", ev.reference)
     for row in headline(ev):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lwfc_host.evaluate.core import Evaluation, Point
+from lwfc_host.evaluate.plans import Plan
+from lwfc_host.evaluate.results import Evaluation, Point
 
 CSV_COLUMNS = ["method", "setting", "bits_per_element", "bits_per_element_no_param_sets", "accuracy", "agreement",
                "agreement_confident", "agreement_float", "map50", "map50_float", "recall", "precision", "mse",
@@ -210,11 +211,11 @@ def markdown(ev: Evaluation) -> str:
         lines += ["", f"HEVC timing: points.csv gives x265/ffmpeg time per tensor inside one stream (one process "
                   f"for a batch of tensors). With one ffmpeg process per tensor (QP {s['qp']}, 8-bit) encoding took "
                   f"{s['encode_ms']:.0f} ms and decoding {s['decode_ms']:.0f} ms, mostly process start-up.", ""]
-    lines += ["lwfc timing: encode = numpy table lookup + constriction range coder + framing (`lwfc_host.codec.fast`, byte-"
-              "identical to the pure-Python device encoder); decode = the host decoder with the canonical-payload "
-              "check. Context variants of one quantizer share its reconstruction, so the cloud runs once per "
-              "quantizer; every variant's frames are all encoded, the first decoded in full, the others on a subset "
-              "(notes column) and checked to give the same indices.", ""]
+    lines += ["lwfc timing: encode = numpy table lookup + constriction range coder + framing "
+              "(`lwfc_host.codec.fast`, byte-identical to the pure-Python device encoder); decode = the host decoder "
+              "with the canonical-payload check. Context variants of one quantizer share its reconstruction, so the "
+              "cloud runs once per quantizer; every variant's frames are all encoded, the first decoded in full, the "
+              "others on a subset (notes column) and checked to give the same indices.", ""]
     lines += ["## All points", "", "| method | setting | bits/element | " + label + " | enc ms | dec ms |",
               "|---|---|---|---|---|---|"]
     for p in ev.points:
@@ -288,8 +289,6 @@ def _equal_quality(ev: Evaluation, rows: list[dict]) -> list[str]:
 
 def load_evaluation(path: str | Path) -> Evaluation:
     """An Evaluation read back from evaluation.json (to re-render a report without re-running it)."""
-    from lwfc_host.evaluate.core import Plan
-
     d = json.loads(Path(path).read_text(encoding="utf-8"))
     d.pop("headline", None)
     d.pop("headline_secondary", None)

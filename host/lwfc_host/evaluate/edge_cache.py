@@ -1,0 +1,149 @@
+"""The edge half's outputs, computed once per bundle and data set and cached in an .npz.
+
+Every method of an evaluation codes the same int8 edge outputs (N, H, W, C) of the evaluation set, and the
+lwfc designs start from those of a disjoint calibration set. Computing them runs the int8 TFLite edge half on
+every image (and the float model, for the reference outputs), which is the slow part of a run; the cache is
+keyed by the bundle's files and the image counts, so any change to the bundle or the set recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lwfc.bundle import CLOUD_FILE, EDGE_FILE, INFO_FILE, Bundle
+from lwfc_convert.cloud_runtime import cloud_outputs
+from lwfc_host.evaluate.metrics import bundle_task
+from lwfc_host.evaluate.plans import Plan
+
+CACHE_VERSION = 1  # bump when the cached arrays change meaning
+
+
+@dataclass
+class EdgeData:
+    """Int8 edge outputs (N, H, W, C) of the evaluation and calibration sets, and reference outputs."""
+
+    q_eval: np.ndarray
+    q_calib: np.ndarray
+    labels: np.ndarray
+    scale: float
+    zero_point: int
+    ref: dict[str, np.ndarray]  # "int8": cloud(int8 edge), "float": the float model (when its weights load)
+    description: str
+    seconds: float
+
+    @property
+    def labeled(self) -> bool:
+        return bool((self.labels >= 0).all())
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """Float features of int8 edge outputs (what the cloud half takes)."""
+        return (self.scale * (q.astype(np.float32) - self.zero_point)).astype(np.float32)
+
+
+def _file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def cache_key(bundle: Bundle, dataset: str, eval_images: int | None, calib_images: int) -> str:
+    """16 hex digits naming the edge outputs of ``bundle`` on this data set with these image counts."""
+    h = hashlib.sha256()
+    for name in (EDGE_FILE, CLOUD_FILE, INFO_FILE):
+        h.update(_file_digest(bundle.path(name)).encode())
+    h.update(json.dumps([dataset, eval_images, calib_images, CACHE_VERSION]).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_path(bundle: Bundle, dataset: str, plan: Plan, cache_dir: str | Path) -> Path:
+    """Where the edge outputs of ``bundle`` for ``plan``'s image counts are cached."""
+    key = cache_key(bundle, dataset, plan.eval_images, plan.calib_images)
+    return Path(cache_dir) / f"edge_{bundle.model}_{key}.npz"
+
+
+def load_edge_data(path: str | Path) -> EdgeData:
+    """The edge outputs saved by :func:`edge_data` (``seconds`` is 0: nothing was computed)."""
+    with np.load(path, allow_pickle=False) as z:
+        ref = {k[4:]: z[k] for k in z.files if k.startswith("ref_")}
+        return EdgeData(z["q_eval"], z["q_calib"], z["labels"], float(z["scale"]), int(z["zero_point"]), ref,
+                        str(z["description"]), 0.0)
+
+
+def _save(data: EdgeData, path: Path) -> None:
+    """Write the cache atomically (a temporary file renamed), so that a killed run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, q_eval=data.q_eval, q_calib=data.q_calib, labels=data.labels, scale=data.scale,
+                        zero_point=data.zero_point, description=np.array(data.description),
+                        **{f"ref_{k}": v for k, v in data.ref.items()})
+    tmp.replace(path)
+
+
+def _images(bundle: Bundle, plan: Plan, progress: bool) -> tuple[Any, Any, str]:
+    """(calibration images, evaluation (images, labels) batches, description) of the bundle's data set."""
+    if bundle_task(bundle.info) == "detection":  # deterministic views of the darknet and bundled photos, labels -1
+        from lwfc_convert.detection import detection_eval_data
+
+        return detection_eval_data(bundle.model, plan.calib_images, plan.eval_images, seed=0, progress=progress)
+    from lwfc_convert.bundle import calibration_and_eval_data
+
+    return calibration_and_eval_data(bundle.model, plan.calib_images, plan.eval_images, seed=0, progress=progress)
+
+
+def _float_model(bundle: Bundle) -> tuple[Any, str]:
+    """The float model (its own outputs give agreement with it and its accuracy on exactly these images), or
+    None and why not: where its weights are not installed, the float numbers come from bundle.json."""
+    try:
+        from lwfc_convert.zoo import load_model
+
+        return load_model(bundle.model), ""
+    except Exception as exc:
+        return None, f"; float model not loaded ({type(exc).__name__}: {exc})"
+
+
+def _compute(bundle: Bundle, plan: Plan, session: Any, progress: bool) -> EdgeData:
+    """Run the int8 edge half (and the float model, where it loads) on the calibration and evaluation images."""
+    import torch
+    from tqdm import tqdm
+
+    from lwfc.edge import make_interpreter
+    from lwfc_convert.tflite_export import run_tflite
+
+    t0 = time.time()
+    calib, ev, desc = _images(bundle, plan, progress)
+    interp = make_interpreter(bundle.edge_path)
+    q_calib = np.concatenate([run_tflite(interp, x)[0] for x in tqdm(calib, desc="edge half (calibration)",
+                                                                     disable=not progress, leave=False)])
+    model, why_not = _float_model(bundle)
+    q_eval, labels, float_logits = [], [], []
+    for x, y in tqdm(ev, desc="edge half (evaluation)", disable=not progress, leave=False):
+        q_eval.append(run_tflite(interp, x)[0])
+        labels.append(np.asarray(y))
+        if model is not None:
+            with torch.no_grad():
+                float_logits.append(model(x).numpy())
+    feature = bundle.info["feature"]
+    data = EdgeData(np.concatenate(q_eval), q_calib, np.concatenate(labels).astype(np.int64),
+                    float(feature["scale"]), int(feature["zero_point"]), {}, desc + why_not, 0.0)
+    data.ref["int8"] = cloud_outputs(session, data.dequantize(data.q_eval))
+    if float_logits:
+        data.ref["float"] = np.concatenate(float_logits)
+    data.seconds = time.time() - t0
+    return data
+
+
+def edge_data(bundle: Bundle, dataset: str, plan: Plan, cache_dir: str | Path, session: Any,
+              progress: bool = True) -> EdgeData:
+    """The edge outputs of ``plan``'s calibration and evaluation images: computed (``session`` runs the cloud
+    half for the reference outputs) and cached on the first call, read from the cache afterwards."""
+    path = cache_path(bundle, dataset, plan, cache_dir)
+    if path.exists():
+        return load_edge_data(path)
+    data = _compute(bundle, plan, session, progress)
+    _save(data, path)
+    return data
