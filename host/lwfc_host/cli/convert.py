@@ -7,11 +7,13 @@ import argparse
 import json
 from typing import Any
 
+from lwfc_host.cli import CommandError
 
-def _error(msg: str) -> Exception:
-    from lwfc_host.cli import CommandError
-
-    return CommandError(msg)
+# The zoo's models, for --help (registration must not import the converters: see lwfc_host.cli).
+# tests/test_convert_zoo.py checks that this list matches lwfc_convert.zoo.
+ZOO_MODELS = ("resnet_fmnist", "efficientnet_lite0", "efficientnet_lite0_fmnist", "squeezenet1_1",
+              "centernet_mbv3_coco")
+TRAINABLE = ("resnet_fmnist", "efficientnet_lite0_fmnist")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -19,15 +21,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lwfc_convert.datasets import DatasetMissing
     from lwfc_convert.split import SplitError
     from lwfc_convert.tflite_export import ExportError
-    from lwfc_convert.zoo import UnknownModel, WeightsError
+    from lwfc_convert.weight_files import WeightsError
+    from lwfc_convert.zoo import UnknownModel
 
     return (UnknownModel, WeightsError, SplitError, ExportError, DatasetMissing)
 
 
-def _model_names() -> str:
-    from lwfc_convert.zoo import MODELS
-
-    return ", ".join(MODELS)
+def _at_least(flag: str, value: int | None, least: int) -> None:
+    """Refuse a count the work functions would not honour as given (a non-positive image count, ...)."""
+    if value is not None and value < least:
+        raise CommandError(f"{flag} must be at least {least}, got {value}")
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -40,7 +43,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         model = load_model(args.model)
         points = list_split_points(model)
     except _user_errors() as exc:
-        raise _error(str(exc)) from exc
+        raise CommandError(str(exc)) from exc
     if args.json:
         print(json.dumps([{"path": p.path, "shape_chw": list(p.shape_chw), "activation": p.activation,
                            "aliases": list(p.aliases)} for p in points], indent=1))
@@ -60,6 +63,9 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a zoo model into a bundle directory."""
+    _at_least("--calib-images", args.calib_images, 1)
+    _at_least("--eval-images", args.eval_images, 1)
+    _at_least("--qat-epochs", args.qat_epochs, 0)  # convert() would treat a negative count as 0
     try:
         from lwfc_convert.bundle import convert
         from lwfc_convert.zoo import get_spec
@@ -69,9 +75,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        eval_images=args.eval_images, bias_correction=not args.no_bias_correction,
                        seed=args.seed, progress=not args.quiet, qat_epochs=args.qat_epochs)
     except ModuleNotFoundError as exc:
-        raise _error(f"missing converter dependency {exc.name!r}: pip install '.[convert]'") from exc
+        raise CommandError(f"missing converter dependency {exc.name!r}: pip install '.[convert]'") from exc
     except _user_errors() as exc:
-        raise _error(str(exc)) from exc
+        raise CommandError(str(exc)) from exc
     print_summary(info, args.output)
     return 0
 
@@ -102,12 +108,13 @@ def print_summary(info: dict[str, Any], where: Any) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a bundle's bundle.json (summary, or the full JSON with --json)."""
-    from lwfc_convert.bundle import read_bundle
+    from lwfc.bundle import load_bundle
+    from lwfc.errors import BundleError
 
     try:
-        info = read_bundle(args.bundle)
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise _error(f"cannot read bundle {args.bundle}: {exc}") from exc
+        info = load_bundle(args.bundle).info
+    except BundleError as exc:
+        raise CommandError(str(exc)) from exc
     if args.json:
         print(json.dumps(info, indent=1))
     else:
@@ -118,29 +125,33 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train resnet_fmnist or the efficientnet_lite0_fmnist head."""
+    if args.model not in TRAINABLE:
+        raise CommandError(f"no training recipe for {args.model!r}; trainable: {', '.join(TRAINABLE)}")
+    _at_least("--epochs", args.epochs, 1)  # 0 would silently mean the default
+    _at_least("--threads", args.threads, 1)
+    if args.cache is not None and args.model != "efficientnet_lite0_fmnist":
+        raise CommandError("--cache holds the frozen EfficientNet backbone's features: only for "
+                           "--model efficientnet_lite0_fmnist")
     try:
         if args.model == "resnet_fmnist":
             from lwfc_convert.train import train_resnet_fmnist
 
             res = train_resnet_fmnist(args.output, epochs=args.epochs or 12, seed=args.seed,
                                       threads=args.threads, progress=not args.quiet)
-        elif args.model == "efficientnet_lite0_fmnist":
+        else:
             from lwfc_convert.train import train_effnet_fmnist_head
 
             res = train_effnet_fmnist_head(args.output, epochs=args.epochs or 30, seed=args.seed,
                                            threads=args.threads, cache=args.cache, progress=not args.quiet)
-        else:
-            raise _error(f"no training recipe for {args.model!r}; trainable: resnet_fmnist, "
-                         "efficientnet_lite0_fmnist")
     except _user_errors() as exc:
-        raise _error(str(exc)) from exc
+        raise CommandError(str(exc)) from exc
     print(json.dumps(res, indent=1))
     return 0
 
 
 def register(subparsers: Any) -> None:
     """Add the converter's subcommands to the ``lwfc`` parser."""
-    models = "resnet_fmnist, efficientnet_lite0, efficientnet_lite0_fmnist, squeezenet1_1"
+    models = ", ".join(ZOO_MODELS)
 
     p = subparsers.add_parser(
         "convert", help="split a model, edge half -> int8 TFLite, cloud half -> ONNX, write a bundle",
@@ -154,7 +165,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--calib-images", type=int, default=256, help="calibration images (default 256)")
     p.add_argument("--eval-images", type=int, default=None,
                    help="held-out images for the accuracy/error report (default: whole Fashion-MNIST test "
-                   "set, or 32 photo views for ImageNet models)")
+                   "set, 32 photo views for ImageNet models, 120 for the detector; photo sets take at least one "
+                   "view per photo, the detector's the same number per photo)")
     p.add_argument("--output", required=True, help="bundle directory to write")
     p.add_argument("--no-bias-correction", action="store_true", help="skip BN folding + bias correction")
     p.add_argument("--qat-epochs", type=int, default=16,
@@ -185,13 +197,13 @@ def register(subparsers: Any) -> None:
         description="Train resnet_fmnist (SGD, one-cycle, seeded) or the linear head of "
         "efficientnet_lite0_fmnist on cached frozen-backbone features, and save the weights (default: the "
         "package's weights/ folder).")
-    p.add_argument("--model", required=True, help="resnet_fmnist or efficientnet_lite0_fmnist")
+    p.add_argument("--model", required=True, help=" or ".join(TRAINABLE))
     p.add_argument("--output", default=None, help="weight file to write (default: package weights/)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 12 for the ResNet, 30 for the head)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: one thread is faster on a busy machine, and the committed "
                    "weights were trained with 1)")
-    p.add_argument("--cache", default=None, help="backbone feature cache file (EfficientNet head)")
+    p.add_argument("--cache", default=None, help="backbone feature cache file (efficientnet_lite0_fmnist only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
