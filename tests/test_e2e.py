@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from lwfc_host.cli.demo import ensure_bundle, ensure_tables, photo_files
-from lwfc_host.serve.server import CloudModel
+from lwfc_host.serve import CloudModel
+from lwfc_host.serve.demo_bundle import ensure_bundle, ensure_tables, photo_files
 
 N_IMAGES = 3
 
@@ -131,6 +131,42 @@ def test_serial_end_to_end_over_pty_pair(bundle, images, tmp_path):
         socat.wait(10)
     check_answers_equal_local_decoding(bundle, run, tmp_path / "frames")
     assert final["frames"] == N_IMAGES and final["garbage_bytes"] > 0
+
+
+def _private_file(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def test_authenticated_end_to_end_key_from_file_or_environment(bundle, images, tmp_path):
+    """The device key comes from a private file or $LWFC_DEVICE_KEY, never argv; a keyed device without its
+    key is refused, and so is a key file others may read."""
+    key = os.urandom(32)
+    keys = _private_file(tmp_path / "keys.json", json.dumps({"board-7": key.hex()}))
+    device_key = _private_file(tmp_path / "device.key", key.hex() + "\n")
+    srv = Serve(["--bundle", str(bundle), "--tcp", "127.0.0.1:0", "--keys", str(keys)])
+    try:
+        (tmp_path / "a").mkdir()
+        run = run_device(bundle, srv.addresses[0], images, tmp_path / "a", "--device", "board-7",
+                         "--key-file", str(device_key))
+        check_answers_equal_local_decoding(bundle, run, tmp_path / "a" / "frames")
+        base = [sys.executable, "-m", "lwfc", "run", "--bundle", str(bundle), "--connect", srv.addresses[0],
+                "--images", str(images), "--device", "board-7", "--limit", "1"]
+        by_env = subprocess.run(base, capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, LWFC_DEVICE_KEY=key.hex()))
+        assert by_env.returncode == 0 and "summary: 1 frames: 1 results" in by_env.stdout, by_env.stdout
+        env = {k: v for k, v in os.environ.items() if k != "LWFC_DEVICE_KEY"}
+        keyless = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env)
+        assert keyless.returncode == 2 and "host refused the session (AUTH)" in keyless.stderr, keyless.stderr
+        os.chmod(device_key, 0o644)
+        exposed = subprocess.run(base + ["--key-file", str(device_key)], capture_output=True, text=True,
+                                 timeout=120, env=env)
+        assert exposed.returncode == 2 and "chmod 600" in exposed.stderr, exposed.stderr
+    finally:
+        final, _ = srv.stop()
+    assert final["frames"] == N_IMAGES + 1
 
 
 def test_refused_device_gets_a_clear_error(bundle, images, tmp_path):

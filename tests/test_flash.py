@@ -14,12 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from small_bundle import make_small_bundle, small_tensors
 
+from lwfc.bundle import load_bundle
 from lwfc.encoder import Encoder
+from lwfc.errors import KeyFileError
+from lwfc.keys import KEY_ENV, KEY_FILE, load_key
 from lwfc.protocol import DATA, pack_message
 from lwfc.tables import load_tables
 from lwfc_host.deploy.flash import FlashError, WasmBoard, board_files, flash, open_board
-from lwfc_host.serve.bench import make_small_bundle, small_tensors
 
 needs_board = pytest.mark.skipif(shutil.which("socat") is None or shutil.which("node") is None,
                                  reason="needs socat and node (Debian packages socat, nodejs)")
@@ -35,7 +38,7 @@ def small(tmp_path_factory) -> Path:
 @needs_board
 def test_flash_micropython_board_over_serial_and_encode_there(small, tmp_path):
     pytest.importorskip("mpremote")
-    info = json.loads((small / "bundle.json").read_text())
+    info = load_bundle(small).info
     tensor = small_tensors(info, 1, seed=5)[0]
     h, w, _c = info["feature"]["shape_nhwc"][1:]
     want = Encoder(load_tables(str(small / "tables.json"))).encode_int8(tensor, h, w)
@@ -90,8 +93,8 @@ def test_flash_micropython_board_over_serial_and_encode_there(small, tmp_path):
 
 
 def test_flash_directory_for_a_linux_board_and_run_from_it(tmp_path):
-    from lwfc_host.cli.demo import ensure_bundle, ensure_tables, photo_files
-    from lwfc_host.serve.server import CloudModel, ServerConfig, run_in_thread
+    from lwfc_host.serve import CloudModel, ServerConfig, run_in_thread
+    from lwfc_host.serve.demo_bundle import ensure_bundle, ensure_tables, photo_files
 
     bundle = ensure_bundle(log=lambda m: None)
     photos = photo_files(bundle.parent.parent / "photos")
@@ -133,7 +136,7 @@ def test_flash_directory_micropython_kind_has_mpy_only(small, tmp_path):
 
 
 def test_flash_bad_input(small, tmp_path):
-    with pytest.raises(FlashError, match="no bundle.json"):
+    with pytest.raises(FlashError, match="bundle.json: No such file.*a bundle directory"):
         flash(tmp_path, str(tmp_path / "x"))
     with pytest.raises(FlashError, match="edge.tflite"):
         flash(small, str(tmp_path / "x"), kind="linux")
@@ -141,10 +144,35 @@ def test_flash_bad_input(small, tmp_path):
         flash(small, "serial:///dev/ttyS99", kind="linux")
     with pytest.raises(FlashError, match="does not exist"):
         flash(small, str(tmp_path / "x"), kind="micropython", tables=tmp_path / "none.json")
-    with pytest.raises(FlashError, match="at least 16 bytes"):
-        flash(small, str(tmp_path / "x"), kind="micropython", key="abcd")
     with pytest.raises(FlashError, match="cannot open|no MicroPython"):
         flash(small, f"serial://{tmp_path}/no-such-tty", kind="micropython")
+
+
+def test_device_key_goes_to_a_private_file_not_config(small, tmp_path):
+    """Issue 20: the key comes from a file (mode 600) or $LWFC_DEVICE_KEY, never argv, and the board gets it
+    in device.key with the least exposure the target allows; config.json only names the file."""
+    key = bytes(range(32, 64))
+    key_file = tmp_path / "dev.key"
+    key_file.write_text(key.hex() + "\n")
+    key_file.chmod(0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        load_key(str(key_file))
+    key_file.chmod(0o600)
+    assert load_key(str(key_file)) == key
+    assert load_key(None, {KEY_ENV: key.hex()}) == key and load_key(None, {}) is None
+    with pytest.raises(KeyFileError, match="has 2 bytes; at least 16"):
+        load_key(None, {KEY_ENV: "abcd"})
+    with pytest.raises(KeyFileError, match="not hex"):
+        load_key(None, {KEY_ENV: "zz" * 16})
+    target = tmp_path / "mp"
+    flash(small, str(target), kind="micropython", key=key)
+    cfg = json.loads((target / "config.json").read_text())
+    assert cfg["key_file"] == KEY_FILE and "key" not in cfg and key.hex() not in (target / "config.json").read_text()
+    assert (target / KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert load_key(str(target / KEY_FILE)) == key
+    proc = subprocess.run([sys.executable, "-m", "lwfc_host", "flash", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert "--key-file" in proc.stdout and "--key " not in proc.stdout
 
 
 def test_commands_have_help():
@@ -159,7 +187,7 @@ def test_commands_have_help():
 def test_cli_errors_are_one_line(small, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lwfc_host", "serve", "--bundle", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "no bundle.json" in proc.stderr
+    assert proc.returncode == 2 and "a bundle directory?" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "lwfc_host", "flash", "--bundle", str(small), "--target",
                            str(tmp_path / "t"), "--kind", "linux"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "edge.tflite" in proc.stderr

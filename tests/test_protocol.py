@@ -97,6 +97,41 @@ def test_too_large_is_reported_without_waiting_or_allocating():
     assert p.broken and p.pending() == 0
 
 
+def test_unverifiable_messages_are_garbage_in_an_authenticated_session():
+    """PROTOCOL.md 4 and 8: with a session key, a too-large header is dropped like a bad header (resync, no
+    TOO_LARGE, the parser keeps going), and corrupt or untagged messages count in full as garbage."""
+    auth = P.Auth(b"secret-key-16byt", b"n" * 16)
+    head = struct.pack("<2sBBII", b"LK", P.DATA, 0, 9, 1 << 30)
+    too_large = head + struct.pack("<I", crc32(head))
+    corrupt = bytearray(P.pack_message(P.DATA, 2, b"abcdef", auth))
+    corrupt[20] ^= 1
+    untagged = P.pack_message(P.DATA, 3, b"xyz")
+    good = P.pack_message(P.DATA, 4, b"abc", auth)
+    p = P.Parser(max_message=1000)
+    p.auth = auth
+    p.feed(too_large + bytes(corrupt) + untagged)
+    events = list(p)
+    assert [e[0] for e in events] == [P.CORRUPT, P.BAD_AUTH] and not p.broken
+    assert p.garbage_since_valid >= len(too_large) - 1 + len(corrupt) + len(untagged)
+    p.feed(good)
+    m = p.next()
+    assert isinstance(m, P.Message) and m.seq == 4 and p.garbage_since_valid == 0
+
+
+def test_corrupt_messages_count_against_the_garbage_budget():
+    bad = bytearray(P.pack_message(P.DATA, 1, bytes(500)))
+    bad[-1] ^= 0xFF
+    p = P.Parser(max_message=1000)
+    p.feed(bytes(bad) * 3)
+    assert [e[0] for e in p] == [P.CORRUPT] * 3
+    assert p.garbage_since_valid == 3 * len(bad)
+
+
+def test_deeply_nested_json_is_a_protocol_error():
+    with pytest.raises(P.ProtocolError, match="nests JSON too deeply"):
+        P.parse_json(b"[" * 60000, "HELLO")
+
+
 def test_buffer_stays_bounded_on_junk():
     p = P.Parser(max_message=4096)
     rng = random.Random(3)

@@ -33,7 +33,9 @@ def bundle(centernet_bundle) -> Path:
 
 @pytest.fixture(scope="module")
 def info(bundle) -> dict:
-    return json.loads((bundle / "bundle.json").read_text())
+    from lwfc.bundle import load_bundle
+
+    return load_bundle(bundle).info
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,9 @@ def design(bundle, info, tmp_path_factory) -> dict:
     ``PHOTOS``, 512 x 512: the bundle's preprocessing leaves them as they are) and their int8 features."""
     from PIL import Image
 
-    from lwfc.runner import EdgeModel, preprocess
+    from lwfc.bundle import load_bundle
+    from lwfc.edge import EdgeModel
+    from lwfc.images import preprocess
     from lwfc_convert.datasets import DatasetMissing
     from lwfc_convert.detection import views
     from lwfc_host.design import table_design as dz
@@ -55,7 +59,7 @@ def design(bundle, info, tmp_path_factory) -> dict:
     except DatasetMissing as exc:
         pytest.skip(f"photos unavailable: {exc}")
     work = tmp_path_factory.mktemp("server_detection")
-    edge = EdgeModel(str(bundle / info["edge"]["file"]))
+    edge = EdgeModel(load_bundle(bundle).edge_path)
     stats = CalibrationStats(reservoir=16)
     q = {}
     for name, view in vs.items():
@@ -76,14 +80,11 @@ def design(bundle, info, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def cloud(bundle, info):
     """The ONNX cloud half in this process, configured as the server configures its own (one thread)."""
-    import onnxruntime as ort
+    from lwfc.bundle import load_bundle
+    from lwfc_convert.cloud_runtime import onnx_session, run_onnx
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    s = ort.InferenceSession(str(bundle / info["cloud"]["file"]), opts, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    return lambda x: s.run(None, {name: np.asarray(x, dtype=np.float32)})[0]
+    s = onnx_session(load_bundle(bundle).cloud_path, threads=1)
+    return lambda x: run_onnx(s, x)
 
 
 def host_detections(info, design, cloud, frame: bytes) -> tuple[list[dict], object]:
@@ -177,8 +178,9 @@ def _encode(design, q: np.ndarray) -> bytes:
 def test_detector_server_answers_malformed_frames_and_keeps_serving(bundle, info, design, cloud):
     """An in-process server on a loopback socket, the device's Link: bad frames get ERROR answers on the same
     session, which then still gets detections."""
+    from lwfc.bundle import bundle_id
     from lwfc.link import Link
-    from lwfc_host.serve.server import CloudModel, ServerConfig, bundle_id, run_in_thread
+    from lwfc_host.serve import CloudModel, ServerConfig, run_in_thread
 
     q = design["q"]["darknet/eagle"]
     good = _encode(design, q)
@@ -207,11 +209,11 @@ def test_detector_server_answers_malformed_frames_and_keeps_serving(bundle, info
     assert sorted(got) == sorted(sent) and len(answers) == len(sent)
     for tag in ("truncated", "bit flip", "trailing bytes"):
         assert (got[tag].kind, got[tag].code) == ("error", P.E_BAD_FRAME), got[tag]
-    a = got["wrong shape"]
-    assert (a.kind, a.code) == ("error", P.E_INFERENCE) and "cloud half failed" in a.message, a
+    a = got["wrong shape"]  # refused from its header, before any decoding (PROTOCOL.md 7)
+    assert (a.kind, a.code) == ("error", P.E_BAD_FRAME) and "64x64x72 is not this bundle's feature shape" in a.message
     a = got["good"]
     assert a.kind == "result" and a.result["kind"] == "detection", a
     check_detections(a.result["detections"], want, info["class_names"])
     assert a.result["detections"] and a.result["detections"][0]["label"] == "bird"
     assert link.reconnects == 0  # errors are answers: the session went on
-    assert st["frames"] == 1 and st["errors"] == {"BAD_FRAME": 3, "INFERENCE": 1}
+    assert st["frames"] == 1 and st["errors"] == {"BAD_FRAME": 4}

@@ -12,14 +12,15 @@ import threading
 import time
 
 import pytest
+from small_bundle import make_small_bundle, small_frames
 
 from lwfc import protocol as P
+from lwfc.bundle import bundle_id
 from lwfc.link import Link
 from lwfc.protocol import ConnectionClosed, Session
 from lwfc.runner import summarize
 from lwfc.transport import SerialTransport
-from lwfc_host.serve.server import CloudModel, ServerConfig, bundle_id, run_in_thread
-from lwfc_host.serve.bench import make_small_bundle, small_frames
+from lwfc_host.serve import CloudModel, ServerConfig, run_in_thread
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,15 @@ def main(argv=None):
                                    "to a host running `lwfc serve`, and print each answer and a summary.")
     add_run_arguments(p)
     args = parser.parse_args(argv)
-    from .errors import LwfcError
+    from .edge import EdgeError
+    from .errors import LwfcError  # BundleError among them
+    from .images import ImageError
     from .runner import RunnerError, run_from_args
     from .transport import TransportError
 
     try:
         return run_from_args(args)
-    except (RunnerError, TransportError, LwfcError) as exc:
+    except (RunnerError, EdgeError, ImageError, TransportError, LwfcError) as exc:
         sys.stderr.write("python -m lwfc %s: error: %s\n" % (args.command, exc))
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,10 @@ class BundleError(LwfcError):
     """A bundle directory is missing a file, or its bundle.json is malformed (converters/README.md)."""
 
 
+class KeyFileError(LwfcError):
+    """A device key file or $LWFC_DEVICE_KEY is unreadable, not hex, too short, or readable by others."""
+
+
 class EncodeError(LwfcError):
     """The input to the encoder does not fit the table (shape, dtype, NaN, ...)."""
 

@@ -203,6 +203,8 @@ def parse_json(body, what):
         obj = json.loads(bytes(body).decode("utf-8"))
     except (ValueError, UnicodeError):
         raise ProtocolError("%s body is not valid UTF-8 JSON" % what) from None
+    except RuntimeError:  # RecursionError on CPython, RuntimeError on MicroPython: nesting too deep
+        raise ProtocolError("%s body nests JSON too deeply" % what) from None
     if not isinstance(obj, dict):
         raise ProtocolError("%s body must be a JSON object" % what)
     return obj
@@ -236,6 +238,11 @@ class Parser(object):
     ``(CORRUPT | TOO_LARGE | BAD_AUTH, type, seq, length)``, or None when more bytes are needed.
     After TOO_LARGE the parser stops (``broken``): the stream cannot be followed without reading the
     oversized body. The buffer never holds more than ``max_message + 36`` bytes plus one fed chunk.
+
+    Every byte that is not part of a valid message counts against ``garbage_since_valid`` (the budget of
+    PROTOCOL.md 7): dropped bytes and the whole of a CORRUPT or BAD_AUTH message. With ``auth`` set (an
+    authenticated session, PROTOCOL.md 8) a header announcing more than ``max_message`` cannot be verified
+    either: it is dropped as garbage and the parser resynchronises, instead of reporting TOO_LARGE.
     """
 
     def __init__(self, max_message=DEFAULT_MAX_MESSAGE):
@@ -288,6 +295,9 @@ class Parser(object):
                 continue
             _sync, mtype, flags, seq, length = struct.unpack(_HEAD, buf[pos:pos + 12])
             if length > self.max_message:
+                if self.auth is not None:  # unverifiable: garbage, not a reason to end the session
+                    self._drop(1)
+                    continue
                 self.broken = True
                 self.buf = b""
                 self.pos = 0
@@ -301,10 +311,12 @@ class Parser(object):
             self.pos = pos + total
             if crc32(body) != bcrc:
                 # the header passed its CRC, so its length (and seq) can be trusted: skip exactly this message
+                self.garbage_since_valid += total
                 return (CORRUPT, mtype, seq, length)
             if self.auth is not None:
                 tag = buf[b0 + length + CRC_SIZE:pos + total]
                 if not flags & FLAG_AUTH or not compare_digest(tag, self.auth.tag(buf[pos:b0 + length + CRC_SIZE])):
+                    self.garbage_since_valid += total
                     return (BAD_AUTH, mtype, seq, length)
             self.garbage_since_valid = 0
             return Message(mtype, flags, seq, body)

@@ -41,7 +41,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lwfc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,23 +16,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--tcp", action="append", default=[], metavar="ADDR:PORT",
                    help="listen on this TCP address (repeatable; default 127.0.0.1:5005 when no --serial)")
     s.add_argument("--serial", action="append", default=[], metavar="DEV", help="serve a serial line (repeatable)")
-    s.add_argument("--baud", type=int, default=115200, help="serial baud rate (default 115200)")
+    s.add_argument("--baud", type=int, help="baud rate of the --serial lines (default 115200)")
     s.add_argument("--status", metavar="ADDR:PORT", help="HTTP status endpoint answering the running totals as JSON")
     s.add_argument("--log", metavar="FILE", help="structured per-frame log, one JSON object per line ('-': stderr)")
-    s.add_argument("--keys", metavar="FILE", help="JSON {device: hex key} for authenticated sessions")
-    s.add_argument("--require-auth", action="store_true", help="refuse devices that do not authenticate")
-    s.add_argument("--top", type=int, default=5, help="classes in each answer (default 5)")
+    s.add_argument("--keys", metavar="FILE",
+                   help="JSON {device: hex key} for authenticated sessions; must be private (mode 600). A device "
+                        "with a key must always authenticate")
+    s.add_argument("--require-auth", action="store_true", help="also refuse devices that have no key")
+    s.add_argument("--top", type=int, help="classes in each answer of a classification bundle (default 5)")
     s.add_argument("--workers", type=int, default=2, help="decode/inference threads (default 2)")
     s.add_argument("--pipeline", type=int, default=4,
                    help="frames of one connection decoded at once; answers stay in order (default 4)")
     s.add_argument("--max-connections", type=int, default=256, help="connections served at once (default 256)")
+    s.add_argument("--max-per-address", type=int, default=32,
+                   help="connections at once from one IP address (default 32)")
+    s.add_argument("--max-pending", type=int, default=64,
+                   help="connections at once that have not completed HELLO, all addresses together (default 64)")
+    s.add_argument("--max-seq-gap", type=int, default=1024,
+                   help="how far a DATA seq may jump ahead of the expected one (default 1024)")
     s.add_argument("--max-message", type=int, default=0,
                    help="largest accepted message body in bytes (default: the largest legal frame of the bundle's "
                         "feature shape, at least 64 KiB)")
     s.add_argument("--max-garbage", type=int, default=1 << 20,
                    help="bytes of garbage tolerated without a valid message before closing (default 1 MiB)")
-    s.add_argument("--hello-timeout", type=float, default=5.0, help="seconds a new connection has to say HELLO")
-    s.add_argument("--idle-timeout", type=float, default=30.0, help="seconds of silence before a session is closed")
+    s.add_argument("--hello-timeout", type=float, default=5.0,
+                   help="seconds from connecting to a completed HELLO (absolute; default 5)")
+    s.add_argument("--message-timeout", type=float, default=10.0,
+                   help="seconds from a message's first byte to its last (absolute; default 10)")
+    s.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="seconds without a valid message before a session is closed (default 30)")
     s.set_defaults(func=cmd_serve)
 
     f = subparsers.add_parser(
@@ -48,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--tables", help="table file (default: the bundle's tables.json)")
     f.add_argument("--connect", help="host address the board should use (written to config.json)")
     f.add_argument("--device", default="lwfc-device", help="device name written to config.json")
-    f.add_argument("--key", help="shared key (hex) written to config.json for authenticated sessions")
+    f.add_argument("--key-file", metavar="FILE",
+                   help="file holding the device's shared key (hex, mode 600) for authenticated sessions; default "
+                        "$LWFC_DEVICE_KEY if set. Written to the board as device.key, never into config.json")
     f.add_argument("--no-mpy", action="store_true", help="copy .py sources even for MicroPython")
     f.add_argument("--remote-dir", default="", help="directory on a serial board (default: its root)")
     f.set_defaults(func=cmd_flash)
@@ -61,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--model", default="efficientnet_lite0", help="zoo model (default efficientnet_lite0)")
     d.add_argument("--bundle", help="bundle directory to use or create (default: the cache)")
     d.add_argument("--port", type=int, default=0, help="loopback TCP port (default: any free port)")
-    d.add_argument("--keep", action="store_true", help="keep the run's work directory")
+    d.add_argument("--keep", action="store_true", help="keep the run's work directory (its path is printed)")
     d.set_defaults(func=cmd_demo)
 
 
@@ -71,23 +85,49 @@ def _error(msg: str) -> Exception:
     return CommandError(msg)
 
 
+def _check_serve_args(args: argparse.Namespace) -> None:
+    """Refuse values the server would not honour as given (no flag is silently ignored or changed)."""
+    if args.baud is not None and not args.serial:
+        raise _error("--baud applies to --serial lines; no --serial given")
+    if args.baud is not None and args.baud <= 0:
+        raise _error(f"--baud must be positive, got {args.baud}")
+    for flag, value in (("--top", args.top), ("--workers", args.workers), ("--pipeline", args.pipeline),
+                        ("--max-connections", args.max_connections), ("--max-per-address", args.max_per_address),
+                        ("--max-pending", args.max_pending), ("--max-seq-gap", args.max_seq_gap)):
+        if value is not None and value < 1:
+            raise _error(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--max-message", args.max_message), ("--max-garbage", args.max_garbage)):
+        if value < 0:
+            raise _error(f"{flag} must not be negative, got {value}")
+    for flag, value in (("--hello-timeout", args.hello_timeout), ("--message-timeout", args.message_timeout),
+                        ("--idle-timeout", args.idle_timeout)):
+        if not value > 0:
+            raise _error(f"{flag} must be positive, got {value}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import json
     import sys
 
-    from lwfc_host.serve.server import CloudModel, ServerConfig, ServerError, json_log_sink, load_keys, serve
+    from lwfc_host.serve import CloudModel, ServerConfig, ServerError, json_log_sink, load_keys, serve
 
+    _check_serve_args(args)
     try:
-        model = CloudModel(args.bundle, args.tables, top=args.top)
+        model = CloudModel(args.bundle, args.tables, top=args.top or 5)
         keys = load_keys(args.keys) if args.keys else {}
     except ServerError as exc:
         raise _error(str(exc)) from exc
+    if args.top is not None and model.bundle.task == "detection":
+        raise _error(f"--top applies to classification bundles; {args.bundle} is a detector (its answers are "
+                     "detections)")
     if args.require_auth and not keys:
         raise _error("--require-auth needs --keys")
     config = ServerConfig(max_message=args.max_message, max_garbage=args.max_garbage,
-                          hello_timeout_s=args.hello_timeout, idle_timeout_s=args.idle_timeout,
-                          max_connections=args.max_connections, workers=args.workers, pipeline=args.pipeline, keys=keys,
+                          hello_timeout_s=args.hello_timeout, message_timeout_s=args.message_timeout,
+                          idle_timeout_s=args.idle_timeout, max_connections=args.max_connections,
+                          max_per_address=args.max_per_address, max_pending=args.max_pending,
+                          max_seq_gap=args.max_seq_gap, workers=args.workers, pipeline=args.pipeline, keys=keys,
                           require_auth=args.require_auth, log=json_log_sink(args.log) if args.log else None)
     tcp = args.tcp or ([] if args.serial else ["127.0.0.1:5005"])
 
@@ -98,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{', '.join(model.table_ids())}, max message {server.max_message} bytes", flush=True)
 
     try:
-        final = asyncio.run(serve(model, config, tcp, args.serial, args.baud, args.status, ready))
+        final = asyncio.run(serve(model, config, tcp, args.serial, args.baud or 115200, args.status, ready))
     except ServerError as exc:
         raise _error(str(exc)) from exc
     print(json.dumps(final), file=sys.stderr, flush=True)
@@ -106,24 +146,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
-    from lwfc_host.deploy.flash import FlashError, flash
+    from lwfc.errors import KeyFileError
+    from lwfc.keys import load_key
+    from lwfc_host.deploy.flash import KEY_NOTES, FlashError, flash
 
     try:
+        key = load_key(args.key_file)
         written = flash(args.bundle, args.target, kind=args.kind, tables=args.tables, connect=args.connect,
-                        device=args.device, key=args.key, mpy=not args.no_mpy, remote_dir=args.remote_dir)
-    except FlashError as exc:
+                        device=args.device, key=key, mpy=not args.no_mpy, remote_dir=args.remote_dir)
+    except (FlashError, KeyFileError) as exc:
         raise _error(str(exc)) from exc
     for name, size in written:
         print(f"  {name:<36} {size:>9} bytes")
     print(f"flashed {len(written)} files to {args.target}")
+    if key is not None:
+        kind = args.kind if args.kind != "auto" else ("micropython" if args.target.startswith("serial://")
+                                                      else "linux")
+        print(f"note: {KEY_NOTES[kind]}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lwfc_host.cli.demo import DemoError, run_demo
+    from lwfc_host.serve import ServerError
 
     try:
         run_demo(args.model, args.bundle, args.port, keep=args.keep)
-    except DemoError as exc:
+    except (DemoError, ServerError) as exc:
         raise _error(str(exc)) from exc
     return 0

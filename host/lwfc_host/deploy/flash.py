@@ -13,6 +13,11 @@ A serial target (``serial:///dev/ttyACM0``) is a MicroPython board reached throu
 mpremote's SerialTransport in plain raw-REPL mode (raw-paste mode fails against some REPLs, e.g. the
 WebAssembly port behind socat). ``WasmBoard`` serves MicroPython's WebAssembly REPL on a pty through
 socat: a board without hardware, for tests.
+
+A device key (PROTOCOL.md 8) never goes into config.json: it is written alone to ``device.key`` (hex), which
+config.json names. In a directory target the file gets mode 600 (only the board's user reads it); a
+MicroPython filesystem has no permissions, so there anyone with the board's REPL can read it — ``KEY_NOTES``
+says which, and ``lwfc flash`` prints it.
 """
 
 from __future__ import annotations
@@ -27,10 +32,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lwfc.bundle import EDGE_FILE, INFO_FILE, TABLES_FILE, Bundle, load_bundle
+from lwfc.errors import BundleError, LwfcError
+from lwfc.keys import KEY_FILE
+
 # The modules a MicroPython board gets: the codec core, protocol, transports, queue and link. Not the
-# numpy fast path, the TFLite runner or the CPython entry point.
+# CPython-only parts (the runner with its bundle, image and TFLite modules, the entry point): such a board
+# has no TFLite and reads no bundle, config.json names its table file.
 MICROPYTHON_MODULES = ("__init__", "crc32", "errors", "tables", "quantize", "scan", "rangecoder", "frame",
-                       "encoder", "protocol", "transport", "sendqueue", "link")
+                       "encoder", "protocol", "transport", "sendqueue", "link", "keys")
+
+# What each kind of target does to keep the key file from other eyes.
+KEY_NOTES = {
+    "linux": f"the key went to {KEY_FILE} with mode 600 (only the board's user can read it), not into config.json",
+    "micropython": f"the key went to {KEY_FILE}, not into config.json; a MicroPython filesystem has no permissions, "
+                   "so anyone who can reach the board's REPL or storage can read it: keep the board physically "
+                   "secure",
+}
 
 
 class FlashError(Exception):
@@ -63,65 +81,73 @@ def compile_modules(out: Path, names: tuple[str, ...] = MICROPYTHON_MODULES) -> 
     return written
 
 
+def open_bundle(bundle: str | Path) -> Bundle:
+    """The checked bundle in ``bundle``; FlashError (one line, naming the file) if it is not one."""
+    try:
+        return load_bundle(bundle)
+    except BundleError as exc:
+        raise FlashError(str(exc)) from exc
+
+
 def board_files(bundle: str | Path, kind: str, tables: str | Path | None = None, connect: str | None = None,
-                device: str = "lwfc-device", key: str | None = None, mpy: bool = True) -> dict[str, bytes]:
-    """Board path (relative, '/'-separated) -> content, for a board of ``kind`` ('linux' or 'micropython')."""
-    from lwfc.errors import LwfcError
-    from lwfc_host.serve.server import bundle_id
+                device: str = "lwfc-device", key: bytes | None = None, mpy: bool = True) -> dict[str, bytes]:
+    """Board path (relative, '/'-separated) -> content, for a board of ``kind`` ('linux' or 'micropython').
+    ``key``: the device's key (``lwfc.keys.load_key`` reads and checks one), written to its own file."""
     from lwfc_host.design.tablefile import load_verified
 
-    b = Path(bundle)
-    info_path = b / "bundle.json"
-    if not info_path.exists():
-        raise FlashError(f"{b} is not a bundle directory: it has no bundle.json")
-    try:
-        info = json.loads(info_path.read_text())
-    except ValueError as exc:
-        raise FlashError(f"{info_path} is not valid JSON: {exc}") from exc
-    tpath = Path(tables) if tables else b / info.get("tables", "tables.json")
+    b = open_bundle(bundle)
+    tpath = Path(tables) if tables else Path(b.tables_path)
     if not tpath.exists():
         raise FlashError(f"table file {tpath} does not exist (design one with `lwfc design`, or pass --tables)")
     try:
         t = load_verified(tpath)
     except LwfcError as exc:
         raise FlashError(f"table file {tpath}: {exc}") from exc
-    if key is not None:
-        try:
-            if len(bytes.fromhex(key)) < 16:
-                raise FlashError("--key must have at least 16 bytes (32 hex digits)")
-        except ValueError:
-            raise FlashError("--key must be hex") from None
-    config: dict[str, Any] = {"device": device, "connect": connect, "model": info.get("model", ""),
-                              "bundle": bundle_id(b), "table": t.table_id_hex(), "tables": "tables.json",
-                              "feature_shape_nhwc": (info.get("feature") or {}).get("shape_nhwc")}
+    config: dict[str, Any] = {"device": device, "connect": connect, "model": b.model, "bundle": b.id,
+                              "table": t.table_id_hex(), "tables": "tables.json",
+                              "feature_shape_nhwc": b.info["feature"]["shape_nhwc"]}
     if key:
-        config["key"] = key
-    files: dict[str, bytes] = {}
+        config["key_file"] = KEY_FILE
     if kind == "micropython":
-        if mpy:
-            with tempfile.TemporaryDirectory(prefix="lwfc-mpy-") as tmp:
-                for p in compile_modules(Path(tmp)):
-                    files[f"lib/lwfc/{p.name}"] = p.read_bytes()
-        else:
-            for name in MICROPYTHON_MODULES:
-                files[f"lib/lwfc/{name}.py"] = (device_dir() / f"{name}.py").read_bytes()
+        files = _micropython_files(mpy)
         files["tables.json"] = tpath.read_bytes()
     elif kind == "linux":
-        for p in sorted(device_dir().glob("*.py")):
-            files[f"lwfc/{p.name}"] = p.read_bytes()
-        edge = b / (info.get("edge") or {}).get("file", "edge.tflite")
-        if not edge.exists():
-            raise FlashError(f"{edge} does not exist: a Linux board runs the edge half and needs it")
-        files["bundle/bundle.json"] = info_path.read_bytes()  # byte for byte: the bundle id hashes it
-        files["bundle/edge.tflite"] = edge.read_bytes()
-        files["bundle/tables.json"] = tpath.read_bytes()
+        files = _linux_files(b, tpath)
         config["bundle_dir"] = "bundle"
         config["tables"] = "bundle/tables.json"
         config["run"] = (f"python3 -m lwfc run --bundle bundle --connect {connect or 'tcp://HOST:PORT'} "
-                         f"--images IMAGES --device {device}")
+                         f"--images IMAGES --device {device}" + (f" --key-file {KEY_FILE}" if key else ""))
     else:
         raise FlashError(f"unknown board kind {kind!r} (micropython or linux)")
     files["config.json"] = (json.dumps(config, indent=1) + "\n").encode()
+    if key:
+        files[KEY_FILE] = (key.hex() + "\n").encode()
+    return files
+
+
+def _micropython_files(mpy: bool) -> dict[str, bytes]:
+    """The device modules a MicroPython board gets under lib/lwfc/: compiled (.mpy), or as sources."""
+    files: dict[str, bytes] = {}
+    if mpy:
+        with tempfile.TemporaryDirectory(prefix="lwfc-mpy-") as tmp:
+            for p in compile_modules(Path(tmp)):
+                files[f"lib/lwfc/{p.name}"] = p.read_bytes()
+    else:
+        for name in MICROPYTHON_MODULES:
+            files[f"lib/lwfc/{name}.py"] = (device_dir() / f"{name}.py").read_bytes()
+    return files
+
+
+def _linux_files(b: Bundle, tpath: Path) -> dict[str, bytes]:
+    """The whole device package as sources, and the bundle's files a Linux board runs: bundle.json (byte for
+    byte: the bundle id hashes it), the edge half and the table file, under bundle/."""
+    files = {f"lwfc/{p.name}": p.read_bytes() for p in sorted(device_dir().glob("*.py"))}
+    edge = Path(b.edge_path)
+    if not edge.exists():
+        raise FlashError(f"{edge} does not exist: a Linux board runs the edge half and needs it")
+    files[f"bundle/{INFO_FILE}"] = Path(b.path(INFO_FILE)).read_bytes()
+    files[f"bundle/{EDGE_FILE}"] = edge.read_bytes()
+    files[f"bundle/{TABLES_FILE}"] = tpath.read_bytes()
     return files
 
 
@@ -130,7 +156,11 @@ def flash_dir(files: dict[str, bytes], target: Path) -> None:
         dest = target.joinpath(*rel.split("/"))
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_bytes(data)
+        mode = 0o600 if rel == KEY_FILE else 0o644  # the key: the board's user only, from its first byte on
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.fchmod(fd, mode)  # whatever the umask or an earlier file made of it
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, dest)  # a board reading while we write sees the old file or the new one
 
 
@@ -186,7 +216,7 @@ def flash_serial(files: dict[str, bytes], device: str, baud: int = 115200, remot
 
 
 def flash(bundle: str | Path, target: str, kind: str = "auto", tables: str | Path | None = None,
-          connect: str | None = None, device: str = "lwfc-device", key: str | None = None, mpy: bool = True,
+          connect: str | None = None, device: str = "lwfc-device", key: bytes | None = None, mpy: bool = True,
           remote_dir: str = "") -> list[tuple[str, int]]:
     """Flash a board; returns [(path, bytes)] of what was written."""
     serial_target = target.startswith("serial://")
@@ -194,6 +224,10 @@ def flash(bundle: str | Path, target: str, kind: str = "auto", tables: str | Pat
         kind = "micropython" if serial_target else "linux"
     if serial_target and kind != "micropython":
         raise FlashError("a serial target is a MicroPython board (--kind micropython)")
+    if not mpy and kind != "micropython":  # a Linux board always gets sources: refuse, do not ignore
+        raise FlashError("--no-mpy applies to MicroPython boards; a Linux board always gets .py sources")
+    if remote_dir and not serial_target:
+        raise FlashError("--remote-dir applies to serial targets; a directory target is written where it names")
     files = board_files(bundle, kind, tables, connect, device, key, mpy)
     if serial_target:
         from lwfc.transport import TransportError, parse_address

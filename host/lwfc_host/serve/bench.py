@@ -1,123 +1,39 @@
 """Server benchmark: frames per second and latency percentiles for 1, 5 and 20 concurrent devices.
 
-Each device is a real ``lwfc.link.Link`` over a real TCP socket to a real server (in this process's
-background thread), sending real lwfc frames; the server really decodes them and runs a real ONNX cloud
-half (a small classifier head built here, or a bundle's cloud.onnx with ``--bundle``). Printed figures:
-frames per second (all devices together) and round-trip latency p50/p95/p99 seen by the devices, plus
-the server's own decode and inference percentiles.
+Each device is a real ``lwfc.link.Link`` in its own process over a real TCP socket to a real server (in this
+process's background thread), sending real lwfc frames: a real bundle's int8 edge half run on real photos,
+encoded with the bundle's tables. The server really decodes them and runs the bundle's ONNX cloud half.
+By default the bundle and photos are the demo's (``lwfc_host.serve.demo_bundle``: converted and designed
+once into the lwfc cache). Printed figures: frames per second (all devices together) and round-trip
+latency p50/p95/p99 seen by the devices, plus the server's own decode and inference percentiles.
 
-    python -m lwfc_host.serve.bench [--devices 1 5 20] [--frames 2000] [--bundle DIR --images DIR]
-
-Also provides ``make_small_bundle``: a small bundle directory (bundle.json, tables.json, cloud.onnx) whose
-frames are small, used by the load and fault tests.
+    python -m lwfc_host.serve.bench [--devices 1 5 20] [--frames 2000] [--bundle DIR] [--images DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SMALL_SHAPE = (8, 8, 16)
-SMALL_CLASSES = [f"class{i}" for i in range(10)]
 
-
-def _relu_features(shape: tuple[int, int, int], seed: int, batch: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(0.0, 1.0, size=(batch, *shape)).astype(np.float32)
-    # spatially smooth, channel-dependent scale: a ReLU layer's look, so contexts matter
-    x = (x + np.roll(x, 1, axis=1) + np.roll(x, 1, axis=2)) / 3 + np.linspace(-0.5, 0.5, shape[-1])
-    return np.maximum(x, 0.0)
-
-
-def write_cloud_head(path: Path, channels: int, classes: int, seed: int = 0) -> None:
-    """A real ONNX classifier head: NHWC float features -> global average pool -> linear -> logits."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    w = rng.normal(0, 1, size=(channels, classes)).astype(np.float32)
-    b = rng.normal(0, 0.1, size=(classes,)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["x", "axes"], ["pooled"], keepdims=0),
-         helper.make_node("MatMul", ["pooled", "w"], ["mm"]),
-         helper.make_node("Add", ["mm", "b"], ["logits"])],
-        "head",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, None, channels])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
-        [numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"), numpy_helper.from_array(w, "w"),
-         numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.write_bytes(model.SerializeToString())
-
-
-def make_small_bundle(out: str | Path, shape: tuple[int, int, int] = SMALL_SHAPE, levels: int = 4,
-                      seed: int = 0) -> dict[str, Any]:
-    """A small bundle without an edge model (the device gets int8 tensors from ``small_tensors``):
-    bundle.json, tables.json (uniform quantizer, neighbour contexts) and cloud.onnx. Returns bundle.json."""
-    from lwfc_host.design.tablefile import write_tables
-    from lwfc_host.design.tablegen import uniform_table
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    calib = _relu_features(shape, seed, batch=4)
-    clip = float(np.quantile(calib[calib > 0], 0.99))
-    scale = clip / 127.0
-    table = uniform_table(calib, levels, clip_max=clip, groups=4, classes=3, int8_scale=scale,
-                          int8_zero_point=-128)
-    final = write_tables(table, out / "tables.json")
-    write_cloud_head(out / "cloud.onnx", shape[2], len(SMALL_CLASSES), seed)
-    info = {
-        "bundle_version": 1, "model": "small_head", "description": "small synthetic bundle for tests/benchmarks",
-        "split": "features", "activation": "relu",
-        "cloud": {"file": "cloud.onnx"},
-        "feature": {"shape_nhwc": [1, *shape], "layout": "NHWC", "scale": scale, "zero_point": -128,
-                    "activation": "relu"},
-        "class_names": SMALL_CLASSES, "tables": "tables.json", "table_id": final["table_id"],
-    }
-    (out / "bundle.json").write_text(json.dumps(info, indent=1))
-    return info
-
-
-def small_tensors(info: dict[str, Any], n: int, seed: int = 1) -> list[bytes]:
-    """``n`` int8 feature tensors (bytes, NHWC) for a small bundle."""
-    shape = tuple(info["feature"]["shape_nhwc"][1:])
-    scale = info["feature"]["scale"]
-    x = _relu_features(shape, seed, batch=n)
-    q = np.clip(np.round(x / scale) - 128, -128, 127).astype(np.int8)
-    return [q[i].tobytes() for i in range(n)]
-
-
-def small_frames(bundle_dir: str | Path, n: int, seed: int = 1) -> list[bytes]:
-    """``n`` distinct real lwfc frames for a small bundle (encoded by the device encoder)."""
+def bundle_frames(bundle: str | Path, images: str | Path) -> list[bytes]:
+    """Real frames: the bundle's edge half on the images, encoded with its tables."""
+    from lwfc.bundle import load_bundle
+    from lwfc.edge import EdgeModel
     from lwfc.encoder import Encoder
+    from lwfc.images import list_images, load_image, preprocess
     from lwfc.tables import load_tables
 
-    info = json.loads(Path(bundle_dir, "bundle.json").read_text())
-    h, w, _c = info["feature"]["shape_nhwc"][1:]
-    enc = Encoder(load_tables(str(Path(bundle_dir, "tables.json"))))
-    return [enc.encode_int8(t, h, w) for t in small_tensors(info, n, seed)]
-
-
-def bundle_frames(bundle: Path, images: str) -> list[bytes]:
-    """Real frames: the bundle's edge.tflite on the images, encoded with its tables."""
-    from lwfc.encoder import Encoder
-    from lwfc.runner import EdgeModel, list_images, load_image, preprocess
-    from lwfc.tables import load_tables
-
-    info = json.loads((bundle / "bundle.json").read_text())
-    edge = EdgeModel(str(bundle / "edge.tflite"))
-    enc = Encoder(load_tables(str(bundle / "tables.json")))
+    b = load_bundle(bundle)
+    edge = EdgeModel(b.edge_path)
+    enc = Encoder(load_tables(b.tables_path))
     out = []
-    for p in list_images(images):
-        q = edge.run(preprocess(load_image(p), info["preprocessing"]))
+    for p in list_images(str(images)):
+        q = edge.run(preprocess(load_image(p), b.preprocessing))
         out.append(enc.encode_int8(q.tobytes(), q.shape[0], q.shape[1]))
     return out
 
@@ -141,24 +57,20 @@ def _device_process(url: str, hello: dict[str, Any], frames: list[bytes], per_de
              "answers": len(answers), "rtt": [a.rtt_ms for a in answers if a.kind == "result"], "t0": t0, "t1": t1})
 
 
-def run_devices(url: str, bundle_dir: str | Path, frames: list[bytes], devices: int, per_device: int,
+def run_devices(url: str, hello: dict[str, Any], frames: list[bytes], devices: int, per_device: int,
                 window: int = 4) -> dict[str, Any]:
-    """``devices`` processes, each a Link sending ``per_device`` frames; returns counts, frames per second
-    (all devices, from the first send to the last answer) and round-trip percentiles."""
+    """``devices`` processes, each a Link sending ``per_device`` frames (HELLO: ``hello`` with its own device
+    name); returns counts, frames per second (all devices, from the first send to the last answer) and
+    round-trip percentiles."""
     import multiprocessing as mp
 
-    from lwfc_host.serve.server import bundle_id
-
-    info = json.loads(Path(bundle_dir, "bundle.json").read_text())
-    table = json.loads(Path(bundle_dir, "tables.json").read_text())["table_id"]
     ctx = mp.get_context("spawn")  # the server's threads live in this process: do not fork it
     start = ctx.Event()
     out = ctx.Queue()
     procs = []
     for k in range(devices):
-        hello = {"device": f"bench{k}", "model": info["model"], "bundle": bundle_id(bundle_dir), "table": table}
-        p = ctx.Process(target=_device_process, args=(url, hello, frames[k::devices] or frames, per_device, window,
-                                                      start, out))
+        args = (url, dict(hello, device=f"bench{k}"), frames[k::devices] or frames, per_device, window, start, out)
+        p = ctx.Process(target=_device_process, args=args)
         p.start()
         procs.append(p)
     time.sleep(0.5)
@@ -178,43 +90,64 @@ def run_devices(url: str, bundle_dir: str | Path, frames: list[bytes], devices: 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lwfc_host.serve.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--frames", type=int, default=2000, help="frames per run (split over the devices)")
     parser.add_argument("--workers", type=int, default=2, help="server worker threads")
     parser.add_argument("--window", type=int, default=4, help="unanswered frames each device may have in flight")
-    parser.add_argument("--workdir", default="cache/server_bench")
-    parser.add_argument("--bundle", help="a real bundle (with tables.json) instead of the small synthetic one")
-    parser.add_argument("--images", help="with --bundle: images whose features make the frames")
+    parser.add_argument("--bundle", help="bundle directory with tables.json (default: the demo's, made once in the "
+                                         "lwfc cache)")
+    parser.add_argument("--images", help="images whose features make the frames (default: the demo's photos)")
     args = parser.parse_args(argv)
+    for flag, values in (("--devices", args.devices), ("--frames", [args.frames]), ("--workers", [args.workers]),
+                         ("--window", [args.window])):
+        if min(values) < 1:
+            parser.error(f"{flag} must be at least 1")
+    return args
 
-    from lwfc_host.serve.server import CloudModel, ServerConfig, run_in_thread
 
+def _bundle_and_images(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The bundle and image directories to run on: the given ones, else the demo's (made as ``lwfc demo``
+    makes them)."""
+    from lwfc_host.serve.demo_bundle import ensure_bundle, ensure_tables, photo_dir, photo_files
+
+    if args.bundle and args.images:
+        return Path(args.bundle), Path(args.images)
+    photos = photo_files(photo_dir())
     if args.bundle:
-        if not args.images:
-            parser.error("--bundle needs --images")
-        bundle = Path(args.bundle)
-        frames = bundle_frames(bundle, args.images)
-        n_el = int(np.prod(json.loads((bundle / "bundle.json").read_text())["feature"]["shape_nhwc"]))
-        shape = "x".join(map(str, json.loads((bundle / "bundle.json").read_text())["feature"]["shape_nhwc"][1:]))
-    else:
-        bundle = Path(args.workdir) / "small_bundle"
-        make_small_bundle(bundle)
-        frames = small_frames(bundle, 64)
-        n_el = int(np.prod(SMALL_SHAPE))
-        shape = "x".join(map(str, SMALL_SHAPE))
+        return Path(args.bundle), photo_dir()
+    bundle = ensure_bundle()
+    ensure_tables(bundle, photos)
+    return bundle, Path(args.images) if args.images else photo_dir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+
+    from lwfc_host.serve.cloud import CloudModel
+    from lwfc_host.serve.config import ServerConfig
+    from lwfc_host.serve.runner import run_in_thread
+
+    bundle, images = _bundle_and_images(args)
     model = CloudModel(bundle)
+    frames = bundle_frames(bundle, images)
+    if not frames:
+        raise SystemExit(f"no images in {images}")
+    shape = model.bundle.feature_shape
+    n_el = int(np.prod(shape))
+    hello = {"model": model.model_name, "bundle": model.bundle_id, "table": model.table_ids()[0]}
     mean_bytes = sum(map(len, frames)) / len(frames)
     print(f"bundle {model.model_name}: frames of {mean_bytes:.0f} bytes on average ({8 * mean_bytes / n_el:.3f} "
-          f"bits/element), shape {shape}, server workers {args.workers}, device window {args.window}")
+          f"bits/element), shape {'x'.join(map(str, shape))}, server workers {args.workers}, device window "
+          f"{args.window}")
     print(f"{'devices':>7} {'frames':>6} {'fps':>8} {'rtt p50':>8} {'p95':>8} {'p99':>8} "
           f"{'decode p50':>10} {'infer p50':>9} {'lost':>5}")
     for d in args.devices:
         server, stop = run_in_thread(model, ServerConfig(workers=args.workers), tcp=["127.0.0.1:0"])
         url = server.addresses[0]
         per = max(1, args.frames // d)
-        r = run_devices(url, bundle, frames, d, per, args.window)
+        r = run_devices(url, hello, frames, d, per, args.window)
         status = stop()
         rtt = r["rtt_ms"] or {"p50": 0, "p95": 0, "p99": 0}
         print(f"{d:>7} {r['results']:>6} {r['fps']:>8.1f} {rtt['p50']:>8.2f} {rtt['p95']:>8.2f} {rtt['p99']:>8.2f} "
