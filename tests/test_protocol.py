@@ -218,6 +218,6 @@ def test_device_link_modules_are_python37_syntax():
     import lwfc
 
     root = Path(lwfc.__file__).parent
-    for name in ("protocol", "transport", "sendqueue", "link", "runner", "__main__"):
+    for name in ("auth", "protocol", "transport", "sendqueue", "link", "keys", "runner", "__main__"):
         src = (root / f"{name}.py").read_text()
         ast.parse(src, f"{name}.py", feature_version=(3, 7))

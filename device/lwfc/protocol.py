@@ -1,8 +1,8 @@
-"""The lwfc link protocol (codec_spec/PROTOCOL.md): message envelope, a resynchronising stream parser,
-HMAC-SHA256 tags, and the device side of a session (handshake, sequence numbers, accounting of every
-frame as result, error or lost).
+"""The lwfc link protocol (codec_spec/PROTOCOL.md): message envelope, a resynchronising stream parser (which
+checks the tags of ``lwfc.auth`` in authenticated sessions), and the device side of a session (handshake,
+sequence numbers, accounting of every frame as result, error or lost).
 
-MicroPython-compatible Python 3.7: bytes, struct, json, hashlib; no typing, no dataclasses. The host
+MicroPython-compatible Python 3.7: bytes, struct, json; no typing, no dataclasses. The host
 server uses the same envelope and parser (one implementation, not two).
 """
 
@@ -28,11 +28,7 @@ except AttributeError:
     def elapsed_ms(t0):
         return _time.monotonic() * 1000.0 - t0
 
-try:
-    import hashlib
-except ImportError:  # some MicroPython ports name it uhashlib
-    import uhashlib as hashlib  # type: ignore
-
+from .auth import TAG_SIZE, Auth, compare_digest, hmac_sha256  # noqa: F401 - part of this module's API
 from .crc32 import crc32
 from .errors import LwfcError
 
@@ -40,7 +36,6 @@ PROTOCOL_VERSION = 1
 SYNC = b"LK"
 HEADER_SIZE = 16
 CRC_SIZE = 4
-TAG_SIZE = 16
 FLAG_AUTH = 1
 _HEAD = "<2sBBII"
 
@@ -124,44 +119,6 @@ def seq_ahead(a, b):
     """How far seq ``a`` is ahead of ``b`` (negative when behind), modulo 2^32 as PROTOCOL.md 5.2 says."""
     d = (a - b) % SEQ_MOD
     return d if d < (1 << 31) else d - SEQ_MOD
-
-
-# --- HMAC-SHA256 (MicroPython has hashlib.sha256 but no hmac module) -------------------------------
-
-def hmac_sha256(key, data):
-    """HMAC-SHA256 (RFC 2104) of ``data`` with ``key``."""
-    block = 64
-    if len(key) > block:
-        key = hashlib.sha256(key).digest()
-    key = bytes(key) + bytes(block - len(key))
-    inner = hashlib.sha256(bytes([b ^ 0x36 for b in key]))
-    inner.update(data)
-    outer = hashlib.sha256(bytes([b ^ 0x5C for b in key]))
-    outer.update(inner.digest())
-    return outer.digest()
-
-
-def compare_digest(a, b):
-    """Constant-time comparison of two byte strings (so tags cannot be guessed byte by byte)."""
-    if len(a) != len(b):
-        return False
-    r = 0
-    for x, y in zip(a, b):
-        r |= x ^ y
-    return r == 0
-
-
-class Auth(object):
-    """A session's authentication state: the device key and the host's nonce (PROTOCOL.md, 8)."""
-
-    def __init__(self, key, nonce):
-        if len(key) < 16:
-            raise ValueError("an authentication key must have at least 16 bytes")
-        self.key = bytes(key)
-        self.nonce = bytes(nonce)
-
-    def tag(self, message_without_tag):
-        return hmac_sha256(self.key, self.nonce + bytes(message_without_tag))[:TAG_SIZE]
 
 
 # --- envelope ---------------------------------------------------------------------------------------

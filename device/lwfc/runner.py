@@ -26,8 +26,9 @@ from .tables import load_tables
 
 class RunnerError(Exception):
     """Bad input to the runner (an unreadable table file, a host that refuses or cannot be reached, ...).
-    A bad key file raises KeyFileError (lwfc.errors). The bundle, the images and the edge model have their own errors: BundleError (lwfc.errors),
-    ImageError (lwfc.images) and EdgeError (lwfc.edge); ``python -m lwfc`` reports all of them alike."""
+    The key file, the bundle, the images and the edge model have their own errors: KeyFileError and
+    BundleError (lwfc.errors), ImageError (lwfc.images) and EdgeError (lwfc.edge); ``python -m lwfc``
+    reports all of them alike."""
 
 
 # --- the run --------------------------------------------------------------------------------------------

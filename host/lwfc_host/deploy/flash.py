@@ -40,7 +40,7 @@ from lwfc.keys import KEY_FILE
 # CPython-only parts (the runner with its bundle, image and TFLite modules, the entry point): such a board
 # has no TFLite and reads no bundle, config.json names its table file.
 MICROPYTHON_MODULES = ("__init__", "crc32", "errors", "tables", "quantize", "scan", "rangecoder", "frame",
-                       "encoder", "protocol", "transport", "sendqueue", "link", "keys")
+                       "encoder", "auth", "protocol", "transport", "sendqueue", "link", "keys")
 
 # What each kind of target does to keep the key file from other eyes.
 KEY_NOTES = {
