@@ -2,7 +2,10 @@
 
 A table file is JSON. The device reads only integers from it (the int8 lookup table, thresholds,
 context maps and model frequencies); the floats (clip range, int8 scale, reconstruction values) are
-there for the host and for people.
+there for the host and for people. What the table id hashes is decided by the parsed values (SPEC.md 3.2),
+so a reader rejects what would make them ambiguous: a key twice in one object, a number that is not
+finite (NaN, Infinity, or a literal such as 1e400 that overflows), a boolean or a float where an integer
+is required.
 """
 
 import json
@@ -23,13 +26,23 @@ def _require(cond, msg):
         raise TableError(msg)
 
 
+def _is_int(v):
+    # bool is an int subclass in Python: reject it explicitly. 1.0 is a float, not an integer (SPEC.md 3.1).
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(obj, name, lo, hi):
+    """A scalar integer field in lo..hi."""
+    _require(_is_int(obj) and lo <= obj <= hi, "%s must be an integer in %d..%d, found %r" % (name, lo, hi, obj))
+    return obj
+
+
 def _int_list(obj, name, length=None):
     _require(isinstance(obj, list), "%s must be a list" % name)
     if length is not None:
         _require(len(obj) == length, "%s must have %d entries, has %d" % (name, length, len(obj)))
     for v in obj:
-        # bool is an int subclass in Python: reject it explicitly
-        _require(isinstance(v, int) and not isinstance(v, bool), "%s must hold integers, found %r" % (name, v))
+        _require(_is_int(v), "%s must hold integers, found %r" % (name, v))
     return obj
 
 
@@ -37,6 +50,27 @@ def _number(obj, name):
     _require(isinstance(obj, (int, float)) and not isinstance(obj, bool), "%s must be a number" % name)
     _require(obj == obj and obj not in (float("inf"), float("-inf")), "%s must be finite" % name)
     return obj
+
+
+def _check_finite(obj):
+    """Reject a number that is not finite anywhere in the table, informative fields included, naming its
+    place (e.g. ``design.rate`` or ``reconstruction[2]``). Iterative: MicroPython's stack is small."""
+    todo = [(obj, "")]
+    while todo:
+        v, where = todo.pop()
+        if isinstance(v, float):
+            _require(v == v and v not in (_INF, -_INF),
+                     "%s is not a finite number (%r)" % (where or "the table", v))
+        elif isinstance(v, dict):
+            for k in v:
+                todo.append((v[k], "%s.%s" % (where, k) if where else str(k)))
+        elif isinstance(v, list):
+            for i in range(len(v)):
+                todo.append((v[i], "%s[%d]" % (where, i)))
+
+
+_INF = float("inf")
+_HEX = "0123456789abcdef"
 
 
 def _get(d, key, where="table"):
@@ -77,11 +111,14 @@ class Tables(object):
       start, freq: the range coder's (cumulative start, frequency) per key
       ``group * 256 + context_number(0, class_above, class_left, K) * N + index``.
       raw: the parsed JSON object.
-    Every field is checked, in a fixed order; the first failing check raises TableError.
+    Every field is checked, in a fixed order (first: no number anywhere is NaN or infinite); the first
+    failing check raises TableError.
     """
 
     def __init__(self, obj):
         self.raw = obj
+        _require(isinstance(obj, dict), "a table file must hold a JSON object")
+        _check_finite(obj)
         self._read_header(obj)
         self._read_shape(obj)
         self._read_int8(obj)
@@ -93,26 +130,20 @@ class Tables(object):
 
     def _read_header(self, obj):
         """format, version, table_id, layout."""
-        _require(isinstance(obj, dict), "a table file must hold a JSON object")
         _require(_get(obj, "format") == FORMAT, "format must be %r, found %r" % (FORMAT, obj.get("format")))
         version = _get(obj, "version")
-        _require(version == VERSION, "unsupported table version %r (this reader reads %d)" % (version, VERSION))
+        _require(_is_int(version) and version == VERSION,
+                 "unsupported table version %r (this reader reads the integer %d)" % (version, VERSION))
         tid = _get(obj, "table_id")
-        _require(isinstance(tid, str) and len(tid) == 8, "table_id must be 8 hex digits")
-        try:
-            self.table_id = bytes(int(tid[i:i + 2], 16) for i in range(0, 8, 2))
-        except ValueError:
-            raise TableError("table_id must be 8 hex digits, found %r" % tid) from None
+        _require(isinstance(tid, str) and len(tid) == 8 and all(ch in _HEX for ch in tid),
+                 "table_id must be 8 lower-case hex digits, found %r" % (tid,))
+        self.table_id = bytes(int(tid[i:i + 2], 16) for i in range(0, 8, 2))
         _require(_get(obj, "layout") == "NHWC", "layout must be 'NHWC'")
 
     def _read_shape(self, obj):
         """channels, levels, and the clip range (checked; only the host uses it)."""
-        channels = _get(obj, "channels")
-        _require(isinstance(channels, int) and 1 <= channels <= MAX_CHANNELS,
-                 "channels must be an integer in 1..%d" % MAX_CHANNELS)
-        levels = _get(obj, "levels")
-        _require(isinstance(levels, int) and 2 <= levels <= MAX_LEVELS,
-                 "levels must be an integer in 2..%d, found %r" % (MAX_LEVELS, levels))
+        channels = _int(_get(obj, "channels"), "channels", 1, MAX_CHANNELS)
+        levels = _int(_get(obj, "levels"), "levels", 2, MAX_LEVELS)
         self.channels = channels
         self.levels = levels
         clip_min = _number(_get(obj, "clip_min"), "clip_min")
@@ -125,8 +156,7 @@ class Tables(object):
         int8 = _get(obj, "int8")
         scale = _number(_get(int8, "scale", "int8"), "int8.scale")
         _require(scale > 0, "int8.scale must be positive")
-        zp = _get(int8, "zero_point", "int8")
-        _require(isinstance(zp, int) and -128 <= zp <= 127, "int8.zero_point must be an integer in -128..127")
+        _int(_get(int8, "zero_point", "int8"), "int8.zero_point", -128, 127)
         lut = _int_list(_get(int8, "index_of_q", "int8"), "int8.index_of_q", 256)
         for i, v in enumerate(lut):
             _require(0 <= v < levels, "int8.index_of_q[%d] = %d is outside 0..%d" % (i, v, levels - 1))
@@ -136,8 +166,7 @@ class Tables(object):
     def _read_float_input(self, obj):
         """float_input: fixed-point fraction bits and the N - 1 thresholds."""
         fl = _get(obj, "float_input")
-        frac_bits = _get(fl, "frac_bits", "float_input")
-        _require(isinstance(frac_bits, int) and 0 <= frac_bits <= 24, "float_input.frac_bits must be in 0..24")
+        frac_bits = _int(_get(fl, "frac_bits", "float_input"), "float_input.frac_bits", 0, 24)
         thr = _int_list(_get(fl, "thresholds", "float_input"), "float_input.thresholds", self.levels - 1)
         for i in range(1, len(thr)):
             _require(thr[i] > thr[i - 1], "float_input.thresholds must be strictly increasing")
@@ -158,12 +187,10 @@ class Tables(object):
         """contexts: groups G, classes K, the channel -> group and neighbour index -> class maps, and
         model_of_context (checked against the models in ``_read_models``)."""
         channels, levels = self.channels, self.levels
-        groups = _get(ctx, "groups", "contexts")
-        _require(isinstance(groups, int) and 1 <= groups <= min(channels, MAX_GROUPS),
-                 "contexts.groups must be in 1..min(channels, %d)" % MAX_GROUPS)
+        groups = _int(_get(ctx, "groups", "contexts"), "contexts.groups", 1, min(channels, MAX_GROUPS))
         classes = _get(ctx, "classes", "contexts")
-        _require(isinstance(classes, int) and classes >= 1 and classes * classes * levels <= 256,
-                 "contexts.classes K must be >= 1 with K*K*levels <= 256")
+        _require(_is_int(classes) and classes >= 1 and classes * classes * levels <= 256,
+                 "contexts.classes K must be an integer >= 1 with K*K*levels <= 256, found %r" % (classes,))
         cg = _int_list(_get(ctx, "channel_group", "contexts"), "contexts.channel_group", channels)
         for v in cg:
             _require(0 <= v < groups, "contexts.channel_group entry %d outside 0..%d" % (v, groups - 1))
@@ -219,14 +246,73 @@ class Tables(object):
         return "".join("%02x" % b for b in self.table_id)
 
 
+def duplicate_key(text):
+    """The first key that occurs twice in one object of the JSON text ``text`` (bytes, already known to be
+    valid JSON), as a path such as ``int8.scale``; None if every object's keys are distinct.
+
+    A plain scan over the bytes (JSON's structural characters, quotes and backslashes are ASCII, and UTF-8
+    never uses those bytes inside a multi-byte character): MicroPython's json.loads keeps the last of two
+    equal keys and has no hook to see them, so the check cannot ride on the parser."""
+    containers = []  # per open container: a set of keys (object) or None (array)
+    names = []  # per open container: its path
+    counts = []  # per open container: the current array index
+    last_key = []  # per open container: the last key read (objects)
+    expect_key = False
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == 0x22:  # a string: find its closing quote, stepping over escapes
+            j = i + 1
+            while text[j] != 0x22:
+                j += 2 if text[j] == 0x5C else 1
+            if expect_key:
+                raw = text[i + 1:j]
+                key = json.loads(text[i:j + 1].decode()) if 0x5C in raw else raw.decode()
+                keys = containers[-1]
+                path = names[-1] + "." + key if names[-1] else key
+                if key in keys:
+                    return path
+                keys.add(key)
+                last_key[-1] = path
+                expect_key = False
+            i = j + 1
+            continue
+        if ch == 0x7B or ch == 0x5B:  # { or [
+            if containers:
+                parent = last_key[-1] if containers[-1] is not None else "%s[%d]" % (names[-1], counts[-1])
+            else:
+                parent = ""
+            containers.append(set() if ch == 0x7B else None)
+            names.append(parent)
+            counts.append(0)
+            last_key.append("")
+            expect_key = ch == 0x7B
+        elif ch == 0x7D or ch == 0x5D:  # } or ]
+            containers.pop()
+            names.pop()
+            counts.pop()
+            last_key.pop()
+            expect_key = False
+        elif ch == 0x2C:  # ,
+            if containers[-1] is None:
+                counts[-1] += 1
+            else:
+                expect_key = True
+        i += 1
+    return None
+
+
 def parse_tables(text):
-    """Parse and validate a table file's text (str or bytes). Raises TableError."""
-    if isinstance(text, (bytes, bytearray)):
-        text = text.decode()
+    """Parse and validate a table file's text (UTF-8 bytes or str). Raises TableError."""
+    data = text.encode() if isinstance(text, str) else bytes(text)
     try:
-        obj = json.loads(text)
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError; MicroPython raises ValueError
+        obj = json.loads(data.decode())
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors; so is MicroPython's
         raise TableError("table file is not valid JSON: %s" % exc) from None
+    except RuntimeError as exc:  # nested too deeply: RecursionError (CPython), RuntimeError (MicroPython)
+        raise TableError("table file is not valid JSON: %s" % exc) from None
+    dup = duplicate_key(data)
+    _require(dup is None, "duplicate key %s: a key may occur only once in each JSON object" % dup)
     return Tables(obj)
 
 

@@ -3,6 +3,13 @@
 Each vector is a folder with tables.json, input.npy (int8 or float32, H x W x C), expected.lwfc and
 indices.npy. The runner encodes every vector with every available encoder implementation, decodes
 the expected frame with the host decoder, and reports one row per (vector, implementation).
+
+Most vectors are ReLU-like tensors coded with tables made by the provisional table maker. The edge
+vectors (``EDGE_VECTORS``) are index sequences with hand-made tables, each built so that the range coder
+meets one case of SPEC.md 4.4-4.5 that random tensors practically never reach (several held-back words,
+a carry at sealing, the sealing zero word or its near miss, an interval boundary exactly at 2^64), or so
+that float input lands exactly on the quantizer's thresholds (3.4). ``coder_events`` counts what the coder met;
+``regenerate`` records the counts in index.json, and the tests check that each edge vector hits its case.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from lwfc.encoder import Encoder
+from lwfc.encoder import Encoder, keys_slow, planes
 from lwfc.errors import LwfcError
-from lwfc.frame import pack_frame
+from lwfc.frame import HEADER_SIZE, pack_frame
+from lwfc.rangecoder import RangeEncoder
 from lwfc.tables import Tables
 from lwfc_host.codec.decoder import Decoder
 from lwfc_host.codec.fast import encode_indices_constriction, encode_int8_constriction, indices_from_float_np
@@ -40,6 +48,8 @@ class VectorSpec:
     dtype: str = "int8"         # int8 | float32
     covers: str = ""
     seed: int = 0
+    # hand-made vectors: returns (table dict without format/version/table_id, input array)
+    build: Callable[[], tuple[dict, np.ndarray]] | None = None
 
 
 VECTORS = [
@@ -61,6 +71,132 @@ VECTORS = [
 ]
 
 
+# --- Edge vectors -------------------------------------------------------------------------------------
+# Found by steering a copy of the range coder (SPEC.md 4.4) through index sequences: once words are held
+# back, keep choosing the index whose interval contains 2^64 - 1, so that the interval keeps straddling
+# 2^64 while it renormalises (more held-back words), then settle, seal or stop as each case needs. The
+# expected bytes agree with constriction's RangeEncoder (tests/test_conformance_edges.py), and
+# ``coder_events`` proves each case is hit.
+
+EDGE_LEVELS = 8
+EDGE_MODEL = [2603764, 1212073, 344813, 252157, 3272014, 3649088, 2488817, 2954490]
+# 59 indices after which the coder holds back 3 words, the last of them with the interval around 2^64
+_HELD_3 = "14664451573750476461014546100575767775370477470757551445645"
+# after _HELD_3, index 7 lies wholly above 2^64 (a carry settles the 3 words: u+1, 0, 0) and index 5 wholly
+# below (u, FFFFFFFF, FFFFFFFF)
+_PENDING_CARRY = _HELD_3 + "7"
+_PENDING_NO_CARRY = _HELD_3 + "5"
+# 238 indices ending with 17 words held back and lower >= 2^64 - 2^32 + 1: the seal carries into them
+_SEAL_CARRY = (_HELD_3 + "6477565440454545454207767774700075561477754477744476445606611766446515575454125646"
+               "04765747260675160771700050577474507706557524606705127626541774660671775555764657644777675464"
+               "52774")
+# 11 indices ending in the normal situation with range < 2^33 - (lower mod 2^32): 4.5 step 4's zero word
+_SEAL_ZERO = "61661705715"
+
+# Three channel planes (K = 1, one model per channel). Plane 0 ends holding back a word with
+# 2^64 - lower = 657 * 16323558 and scale = 657, so model 1's boundary at 16323558 (between its indices 3
+# and 4) lands exactly on 2^64: index 4 starts there (L = 2^64: a carry), index 3 ends there (L + range =
+# 2^64, still inverted). Model 2's index 4 (frequency 46) then ends exactly on a multiple of 2^32 in the
+# normal situation, so that lower + range = 2^64 after renormalising (4.4 step 4).
+BOUNDARY_MODELS = [
+    [3064037, 1589877, 2653676, 486784, 3513643, 3340140, 1024885, 1104174],
+    [4080889, 4080890, 4080889, 4080890, 113414, 113415, 113414, 113415],
+    [2809195, 2809195, 2809195, 2809196, 46, 1846796, 1846796, 1846797],
+]
+# Two planes of two indices: after them range = 2^32 exactly and lower is a multiple of 2^32, so the
+# interval's top lower + range (exclusive) is in the word after P and 4.5 step 4 emits no zero word;
+# the inclusive top lower + range - 1 would be in P's word. Plane 0 leaves an odd scale s = 62499; model 1's
+# index 3 (frequency ceil(2^36 / s)) then makes the scale exactly 2^12, and its index 1 (frequency 2^20,
+# start chosen to make lower a multiple of 2^32) makes range 2^32.
+SEAL_TOP_MODELS = [
+    [4000, 2396173, 2396173, 2396173, 2396173, 2396173, 2396173, 2396178],
+    [443869, 1048576, 608803, 1099530, 3394109, 3394110, 3394109, 3394110],
+]
+_BOUNDARY_PLANE_0 = "05452057222270654225465"
+_BOUNDARY_PLANE_1 = "32121303031310003331012"
+_BOUNDARY_PLANE_2 = "40360302662277377277327"
+
+
+def index_table(models: list[list[int]], channel_group: list[int], levels: int) -> dict:
+    """A K = 1 table whose int8 input q codes index min(max(q, 0), N - 1) (and float x index
+    min(max(floor(x), 0), N - 1)), with the given models, one per group: vectors that pin index sequences."""
+    groups = len(models)
+    return {
+        "layout": "NHWC", "channels": len(channel_group), "levels": levels, "quantizer": "uniform",
+        "clip_min": 0.0, "clip_max": float(levels - 1),
+        "int8": {"scale": 1.0, "zero_point": 0, "index_of_q": [min(max(q, 0), levels - 1) for q in range(-128, 128)]},
+        "float_input": {"frac_bits": 0, "thresholds": list(range(1, levels))},
+        "reconstruction": [float(i) for i in range(levels)],
+        "contexts": {"groups": groups, "classes": 1, "channel_group": channel_group,
+                     "neighbour_class": [0] * (levels + 1), "model_of_context": list(range(groups))},
+        "models": [list(m) for m in models],
+    }
+
+
+def index_planes(*plane_digits: str) -> np.ndarray:
+    """The (1, W, C) int8 input whose channel c holds the indices written as the digits of plane_digits[c]."""
+    return np.array([[int(ch) for ch in p] for p in plane_digits], dtype=np.int8).T[None]
+
+
+def _one_model(digits: str) -> Callable[[], tuple[dict, np.ndarray]]:
+    return lambda: (index_table([EDGE_MODEL], [0], EDGE_LEVELS), index_planes(digits))
+
+
+def _boundary(plane_1: str) -> Callable[[], tuple[dict, np.ndarray]]:
+    return lambda: (index_table(BOUNDARY_MODELS, [0, 1, 2], EDGE_LEVELS),
+                    index_planes(_BOUNDARY_PLANE_0, plane_1, _BOUNDARY_PLANE_2))
+
+
+# Float input on the thresholds (SPEC.md 3.4): F = 4, T = (-32, -1, 0, 1, 40), i.e. -2, -1/16, 0, 1/16 and
+# 2.5. Every threshold, one step (2^-F) and 2^-20 below it, small negatives that floor to X = -1 where
+# truncation toward zero would give 0 (the index differs, as T_3 = 0), -0.0, values beyond +-2^31 after
+# scaling, and the infinities.
+FLOAT_THRESHOLDS = [-32, -1, 0, 1, 40]
+FLOAT_VALUES = [-2.0, -2.0625, -0.0625, -0.125, 0.0, 0.0625, 2.5, 2.4375,
+                -(2.0 ** -100), -0.03125, -0.0, 2.0 ** -100, 0.03125, 0.0625 - 2.0 ** -20, -0.0625 - 2.0 ** -20,
+                2.5 - 2.0 ** -20, float("inf"), float("-inf"), 2.0 ** 127, -(2.0 ** 127), 2.0 ** 27, -(2.0 ** 27),
+                2.0 ** 27 - 8.0, -(2.0 ** 27) - 16.0]  # all exact in float32
+
+
+def _float_boundaries() -> tuple[dict, np.ndarray]:
+    levels = len(FLOAT_THRESHOLDS) + 1
+    table = index_table([[2796202, 2796203, 2796203, 2796202, 2796203, 2796203]], [0], levels)
+    table["float_input"] = {"frac_bits": 4, "thresholds": FLOAT_THRESHOLDS}
+    table["int8"] = {"scale": 0.0625, "zero_point": 0,
+                     "index_of_q": [sum(t <= q for t in FLOAT_THRESHOLDS) for q in range(-128, 128)]}
+    table["clip_min"], table["clip_max"] = -2.5, 3.0
+    table["reconstruction"] = [-2.5, -1.0, -0.03125, 0.03125, 1.25, 3.0]
+    return table, np.array(FLOAT_VALUES, dtype=np.float32).reshape(1, len(FLOAT_VALUES), 1)
+
+
+EDGE_VECTORS = [
+    VectorSpec("seal_zero_word", (1, len(_SEAL_ZERO), 1), EDGE_LEVELS, build=_one_model(_SEAL_ZERO),
+               covers="sealing emits the extra zero word (4.5 step 4)"),
+    VectorSpec("seal_no_zero_word", (1, 2, 2), EDGE_LEVELS, groups="channel",
+               build=lambda: (index_table(SEAL_TOP_MODELS, [0, 1], EDGE_LEVELS), index_planes("00", "31")),
+               covers="sealing with range = 2^32 and lower a multiple of 2^32: the exclusive top lower + range "
+                      "is past P's word, so no zero word (4.5 step 4)"),
+    VectorSpec("pending_carry", (1, len(_PENDING_CARRY), 1), EDGE_LEVELS, build=_one_model(_PENDING_CARRY),
+               covers="3 held-back words settled by a carry: u+1, 0, 0 (4.4 step 2)"),
+    VectorSpec("pending_no_carry", (1, len(_PENDING_NO_CARRY), 1), EDGE_LEVELS,
+               build=_one_model(_PENDING_NO_CARRY),
+               covers="3 held-back words settled without a carry: u, FFFFFFFF, FFFFFFFF (4.4 step 2)"),
+    VectorSpec("seal_carry", (1, len(_SEAL_CARRY), 1), EDGE_LEVELS, build=_one_model(_SEAL_CARRY),
+               covers="sealing while 17 words are held back, with a carry: u+1 and 16 zero words (4.5 step 2)"),
+    VectorSpec("carry_boundary", (1, 23, 3), EDGE_LEVELS, groups="channel",
+               build=_boundary("4" + _BOUNDARY_PLANE_1[1:]),
+               covers="L = 2^64 exactly while words are held back: a carry (L >= 2^64, not L > 2^64; 4.4 step 2)"),
+    VectorSpec("top_boundary", (1, 23, 3), EDGE_LEVELS, groups="channel", build=_boundary(_BOUNDARY_PLANE_1),
+               covers="interval top exactly 2^64: L + range = 2^64 while inverted (4.4 step 2) and "
+                      "lower + range = 2^64 after renormalising (4.4 step 4)"),
+    VectorSpec("float_boundaries", (1, len(FLOAT_VALUES), 1), len(FLOAT_THRESHOLDS) + 1, dtype="float32",
+               build=_float_boundaries,
+               covers="float input on, just below and around every threshold; floor, not truncation; "
+                      "-0.0, infinities and values beyond 2^31 after scaling (3.4)"),
+]
+VECTORS += EDGE_VECTORS
+
+
 def _activations(shape, rng, batch=None):
     """ReLU-like, spatially correlated activations (smoothed Gaussian noise, shifted and rectified)."""
     h, w, c = shape
@@ -74,6 +210,8 @@ def _activations(shape, rng, batch=None):
 
 def make_vector(spec: VectorSpec, root: Path) -> Path:
     """Write one vector folder, encoding with the pure-Python encoder."""
+    if spec.build is not None:
+        return _write_vector(spec, root, *spec.build())
     rng = np.random.default_rng(spec.seed + 1000)
     calib = _activations(spec.shape, rng, batch=4)
     table = uniform_table(calib, spec.levels, clip_max=2.0, groups=spec.groups, classes=spec.classes)
@@ -98,6 +236,86 @@ def make_vector(spec: VectorSpec, root: Path) -> Path:
     return folder
 
 
+def _write_vector(spec: VectorSpec, root: Path, table: dict, data: np.ndarray) -> Path:
+    """Write a hand-made vector's folder: its table, input, frame and decoded indices."""
+    if data.shape != spec.shape or table["levels"] != spec.levels or table["contexts"]["classes"] != spec.classes:
+        raise ValueError(f"vector {spec.name}: its table or input disagrees with its VectorSpec")
+    folder = root / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = Tables(write_tables(table, folder / "tables.json"))
+    np.save(folder / "input.npy", data)
+    frame = _encoders()["python"](tables, data)
+    (folder / "expected.lwfc").write_bytes(frame)
+    np.save(folder / "indices.npy", Decoder(tables).decode(frame).indices)
+    return folder
+
+
+def _symbol_intervals(tables: Tables, indices: np.ndarray):
+    """(cumulative start, frequency) of each index of an (H, W, C) array, in the scan order (SPEC.md 4.1-4.2),
+    from the device encoder's own key tables."""
+    h, w, _ = indices.shape
+    data = np.ascontiguousarray(indices, dtype=np.uint8).tobytes()
+    if tables.classes == 1:
+        for ch, plane in enumerate(planes(data, tables.channels)):
+            off = tables.channel_group[ch] * 256
+            for s in plane:
+                yield tables.start[off + s], tables.freq[off + s]
+    else:
+        for key in keys_slow(data, h, w, tables):
+            yield tables.start[key], tables.freq[key]
+
+
+def coder_events(tables: Tables, indices: np.ndarray, payload: bytes | None = None) -> dict:
+    """What the range coder meets while coding an (H, W, C) index array (the index.json counts, SPEC.md 9).
+
+    Replays the device's RangeEncoder one index at a time and classifies each step by SPEC.md 4.4-4.5
+    from the state before it: nothing here codes on its own. With ``payload``, checks that the replay
+    wrote exactly those bytes."""
+    t64, t32 = 1 << 64, 1 << 32
+    coder = RangeEncoder()
+    ev = {"inversions": 0, "carries": 0, "max_pending": 0, "max_pending_carry": 0, "max_pending_no_carry": 0,
+          "exact_carry": 0, "exact_top_inverted": 0, "exact_top_renormalised": 0}
+    for start, freq in _symbol_intervals(tables, indices):
+        scale = coder.rng >> 24
+        rng = scale * freq
+        low = coder.low + scale * start
+        held = coder.inverted
+        if held and low == t64:
+            ev["exact_carry"] += 1
+        elif held and low + rng == t64:
+            ev["exact_top_inverted"] += 1
+        n_words, carries = len(coder.words), coder.carries
+        coder.encode_keys((0,), (start,), (freq,))
+        settled = held and len(coder.words) > n_words  # held-back words are only ever written by settling
+        if settled:
+            key = "max_pending_carry" if coder.carries > carries else "max_pending_no_carry"
+            ev[key] = max(ev[key], held)
+        if rng < t32 and (not held or settled) and coder.low + coder.rng == t64:
+            ev["exact_top_renormalised"] += 1
+        ev["max_pending"] = max(ev["max_pending"], coder.inverted)
+    held = coder.inverted
+    seal_carry = bool(held) and coder.low + t32 - 1 >= t64
+    p_word = ((coder.low + t32 - 1) % t64) >> 32
+    # 4.5 step 4 compares the word of the exclusive top lower + range; the inclusive top's word is P here
+    near_miss = ((coder.low + coder.rng - 1) % t64) >> 32 == p_word != ((coder.low + coder.rng) % t64) >> 32
+    n_words = len(coder.words)
+    words = coder.finish()
+    if payload is not None and payload != b"".join(w.to_bytes(4, "little") for w in words):
+        raise AssertionError("the replayed range coder disagrees with the payload")
+    ev.update(inversions=coder.inversions, carries=coder.carries, seal_pending=held, seal_carry=seal_carry,
+              seal_zero_word=len(words) - n_words - held == 2, seal_zero_word_near_miss=near_miss)
+    return ev
+
+
+def threshold_hits(tables: Tables, data: np.ndarray) -> int:
+    """How many float inputs land exactly on a threshold: X = floor(x * 2^F) (clamped) equals some T_j."""
+    if data.dtype == np.int8:
+        return 0
+    x = np.asarray(data, dtype=np.float64)
+    fixed = np.clip(np.floor(x * float(1 << tables.frac_bits)), -2147483648.0, 2147483647.0)
+    return int(np.isin(fixed, np.asarray(tables.thresholds, dtype=np.float64)).sum())
+
+
 def regenerate(root: Path = VECTOR_DIR) -> list[Path]:
     """Rewrite every vector and index.json (a deliberate, reviewed change of the spec only)."""
     if root.exists():
@@ -106,17 +324,14 @@ def regenerate(root: Path = VECTOR_DIR) -> list[Path]:
     folders = [make_vector(spec, root) for spec in VECTORS]
     index = []
     for spec, folder in zip(VECTORS, folders):
-        tables, data, expected, _ = load_vector(folder)
-        enc = Encoder(tables)
-        if data.dtype == np.int8:
-            enc.encode_int8(data.tobytes(), data.shape[0], data.shape[1])
-        else:
-            enc.encode_float(data.reshape(-1).tolist(), data.shape[0], data.shape[1])
-        index.append({"name": spec.name, "shape": list(spec.shape), "levels": spec.levels,
-                      "groups": spec.groups, "classes": spec.classes, "input": spec.dtype,
-                      "covers": spec.covers, "frame_bytes": len(expected),
-                      # range-coder situations the vector exercises (SPEC.md 4.4)
-                      "inversions": enc.last_coder.inversions, "carries": enc.last_coder.carries})
+        tables, data, expected, indices = load_vector(folder)
+        entry = {"name": spec.name, "shape": list(spec.shape), "levels": spec.levels,
+                 "groups": spec.groups, "classes": spec.classes, "input": spec.dtype,
+                 "covers": spec.covers, "frame_bytes": len(expected)}
+        # what the range coder and the quantizer meet (SPEC.md 3.4, 4.4, 4.5; every field defined in 9)
+        entry.update(coder_events(tables, indices, expected[HEADER_SIZE:-4]))
+        entry["threshold_hits"] = threshold_hits(tables, data)
+        index.append(entry)
     (root / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return folders
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lwfc.errors import TableError
-from lwfc.tables import FORMAT, TOTAL, VERSION, Tables
+from lwfc.tables import FORMAT, TOTAL, VERSION, Tables, parse_tables
 
 
 def canonical_bytes(table: dict) -> bytes:
@@ -34,8 +34,9 @@ def finalize(table: dict) -> dict:
     out = dict(table)
     out["format"] = FORMAT
     out["version"] = VERSION
+    out["table_id"] = "00000000"
+    Tables(out)  # validate with the device's own reader first: a NaN is a TableError, not a hashing error
     out["table_id"] = compute_table_id(out)
-    Tables(out)  # validate with the device's own reader
     return out
 
 
@@ -46,11 +47,10 @@ def load_verified(path: str | Path) -> Tables:
     except OSError as exc:
         raise TableError(f"cannot read table file {path}: {exc.strerror}") from exc
     try:
-        obj = json.loads(text)
-    except ValueError as exc:
-        raise TableError(f"table file {path} is not valid JSON: {exc}") from exc
-    tables = Tables(obj)
-    expected = compute_table_id(obj)
+        tables = parse_tables(text)  # the device's reader: duplicate keys, non-finite numbers, types
+    except TableError as exc:
+        raise TableError(f"table file {path}: {exc}") from exc
+    expected = compute_table_id(tables.raw)
     if tables.table_id_hex() != expected:
         raise TableError(f"table_id {tables.table_id_hex()} does not match the content's hash {expected}: "
                          "the file was edited after it was written")
