@@ -62,6 +62,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
+    m = subparsers.add_parser(
+        "modes", help="coded bits of a layer under candidate coding schemes at equal MSE (measure before choosing)",
+        description="Estimates, on calibration tensors of one layer (held out as in the context design), the bits "
+                    "per element of today's designed contexts, more neighbours, cross-channel contexts, LOCO-I index "
+                    "prediction, closed-loop DPCM, the integer 5/3 wavelet and HEVC, at the MSE of the uniform "
+                    "quantizer with each level count (lwfc_host.evaluate.coding_modes). Give --bundle (its int8 "
+                    "edge half) or --model and --split (the float edge half, no conversion).")
+    m.add_argument("--bundle", help="bundle directory (its int8 edge half on its calibration images)")
+    m.add_argument("--model", help="zoo model (with --split): its float edge half in PyTorch")
+    m.add_argument("--split", help="split point of --model (see `lwfc layers`)")
+    m.add_argument("--images", type=int, default=64, help="calibration tensors; every 4th is held out (default 64)")
+    m.add_argument("--levels", default="4,8,16,32", help="uniform quantizer level counts (default 4,8,16,32)")
+    m.add_argument("--qps", default="17,22,27,32,37,42,47", help="HEVC QPs swept ('' for no HEVC)")
+    m.add_argument("--output", help="also write the result as JSON to this file")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m.set_defaults(func=run_modes)
+
 
 def _values(args: argparse.Namespace, flag: str, convert: Callable[[str], Any],
             allowed: tuple[str, ...] = ()) -> list | None:
@@ -138,4 +155,34 @@ def run(args: argparse.Namespace) -> int:
         shown = f"{r:.3f}" if r == r else "not reached"
         print(f"{row['method']:40s} {shown:>12s} bits/element within 1 pp")
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.time() - t0:.0f} s")
+    return 0
+
+
+def run_modes(args: argparse.Namespace) -> int:
+    """``lwfc modes``: measure the coding schemes on one layer and print the table."""
+    import json
+    import sys
+
+    from lwfc_host.cli import CommandError
+    from lwfc_host.evaluate import coding_modes as cm
+
+    if bool(args.bundle) == bool(args.model) or bool(args.model) != bool(args.split):
+        raise CommandError("give --bundle, or --model with --split")
+    if args.images < 4:
+        raise CommandError(f"--images must be at least 4 (every 4th is held out), got {args.images}")
+    levels = _values(args, "levels", int) or []
+    qps = _values(args, "qps", int) if args.qps else []
+    if any(n < 2 or n > 256 for n in levels):
+        raise CommandError("--levels must be between 2 and 256")
+    progress = not args.no_progress
+    layer = (cm.bundle_tensors(args.bundle, args.images, progress) if args.bundle
+             else cm.model_tensors(args.model, args.split, args.images, progress))
+    res = cm.measure(layer, levels, qps or [], progress)
+    print(f"{layer.name}: {layer.source}; clip [{layer.c_min:.4g}, {layer.c_max:.4g}]; shape "
+          f"{'x'.join(map(str, res.shape))}; {res.tensors[0]} fit / {res.tensors[1]} held-out tensors")
+    print("bits per element at the uniform quantizer's MSE (ratio to v1 designed contexts):")
+    print("\n".join(cm.table(res)))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(cm.to_json(res, layer.source, "lwfc modes " + " ".join(sys.argv[2:])), f, indent=1)
     return 0
