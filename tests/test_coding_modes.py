@@ -97,15 +97,16 @@ def test_lwfc_modes_on_a_real_layer(tmp_path):
 
     out = tmp_path / "modes.json"
     assert main(["modes", "--model", "resnet_fmnist", "--split", "stage2", "--images", "8", "--levels", "4",
-                 "--qps", "27,37", "--output", str(out), "--no-progress"]) == 0
+                 "--qps", "27,37", "--av1-crfs", "40,60", "--output", str(out), "--no-progress"]) == 0
     res = json.loads(out.read_text())
     bits = res["bits_per_element"]
     assert set(bits) == {"v1 designed", "left+above", "more neighbours", "cross-channel", "LOCO-I", "DPCM",
-                         "5/3 wavelet", "HEVC"}
+                         "5/3 wavelet", "HEVC", "AV1"}
     for name in ("v1 designed", "left+above", "more neighbours", "cross-channel", "LOCO-I"):
         assert 0 < bits[name]["4"] < 2, (name, bits[name])  # four levels: under log2(4) bits
     assert res["shape_hwc"] == [14, 14, 48] and res["tensors_fit_heldout"] == [6, 2]
-    assert len(res["sweeps"]["HEVC"]) == 2 and all(m > 0 for _, m, _ in res["sweeps"]["HEVC"])
+    for baseline in ("HEVC", "AV1"):
+        assert len(res["sweeps"][baseline]) == 2 and all(m > 0 for _, m, _ in res["sweeps"][baseline])
 
 
 def test_lwfc_modes_refuses_what_it_cannot_do(capsys):

@@ -73,6 +73,9 @@ def test_plan_refuses_overrides_that_nothing_would_use():
         make_plan(False, "fashion-mnist", True, None, {"kinds": ["ecsq"], "clips": ["sweep"]})
     with pytest.raises(ValueError, match="unknown contexts"):
         make_plan(False, "fashion-mnist", True, None, {"contexts": ["groups+k9"]})
+    with pytest.raises(ValueError, match=r"av1_crfs \(--av1-crfs\) set for av1"):
+        make_plan(False, "fashion-mnist", True, None, {"av1_crfs": [40]}, {"lwfc", "hevc"})
+    assert make_plan(False, "fashion-mnist", True, None, {"av1_crfs": [40, 50]}).av1_crfs == [40, 50]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -80,7 +83,8 @@ def test_plan_refuses_overrides_that_nothing_would_use():
     (["--levels", ""], "--levels needs at least one value"),
     (["--kinds", "uniform,vq"], "--kinds: unknown vq"),
     (["--levels", "2,x"], "--levels: bad number list"),
-    (["--methods", "lwfc,av1"], "--methods: unknown av1"),
+    (["--methods", "lwfc,vvc"], "--methods: unknown vvc"),
+    (["--av1-crfs", "40,70"], "--av1-crfs must be between 0 and 63"),
 ])
 def test_eval_cli_refuses_flags_it_would_drop(flags, message, tmp_path, capsys):
     from lwfc_host.cli import main

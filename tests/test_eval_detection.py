@@ -102,7 +102,7 @@ def test_detector_quick_eval_structure(quick_report):
     assert {"map50", "map50_float", "recall", "precision"} <= set(rows[0])
     methods = {r["method"] for r in rows}
     assert methods == {"lwfc uniform clip=mse ctx=one", "lwfc uniform clip=mse ctx=groups",
-                       "lwfc uniform clip=mse ctx=groups+k2", "hevc 8-bit", "jpeg tiles", "webp tiles",
+                       "lwfc uniform clip=mse ctx=groups+k2", "hevc 8-bit", "av1 8-bit", "jpeg tiles", "webp tiles",
                        "uniform+rle", "uniform+zlib"}
     for r in rows:
         assert float(r["bits_per_element"]) > 0

@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "are rounded up to a multiple of the number of photos, or are view 0 of the first LIMIT "
                         "photos when LIMIT is smaller)")
     p.add_argument("--quick", action="store_true", help="fewer rate points and images (about 2 minutes)")
-    p.add_argument("--methods", default="lwfc,hevc,jpeg,webp,rle,zlib",
-                   help="comma-separated subset of lwfc,hevc,jpeg,webp,rle,zlib")
+    p.add_argument("--methods", default="lwfc,hevc,av1,jpeg,webp,rle,zlib",
+                   help="comma-separated subset of lwfc,hevc,av1,jpeg,webp,rle,zlib (av1: libaom all-intra)")
     p.add_argument("--levels", default=None,
                    help="lwfc level counts, e.g. 2,3,4,6 (default: 2..8; detectors 2..6,8; quick: 2,4)")
     p.add_argument("--contexts", default=None,
@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kinds", default=None, help="lwfc quantizer kinds among uniform,ecsq for the mse and model "
                    "clips (default: both; detector --quick: uniform); the sweep is uniform")
     p.add_argument("--hevc-qps", default=None, help="8-bit HEVC QPs, e.g. 30,36,42 (10-bit QPs are then dropped)")
+    p.add_argument("--av1-crfs", default=None, help="AV1 (libaom) constant-quality levels 0-63, e.g. 40,50,60")
     p.add_argument("--metric", default="auto",
                    help="metric plug-in: auto (the bundle's task), classification (accuracy / top-1 agreement) or "
                         "detection (mAP@0.5 against the uncompressed int8 pipeline's detections)")
@@ -66,15 +67,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "modes", help="coded bits of a layer under candidate coding schemes at equal MSE (measure before choosing)",
         description="Estimates, on calibration tensors of one layer (held out as in the context design), the bits "
                     "per element of today's designed contexts, more neighbours, cross-channel contexts, LOCO-I index "
-                    "prediction, closed-loop DPCM, the integer 5/3 wavelet and HEVC, at the MSE of the uniform "
-                    "quantizer with each level count (lwfc_host.evaluate.coding_modes). Give --bundle (its int8 "
-                    "edge half) or --model and --split (the float edge half, no conversion).")
+                    "prediction, closed-loop DPCM, the integer 5/3 wavelet, HEVC and AV1, at the MSE of the "
+                    "uniform quantizer with each level count (lwfc_host.evaluate.coding_modes). Give --bundle (its "
+                    "int8 edge half) or --model and --split (the float edge half, no conversion).")
     m.add_argument("--bundle", help="bundle directory (its int8 edge half on its calibration images)")
     m.add_argument("--model", help="zoo model (with --split): its float edge half in PyTorch")
     m.add_argument("--split", help="split point of --model (see `lwfc layers`)")
     m.add_argument("--images", type=int, default=64, help="calibration tensors; every 4th is held out (default 64)")
     m.add_argument("--levels", default="4,8,16,32", help="uniform quantizer level counts (default 4,8,16,32)")
     m.add_argument("--qps", default="17,22,27,32,37,42,47", help="HEVC QPs swept ('' for no HEVC)")
+    m.add_argument("--av1-crfs", default="20,32,40,48,54,60,63",
+                   help="AV1 (libaom) constant-quality levels swept, 0-63 ('' for no AV1)")
     m.add_argument("--output", help="also write the result as JSON to this file")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=run_modes)
@@ -111,6 +114,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     qps = _values(args, "hevc-qps", int)
     if qps is not None:
         fields["hevc_qps"] = {8: qps}
+    crfs = _values(args, "av1-crfs", int)
+    if crfs is not None:
+        if any(not 0 <= c <= 63 for c in crfs):
+            from lwfc_host.cli import CommandError
+
+            raise CommandError(f"--av1-crfs must be between 0 and 63, got {crfs}")
+        fields["av1_crfs"] = crfs
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -172,12 +182,15 @@ def run_modes(args: argparse.Namespace) -> int:
         raise CommandError(f"--images must be at least 4 (every 4th is held out), got {args.images}")
     levels = _values(args, "levels", int) or []
     qps = _values(args, "qps", int) if args.qps else []
+    crfs = _values(args, "av1-crfs", int) if args.av1_crfs else []
+    if any(not 0 <= c <= 63 for c in crfs):
+        raise CommandError(f"--av1-crfs must be between 0 and 63, got {crfs}")
     if any(n < 2 or n > 256 for n in levels):
         raise CommandError("--levels must be between 2 and 256")
     progress = not args.no_progress
     layer = (cm.bundle_tensors(args.bundle, args.images, progress) if args.bundle
              else cm.model_tensors(args.model, args.split, args.images, progress))
-    res = cm.measure(layer, levels, qps or [], progress)
+    res = cm.measure(layer, levels, qps or [], progress, crfs)
     print(f"{layer.name}: {layer.source}; clip [{layer.c_min:.4g}, {layer.c_max:.4g}]; shape "
           f"{'x'.join(map(str, res.shape))}; {res.tensors[0]} fit / {res.tensors[1]} held-out tensors")
     print("bits per element at the uniform quantizer's MSE (ratio to v1 designed contexts):")

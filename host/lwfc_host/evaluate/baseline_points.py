@@ -14,6 +14,7 @@ import numpy as np
 
 from lwfc_convert.cloud_runtime import batch_for, cloud_outputs
 from lwfc_host.evaluate import baselines as bl
+from lwfc_host.evaluate.av1 import av1
 from lwfc_host.evaluate.edge_cache import EdgeData
 from lwfc_host.evaluate.plans import Plan
 from lwfc_host.evaluate.results import Point
@@ -54,6 +55,7 @@ def baseline_settings(plan: Plan, clip_of_levels: Callable[[int], tuple[float, f
     settings: list[tuple[str, Codec]] = []
     for bits, qps in plan.hevc_qps.items():
         settings += [(f"hevc {bits}-bit", partial(bl.hevc, qp=qp, bits=bits)) for qp in qps]
+    settings += [("av1 8-bit", partial(av1, crf=crf)) for crf in plan.av1_crfs]
     settings += [("jpeg tiles", partial(bl.image_tiles, quality=q, fmt="JPEG")) for q in plan.jpeg_qualities]
     settings += [("webp tiles", partial(bl.image_tiles, quality=q, fmt="WEBP")) for q in plan.webp_qualities]
     for lv in plan.rle_levels:
@@ -64,5 +66,6 @@ def baseline_settings(plan: Plan, clip_of_levels: Callable[[int], tuple[float, f
 
 
 def method_of(name: str) -> str:
-    """The ``--methods`` name of a baseline method: ``"hevc 8-bit"`` -> hevc, ``"uniform+rle"`` -> rle."""
+    """The ``--methods`` name of a baseline method: ``"hevc 8-bit"`` -> hevc, ``"av1 8-bit"`` -> av1,
+    ``"uniform+rle"`` -> rle."""
     return name.split()[0].split("+")[-1]

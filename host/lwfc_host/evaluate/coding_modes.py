@@ -30,7 +30,8 @@ quantizer's MSE (log-log interpolation between the two nearest steps):
   is the sweep's step over the subband's synthesis norm (equal distortion per band), each coefficient coded
   with its subband, its channel group, the activity of four decoded neighbours in the subband and whether its
   parent (one level coarser) is non-zero as context;
-- ``HEVC``: x265 all-intra on channel tiles (``baselines.hevc``, every byte counted), swept over QP.
+- ``HEVC``: x265 all-intra on channel tiles (``baselines.hevc``, every byte counted), swept over QP;
+- ``AV1``: libaom all-intra on the same tiles (``av1.av1``), swept over its constant-quality level.
 
     lwfc modes --bundle DIR [--images 64]            (int8 edge outputs of the bundle's calibration images)
     lwfc modes --model M --split S [--images 64]     (the float edge half, no conversion needed)
@@ -116,7 +117,20 @@ def hevc_sweep(x: np.ndarray, fit: np.ndarray, qps: list[int]) -> list[tuple[flo
     return out
 
 
-def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bool = True) -> ModeResult:
+def av1_sweep(x: np.ndarray, fit: np.ndarray, crfs: list[int]) -> list[tuple[float, float, float]]:
+    """(crf, mse, bits/element) of AV1 all-intra (libaom) on the held-out tensors, every byte counted."""
+    from lwfc_host.evaluate.av1 import av1
+
+    held = x[~fit]
+    out = []
+    for crf in crfs:
+        batch = av1(held, crf)
+        out.append((float(crf), float(np.mean((batch.recon - held) ** 2)), float(batch.bits_per_element().mean())))
+    return out
+
+
+def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bool = True,
+            av1_crfs: list[int] | None = None) -> ModeResult:
     """Every scheme on ``layer``: index-domain ones at each level count, value-domain ones swept and read at
     the uniform quantizer's MSE of each level count."""
     import time
@@ -151,10 +165,11 @@ def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bo
         res.sweeps[name] = _sweep(fn, list(tqdm(steps, desc=f"{layer.name}: {name}", disable=not progress,
                                                 leave=False)))
         res.seconds[name] = time.time() - t0
-    if qps:
-        t0 = time.time()
-        res.sweeps["HEVC"] = hevc_sweep(x, fit, qps)
-        res.seconds["HEVC"] = time.time() - t0
+    for name, sweep_fn, settings in (("HEVC", hevc_sweep, qps), ("AV1", av1_sweep, av1_crfs or [])):
+        if settings:
+            t0 = time.time()
+            res.sweeps[name] = sweep_fn(x, fit, settings)
+            res.seconds[name] = time.time() - t0
     for name, sweep in res.sweeps.items():
         res.bits[name] = {n: at_mse(sweep, res.mse[n]) for n in levels}
     return res

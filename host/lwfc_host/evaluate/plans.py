@@ -17,10 +17,10 @@ CONTEXTS: dict[str, tuple[Any, Any]] = {
     "channel": (256, 1), "auto": ("auto", "auto")}
 KINDS = ("uniform", "ecsq")
 CLIPS = ("mse", "model", "sweep")
-METHODS = ("lwfc", "hevc", "jpeg", "webp", "rle", "zlib")
+METHODS = ("lwfc", "hevc", "av1", "jpeg", "webp", "rle", "zlib")
 # The plan fields each method reads (an override of a field no method to run reads is refused).
 METHOD_FIELDS = {"lwfc": ("levels", "kinds", "clips", "contexts", "clip_scales", "decode_check"),
-                 "hevc": ("hevc_qps",), "jpeg": ("jpeg_qualities",), "webp": ("webp_qualities",),
+                 "hevc": ("hevc_qps",), "av1": ("av1_crfs",), "jpeg": ("jpeg_qualities",), "webp": ("webp_qualities",),
                  "rle": ("rle_levels",), "zlib": ("zlib_bits",)}
 MIN_DETECTION_VIEWS = 100  # a full (not quick) detector evaluation needs at least this many views
 MIN_PHOTO_VIEWS = 300  # a full classifier evaluation on photos (top-1 agreement) needs at least this many views
@@ -45,6 +45,8 @@ class Plan:
     # "sweep": uniform quantizers whose clip top is the MSE one times each scale, coded with the last context
     # variant only. Wider clips zero more small activations: far fewer bits for little task loss at 2-3 levels.
     clip_scales: list[float] = field(default_factory=lambda: [1.0, 1.3, 1.6, 2.0, 2.5])
+    # AV1 all-intra constant-quality levels (libaom crf, 0-63); empty in plans written before AV1 was added
+    av1_crfs: list[int] = field(default_factory=list)
 
 
 def full_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
@@ -55,6 +57,7 @@ def full_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
                 hevc_qps={8: [22, 27, 32, 36, 40, 43, 46, 49], 10: [32, 40, 46]},
                 jpeg_qualities=[5, 10, 25, 50, 75, 95], webp_qualities=[5, 10, 25, 50, 75, 95],
                 rle_levels=[2, 3, 4, 5, 6, 8], zlib_bits=[8, 4, 2], calib_images=512,
+                av1_crfs=[20, 32, 40, 48, 54, 60, 63],
                 eval_images=limit if limit is not None else (None if dataset == "fashion-mnist" else 320),
                 decode_check=200)
 
@@ -64,7 +67,7 @@ def quick_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan
     return Plan(levels=[2, 4], kinds=["uniform", "ecsq"], clips=["mse", "model", "sweep"],
                 contexts=["one", "groups", "groups+k2"], hevc_qps={8: [30, 38, 44, 50]}, clip_scales=[1.0, 1.6],
                 jpeg_qualities=[10, 50, 90], webp_qualities=[10, 50, 90], rle_levels=[2, 4], zlib_bits=[4, 2],
-                calib_images=128, decode_check=20,
+                calib_images=128, decode_check=20, av1_crfs=[40, 56, 63],
                 eval_images=limit if limit is not None else (500 if dataset == "fashion-mnist" else 64))
 
 
@@ -76,7 +79,7 @@ def detection_plan(quick: bool, limit: int | None = None) -> Plan:
     if quick:
         return Plan(levels=[2, 4], kinds=["uniform"], clips=["mse"], contexts=["one", "groups", "groups+k2"],
                     hevc_qps={8: [30, 38, 44, 50]}, jpeg_qualities=[10, 50, 90], webp_qualities=[10, 50, 90],
-                    rle_levels=[2, 4], zlib_bits=[4, 2], calib_images=17, decode_check=4,
+                    rle_levels=[2, 4], zlib_bits=[4, 2], calib_images=17, decode_check=4, av1_crfs=[40, 56, 63],
                     eval_images=limit if limit is not None else 17)
     return Plan(levels=[2, 3, 4, 5, 6, 8], kinds=["uniform", "ecsq"], clips=["mse", "model"],
                 contexts=["one", "groups", "groups+k2", "groups+k3"], hevc_qps={8: [22, 27, 32, 36, 40, 43, 46, 49]},
@@ -84,6 +87,7 @@ def detection_plan(quick: bool, limit: int | None = None) -> Plan:
                 # at q10 on 8 views), and each quality costs about 0.2 s per view
                 jpeg_qualities=[25, 50, 75, 95], webp_qualities=[25, 50, 75, 95],
                 rle_levels=[2, 3, 4, 5, 6, 8], zlib_bits=[8, 4, 2], calib_images=34, decode_check=16,
+                av1_crfs=[20, 32, 40, 48, 54, 60, 63],
                 eval_images=limit if limit is not None else 120)
 
 

@@ -129,14 +129,15 @@ def plot(ev: Evaluation, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 6.5))
-    styles = {"lwfc": "-", "hevc": "--", "jpeg": ":", "webp": ":", "uniform+rle": "-.", "uniform+zlib": "-."}
+    styles = {"lwfc": "-", "hevc": "--", "av1": "--", "jpeg": ":", "webp": ":", "uniform+rle": "-.",
+              "uniform+zlib": "-."}
     for m in methods_of(ev.points):
         pts = sorted((p for p in ev.points if p.method == m and ev.primary in p.metrics
                       and math.isfinite(p.bits_per_element)), key=lambda p: p.bits_per_element)
         if not pts:
             continue
         ls = styles.get(m.split()[0], "-")
-        lw = 2.0 if m.startswith("hevc") or m.endswith("ctx=groups+k2") or m.endswith("ctx=groups+k3") else 1.0
+        lw = 2.0 if m.startswith(("hevc", "av1")) or m.endswith("ctx=groups+k2") or m.endswith("ctx=groups+k3") else 1.0
         ax.plot([p.bits_per_element for p in pts], [100 * p.metrics[ev.primary] for p in pts], ls, marker=".",
                 lw=lw, label=m)
     ref, ref_name = reference_value(ev)
@@ -261,6 +262,12 @@ def _verdict(ev: Evaluation, rows: list[dict]) -> list[str]:
                    f"({verdict}).")
     else:
         out.append("- No HEVC setting reached the reference within 1 pp at the QPs tried.")
+    av = [r for r in rows if r["method"].startswith("av1") and math.isfinite(r["rate_within_1pp"])]
+    if av:
+        a = min(r["rate_within_1pp"] for r in av)
+        out.append(f"- Best AV1 (libaom all-intra) needs {a:.3f} bits/element; lwfc needs {100 * (b / a - 1):+.0f}%.")
+    elif any(r["method"].startswith("av1") for r in rows):
+        out.append("- No AV1 setting reached the reference within 1 pp at the quality levels tried.")
     return out + _equal_quality(ev, rows)
 
 
