@@ -107,6 +107,9 @@ def test_lwfc_modes_on_a_real_layer(tmp_path):
     assert res["shape_hwc"] == [14, 14, 48] and res["tensors_fit_heldout"] == [6, 2]
     for baseline in ("HEVC", "AV1"):
         assert len(res["sweeps"][baseline]) == 2 and all(m > 0 for _, m, _ in res["sweeps"][baseline])
+    md = cm.summary([str(out)])  # the results/ summary: the overview row and the layer's own table
+    assert "## Across layers" in md and "| resnet_fmnist stage2 (14×14×48) | " in md
+    assert "| v1 designed | " in md and "| AV1 | " in md
 
 
 def test_lwfc_modes_refuses_what_it_cannot_do(capsys):

@@ -278,20 +278,50 @@ def from_json(obj: dict[str, Any]) -> ModeResult:
     return res
 
 
+ALTERNATIVES = ("more neighbours", "cross-channel", "LOCO-I")
+
+
+def overview(results: list[ModeResult], levels: tuple[int, ...] = (4, 8, 16)) -> list[str]:
+    """One row per layer: v1's bits, the best index-domain alternative as a ratio to left+above (the same simple
+    grouping without it: what the idea adds), and the value-domain schemes as ratios to v1, at each of ``levels``
+    that every result has."""
+    levels = tuple(n for n in levels if all(n in r.levels for r in results))
+    others = [k for k in ("5/3 wavelet", "HEVC", "AV1") if any(k in r.bits for r in results)]
+    head = ["layer"] + [f"{name} @{n}" for n in levels for name in ["v1", "best index", *others]]
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in results:
+        cells = [f"{r.layer} ({'×'.join(map(str, r.shape))})"]
+        for n in levels:
+            v1, plain = r.bits["v1 designed"].get(n, math.nan), r.bits["left+above"].get(n, math.nan)
+            best = min(ALTERNATIVES, key=lambda k: r.bits[k].get(n, math.inf))
+            cells += [f"{v1:.3f}", f"{best} {r.bits[best][n] / plain:.2f}×"]
+            ratios = [r.bits[k].get(n, math.nan) / v1 if k in r.bits else math.nan for k in others]
+            cells += ["—" if math.isnan(q) else f"{q:.2f}×" for q in ratios]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def summary(paths: list[str]) -> str:
-    """Markdown: every result file's table under its layer, source and command."""
+    """Markdown: the cross-layer overview, then every result file's table under its layer, source and command."""
     import json
 
+    objs = []
+    for path in paths:
+        with open(path) as f:
+            objs.append(json.load(f))
+    results = [from_json(o) for o in objs]
     parts = ["# Coding schemes at equal MSE, per layer (issue 16, \"measure before choosing\")", "",
              "Bits per element of held-out calibration tensors at the MSE of the uniform quantizer with each level",
              "count (clip at the 99.9% quantile); in brackets the ratio to today's designed contexts (v1, at most 16",
-             "levels). Made by `lwfc modes` (lwfc_host/evaluate/coding_modes.py explains every scheme); the files",
-             "beside this one hold the sweeps. Equal MSE is not equal task accuracy: the rate-accuracy",
-             "evaluation (`lwfc eval`) judges the schemes that win here.", ""]
-    for path in paths:
-        with open(path) as f:
-            obj = json.load(f)
-        res = from_json(obj)
+             "levels). Made by `lwfc modes` (lwfc_host/evaluate/coding_modes.py explains every scheme) and",
+             "`python -m lwfc_host.evaluate.coding_modes FILES`; the files beside this one hold the sweeps. Equal MSE",
+             "is not equal task accuracy: the rate-accuracy evaluation (`lwfc eval`) judges the schemes that win",
+             "here. What it means for spec v2: codec_spec/DESIGN-quantizer.md, section 10.", "",
+             "## Across layers", "",
+             "v1: today's designed contexts (bits/element); best index: the best of more neighbours, cross-channel",
+             "and LOCO-I as a ratio to left+above (the same simple grouping without the idea); the others as ratios",
+             "to v1 at v1's MSE.", ""] + overview(results) + [""]
+    for obj, res in zip(objs, results):
         parts += [f"## {res.layer} ({'×'.join(map(str, res.shape))})", "",
                   f"{obj['source']}; {res.tensors[0]} fit / {res.tensors[1]} held-out tensors. "
                   f"`{obj['command']}`", ""] + table(res) + [""]
