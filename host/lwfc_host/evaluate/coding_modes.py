@@ -88,6 +88,7 @@ def fit_mask(b: int) -> np.ndarray:
     mask[held_ids] = False
     return mask
 
+
 def at_mse(sweep: list[tuple[float, float, float]], target: float) -> float:
     """Bits per element at MSE ``target`` on a (step, mse, bits) sweep: log-log interpolation between the two
     points around it; NaN outside the swept range."""
@@ -105,27 +106,16 @@ def _sweep(fn: Callable[[float], tuple[float, float]], steps: list[float]) -> li
     return [(s, *fn(s)) for s in steps]
 
 
-def hevc_sweep(x: np.ndarray, fit: np.ndarray, qps: list[int]) -> list[tuple[float, float, float]]:
-    """(qp, mse, bits/element) of x265 all-intra on the held-out tensors, every byte counted."""
-    from lwfc_host.evaluate.baselines import hevc
-
+def codec_sweep(code: Callable[[np.ndarray, int], Any], x: np.ndarray, fit: np.ndarray,
+                settings: list[int]) -> list[tuple[float, float, float]]:
+    """(setting, mse, bits/element) of a baseline codec (``baselines.hevc``: QP, ``av1.av1``: crf) on the
+    held-out tensors, every byte counted."""
     held = x[~fit]
     out = []
-    for qp in qps:
-        batch = hevc(held, qp)
-        out.append((float(qp), float(np.mean((batch.recon - held) ** 2)), float(batch.bits_per_element().mean())))
-    return out
-
-
-def av1_sweep(x: np.ndarray, fit: np.ndarray, crfs: list[int]) -> list[tuple[float, float, float]]:
-    """(crf, mse, bits/element) of AV1 all-intra (libaom) on the held-out tensors, every byte counted."""
-    from lwfc_host.evaluate.av1 import av1
-
-    held = x[~fit]
-    out = []
-    for crf in crfs:
-        batch = av1(held, crf)
-        out.append((float(crf), float(np.mean((batch.recon - held) ** 2)), float(batch.bits_per_element().mean())))
+    for setting in settings:
+        batch = code(held, setting)
+        out.append((float(setting), float(np.mean((batch.recon - held) ** 2)),
+                    float(batch.bits_per_element().mean())))
     return out
 
 
@@ -137,6 +127,8 @@ def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bo
 
     from tqdm import tqdm
 
+    from lwfc_host.evaluate.av1 import av1
+    from lwfc_host.evaluate.baselines import hevc
     from lwfc_host.evaluate.code_lengths import channel_groups
     from lwfc_host.evaluate.index_coding import index_schemes
     from lwfc_host.evaluate.value_coding import dpcm, wavelet
@@ -165,10 +157,10 @@ def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bo
         res.sweeps[name] = _sweep(fn, list(tqdm(steps, desc=f"{layer.name}: {name}", disable=not progress,
                                                 leave=False)))
         res.seconds[name] = time.time() - t0
-    for name, sweep_fn, settings in (("HEVC", hevc_sweep, qps), ("AV1", av1_sweep, av1_crfs or [])):
+    for name, code, settings in (("HEVC", hevc, qps), ("AV1", av1, av1_crfs or [])):
         if settings:
             t0 = time.time()
-            res.sweeps[name] = sweep_fn(x, fit, settings)
+            res.sweeps[name] = codec_sweep(code, x, fit, settings)
             res.seconds[name] = time.time() - t0
     for name, sweep in res.sweeps.items():
         res.bits[name] = {n: at_mse(sweep, res.mse[n]) for n in levels}
