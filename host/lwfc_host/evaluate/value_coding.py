@@ -32,8 +32,7 @@ def dpcm(x: np.ndarray, c_min: float, c_max: float, step: float, fit: np.ndarray
     clip range. Context of a residual index: the channel's group and the left/above residual magnitudes."""
     b, h, w, c = x.shape
     v = np.clip(x, c_min, c_max).astype(np.float64)
-    rec = np.zeros((b, h + 1, w + 2, c))  # a border of zeros (c_min = 0 layers) around the plane
-    rec[:] = c_min
+    rec = np.full((b, h + 1, w + 2, c), float(c_min))  # a border at c_min above and beside the plane
     q = np.zeros((b, h, w, c), dtype=np.int64)
     for y in range(h):
         for xx in range(w):
