@@ -418,7 +418,14 @@ class Connection:
             return
         try:
             if not sender.done():
-                await asyncio.wait_for(self.outq.put(None), self.cfg.idle_timeout_s)
+                # the end marker waits for room behind the answers due; a sender that dies meanwhile (the
+                # peer reset) must not leave us waiting for room that never comes, holding the slot
+                put = asyncio.ensure_future(self.outq.put(None))
+                done, _ = await asyncio.wait({put, sender}, timeout=self.cfg.idle_timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if put not in done:
+                    put.cancel()
+                    raise ConnectionError("the peer stopped taking answers")
             await asyncio.wait_for(sender, self.cfg.idle_timeout_s)
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
             self.server.emit({"event": "disconnect", "peer": self.stream.name, "device": self._device(),
@@ -426,6 +433,8 @@ class Connection:
         finally:
             if not sender.done():
                 sender.cancel()
+            elif not sender.cancelled():
+                sender.exception()  # retrieved: a sender that died of a reset is expected, not a stray error
             while not self.outq.empty():  # work whose answers can no longer be sent: let it finish quietly
                 item = self.outq.get_nowait()
                 if item is not None and not item.done():
