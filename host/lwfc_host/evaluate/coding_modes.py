@@ -10,7 +10,10 @@ float features.
 Index-domain schemes code the same uniform quantizer's indices (same MSE), at each level count:
 
 - ``v1 designed``: today's designed contexts (``design_contexts``: channel groups, neighbour classes, merged
-  models), its own held-out estimate (v1 tables have at most 16 levels);
+  models), its own held-out estimate (v1 tables have at most 16 levels); ``v1 contexts, KT estimate``: the
+  same contexts under this module's estimator (equal to it: a check), and ``v1 + cross-channel``: those
+  contexts with the class of the correlated channel's co-located index (below) added, to see whether the
+  cross-channel gain adds to v1's design;
 - ``left+above``: channel group and three classes (0, 1, 2+) of the left and above indices;
 - ``more neighbours``: as ``left+above``, plus zero/non-zero of the above-left, above-right and two-up indices;
 - ``cross-channel``: as ``left+above``, plus the class of the co-located index of the channel before it in an
@@ -274,19 +277,21 @@ ALTERNATIVES = ("more neighbours", "cross-channel", "LOCO-I")
 
 
 def overview(results: list[ModeResult], levels: tuple[int, ...] = (4, 8, 16)) -> list[str]:
-    """One row per layer: v1's bits, the best index-domain alternative as a ratio to left+above (the same simple
-    grouping without it: what the idea adds), and the value-domain schemes as ratios to v1, at each of ``levels``
-    that every result has."""
+    """One row per layer: v1's bits, v1 with the cross-channel class as a ratio to v1, the best index-domain
+    alternative as a ratio to left+above (the same simple grouping without it: what the idea adds), and the
+    value-domain schemes as ratios to v1, at each of ``levels`` that every result has."""
     levels = tuple(n for n in levels if all(n in r.levels for r in results))
     others = [k for k in ("5/3 wavelet", "HEVC", "AV1") if any(k in r.bits for r in results)]
-    head = ["layer"] + [f"{name} @{n}" for n in levels for name in ["v1", "best index", *others]]
+    head = ["layer"] + [f"{name} @{n}" for n in levels for name in ["v1", "v1 + cross", "best index", *others]]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in results:
         cells = [f"{r.layer} ({'×'.join(map(str, r.shape))})"]
         for n in levels:
             v1, plain = r.bits["v1 designed"].get(n, math.nan), r.bits["left+above"].get(n, math.nan)
             best = min(ALTERNATIVES, key=lambda k: r.bits[k].get(n, math.inf))
-            cells += [f"{v1:.3f}", f"{best} {r.bits[best][n] / plain:.2f}×"]
+            cross = r.bits.get("v1 + cross-channel", {}).get(n, math.nan) / v1
+            cells += [f"{v1:.3f}", "—" if math.isnan(cross) else f"{cross:.2f}×",
+                      f"{best} {r.bits[best][n] / plain:.2f}×"]
             ratios = [r.bits[k].get(n, math.nan) / v1 if k in r.bits else math.nan for k in others]
             cells += ["—" if math.isnan(q) else f"{q:.2f}×" for q in ratios]
         rows.append("| " + " | ".join(cells) + " |")
@@ -310,9 +315,10 @@ def summary(paths: list[str]) -> str:
              "is not equal task accuracy: the rate-accuracy evaluation (`lwfc eval`) judges the schemes that win",
              "here. What it means for spec v2: codec_spec/DESIGN-quantizer.md, section 10.", "",
              "## Across layers", "",
-             "v1: today's designed contexts (bits/element); best index: the best of more neighbours, cross-channel",
-             "and LOCO-I as a ratio to left+above (the same simple grouping without the idea); the others as ratios",
-             "to v1 at v1's MSE.", ""] + overview(results) + [""]
+             "v1: today's designed contexts (bits/element); v1 + cross: those contexts with the correlated channel's",
+             "class added, as a ratio to v1; best index: the best of more neighbours, cross-channel and LOCO-I as a",
+             "ratio to left+above (the same simple grouping without the idea); the others as ratios to v1 at v1's",
+             "MSE.", ""] + overview(results) + [""]
     for obj, res in zip(objs, results):
         parts += [f"## {res.layer} ({'×'.join(map(str, res.shape))})", "",
                   f"{obj['source']}; {res.tensors[0]} fit / {res.tensors[1]} held-out tensors. "

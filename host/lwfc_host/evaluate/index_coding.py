@@ -3,6 +3,8 @@ contexts or with prediction (see that module's docstring). Each returns held-out
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from lwfc_host.evaluate.code_lengths import GROUPS, channel_groups, classes3, heldout_bits, median_edge, neighbour
@@ -72,15 +74,42 @@ def bits_loco(idx: np.ndarray, fit: np.ndarray, groups: np.ndarray, levels: int)
     return heldout_bits(ctx, residual, fit, n_ctx, levels)
 
 
+def v1_models(idx: np.ndarray, design: Any, levels: int) -> np.ndarray:
+    """The model each element is coded with under a v1 context design (SPEC.md 4.2: channel group and the
+    classes of the above and left indices, N outside, then ``model_of_context``)."""
+    from lwfc.tables import context_number
+    from lwfc_host.codec.fast import neighbours
+
+    above, left = neighbours(idx, levels)
+    cls = np.asarray(design.neighbour_class, dtype=np.int64)
+    x = context_number(np.asarray(design.labels, dtype=np.int64), cls[above], cls[left], design.classes)
+    return np.asarray(design.model_of_context, dtype=np.int64)[x]
+
+
+def bits_v1_cross_channel(idx: np.ndarray, fit: np.ndarray, design: Any, levels: int) -> tuple[float, float]:
+    """(v1's contexts, v1's contexts with the correlated channel's class added): both by this module's
+    estimator, so that the pair shows whether the cross-channel gain adds to v1's design."""
+    models = v1_models(idx, design, levels)
+    n_models = int(models.max()) + 1
+    prev = correlation_chain(idx, fit)
+    co_located = classes3(np.where(prev >= 0, idx[..., np.maximum(prev, 0)], 0))
+    return (heldout_bits(models, idx, fit, n_models, levels),
+            heldout_bits(models * 3 + co_located, idx, fit, n_models * 3, levels))
+
+
 def index_schemes(idx: np.ndarray, fit: np.ndarray, levels: int) -> dict[str, float]:
     """Bits per element of every index-domain scheme on the same indices."""
     from lwfc.tables import MAX_LEVELS
     from lwfc_host.design.contexts import design_contexts
 
     groups = np.broadcast_to(channel_groups(idx, fit), idx.shape)
-    v1 = design_contexts(idx.astype(np.uint8), levels).heldout_bits if levels <= MAX_LEVELS else float("nan")
+    nan = float("nan")
+    design = design_contexts(idx.astype(np.uint8), levels) if levels <= MAX_LEVELS else None
+    v1_same, v1_cross = bits_v1_cross_channel(idx, fit, design, levels) if design else (nan, nan)
     return {
-        "v1 designed": v1,  # v1 tables have at most 16 levels
+        "v1 designed": design.heldout_bits if design else nan,  # v1 tables have at most 16 levels
+        "v1 contexts, KT estimate": v1_same,
+        "v1 + cross-channel": v1_cross,
         "left+above": bits_left_above(idx, fit, groups),
         "more neighbours": bits_more_neighbours(idx, fit, groups),
         "cross-channel": bits_cross_channel(idx, fit, groups),
