@@ -26,7 +26,8 @@ def correlation_chain(idx: np.ndarray, fit: np.ndarray) -> np.ndarray:
     """prev[c]: the channel coded before c (-1 for the first): a greedy chain, each step to the channel most
     correlated with the last one, starting from the channel of largest variance."""
     flat = idx[fit].reshape(-1, idx.shape[-1]).astype(np.float64)
-    corr = np.nan_to_num(np.corrcoef(flat, rowvar=False)) if flat.std(axis=0).max() > 0 else np.zeros((1, 1))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant channel correlates with nothing: 0
+        corr = np.nan_to_num(np.corrcoef(flat, rowvar=False)) if flat.std(axis=0).max() > 0 else np.zeros((1, 1))
     c = idx.shape[-1]
     order = [int(np.argmax(flat.var(axis=0)))]
     left = set(range(c)) - set(order)
