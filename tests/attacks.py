@@ -14,6 +14,7 @@ matrix against a live server with a legitimate device streaming throughout).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from lwfc import protocol as P
 from lwfc.crc32 import crc32
@@ -527,68 +528,63 @@ def amplification(target: Target, connections: int = 2, in_flight: int = 4, dura
                                             "slowest_answer_ms": round(slowest[0], 2), "problems": problems})
 
 
+def drip(sock: socket.socket, pieces: Iterable[bytes], every_s: float,
+         limit_s: float) -> tuple[float | None, list[Any], int]:
+    """Send ``pieces`` one every ``every_s``, reading what comes back in between, until the host closes the
+    connection or ``limit_s`` passes. Returns (seconds until the host closed it, or None; events; pieces sent)."""
+    t0 = time.monotonic()
+    events: list[Any] = []
+    parser = P.Parser(1 << 20)
+    sent = 0
+    for piece in pieces:
+        if time.monotonic() - t0 > limit_s:
+            break
+        try:
+            sock.sendall(piece)
+        except OSError:
+            return time.monotonic() - t0, events, sent
+        sent += 1
+        got, closed = read_messages(sock, lambda ev: False, every_s, parser)
+        events += got
+        if closed:
+            return time.monotonic() - t0, events, sent
+    return None, events, sent
+
+
+def _bye(events: list[Any]) -> str | None:
+    bye = messages_of(events, P.BYE)
+    return bytes(bye[0].body).decode("utf-8", "replace") if bye else None
+
+
 def ping_without_hello(target: Target, every_s: float = 0.5, limit_s: float = 30.0) -> Outcome:
     """Issue 20, 3: PINGs on a connection that never says HELLO. Returns how long the host kept it open and
     what it said."""
     s = connect(target)
-    t0 = time.monotonic()
-    closed_after = None
-    seq = 0
-    events: list[Any] = []
-    parser = P.Parser(1 << 20)
-    while time.monotonic() - t0 < limit_s:
-        try:
-            seq += 1
-            s.sendall(P.pack_message(P.PING, seq, b""))
-        except OSError:
-            closed_after = time.monotonic() - t0
-            break
-        got, closed = read_messages(s, lambda ev: False, every_s, parser)
-        events += got
-        if closed:
-            closed_after = time.monotonic() - t0
-            break
-    s.close()
-    bye = messages_of(events, P.BYE)
+    pings = (P.pack_message(P.PING, seq, b"") for seq in itertools.count(1))
+    try:
+        closed_after, events, sent = drip(s, pings, every_s, limit_s)
+    finally:
+        s.close()
     return Outcome("PING without HELLO", {
         "closed_after_s": None if closed_after is None else round(closed_after, 2), "limit_s": limit_s,
-        "pings": seq, "pongs": len(messages_of(events, P.PONG)),
-        "bye": bytes(bye[0].body).decode("utf-8", "replace") if bye else None})
+        "pings": sent, "pongs": len(messages_of(events, P.PONG)), "bye": _bye(events)})
 
 
 def trickle(target: Target, every_s: float = 0.5, limit_s: float = 30.0, in_session: bool = True) -> Outcome:
     """Issue 20, 3: a message body sent one byte every ``every_s``. Returns how long the host kept the
     connection after the message's first byte, and what it said."""
     s = connect(target)
-    if in_session:
-        welcome(s, dict(target.hello, device="trickler"))
     msg = P.pack_message(P.DATA, 1, target.frames[0])
-    t0 = time.monotonic()
-    closed_after = None
-    events: list[Any] = []
-    parser = P.Parser(1 << 20)
     try:
-        s.sendall(msg[:P.HEADER_SIZE])
-        for i in range(P.HEADER_SIZE, len(msg)):
-            if time.monotonic() - t0 > limit_s:
-                break
-            try:
-                s.sendall(msg[i:i + 1])
-            except OSError:
-                closed_after = time.monotonic() - t0
-                break
-            got, closed = read_messages(s, lambda ev: False, every_s, parser)
-            events += got
-            if closed:
-                closed_after = time.monotonic() - t0
-                break
+        if in_session:
+            welcome(s, dict(target.hello, device="trickler"))
+        pieces = [msg[:P.HEADER_SIZE]] + [msg[i:i + 1] for i in range(P.HEADER_SIZE, len(msg))]
+        closed_after, events, sent = drip(s, pieces, every_s, limit_s)
     finally:
         s.close()
-    bye = messages_of(events, P.BYE)
     return Outcome("trickled body", {
         "closed_after_s": None if closed_after is None else round(closed_after, 2), "limit_s": limit_s,
-        "bytes_sent": min(len(msg), P.HEADER_SIZE + max(0, int((time.monotonic() - t0) / every_s))),
-        "message_bytes": len(msg), "bye": bytes(bye[0].body).decode("utf-8", "replace") if bye else None,
+        "bytes_sent": P.HEADER_SIZE + sent - 1 if sent else 0, "message_bytes": len(msg), "bye": _bye(events),
         "errors": error_names(events)})
 
 
