@@ -5,12 +5,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lwfc.encoder import Encoder, keys_fast, keys_slow
+from lwfc.encoder import Encoder, _Slice, keys_fast, keys_slow
 from lwfc.errors import EncodeError
 from lwfc.quantize import index_of_float
 from lwfc.tables import Tables, context_number
 from lwfc_host.codec.decoder import Decoder
-from lwfc_host.codec.fast import context_map, encode_int8_constriction, indices_from_float_np, scan_permutation
+from lwfc_host.codec.fast import context_map, encode_int8_constriction, indices_from_float_np, scan_order
 from lwfc_host.design.tablegen import uniform_table
 
 
@@ -139,14 +139,14 @@ def test_context_rule_scalar_equals_vectorised(case):
                 scalar[y, x, ch] = context_number(g, ncls[above], ncls[left], k)
                 assert scalar[y, x, ch] == g * k * k + ncls[above] * k + ncls[left]  # SPEC.md 4.2, literally
     np.testing.assert_array_equal(scalar, vectorised)
-    if k > 1:
-        in_scan = vectorised.reshape(h * w, c)[scan_permutation(h, w)].reshape(-1)
-        for keys in (keys_fast(idx.tobytes(), h, w, tables), keys_slow(idx.tobytes(), h, w, tables)):
-            keys = np.asarray(list(keys), dtype=np.int64)
-            group, low = keys >> 8, keys & 0xFF
-            np.testing.assert_array_equal(group * k * k + low // n, in_scan)
-            np.testing.assert_array_equal(low % n, idx.reshape(h * w, c)[scan_permutation(h, w)].reshape(-1))
-    # and the coder's (start, freq) per key are those of the context's model
+    # the encoder's keys (model * N + index, both paths) in scan order are those of the vectorised rule
     mids = np.asarray(tables.model_of_context)[vectorised]
-    keys = np.asarray(tables.channel_group)[np.arange(c)] * 256 + (vectorised % (k * k)) * n + idx
+    order = scan_order(h, w, list(range(c)), [], k)
+    sl = _Slice(tables, idx.tobytes(), h, w, (0, h, 0, c))
+    for keys in (keys_fast(sl, tables), keys_slow(sl, tables)):
+        keys = np.asarray(list(keys), dtype=np.int64)
+        np.testing.assert_array_equal(keys // n, mids.reshape(-1)[order])
+        np.testing.assert_array_equal(keys % n, idx.reshape(-1)[order])
+    # and the coder's (start, freq) per key are those of the context's model
+    keys = mids * n + idx
     np.testing.assert_array_equal(np.asarray(tables.freq)[keys], np.asarray(tables.models)[mids, idx])

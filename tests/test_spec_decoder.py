@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lwfc import errors as E
-from lwfc.frame import HEADER_SIZE
+from lwfc.frame import HEADER_SIZE, parse_header
 from lwfc_host.checks import conformance
 from lwfc_host.codec.decoder import Decoder
 
@@ -46,54 +46,75 @@ def _max_payload(n: int) -> int:
 
 
 def spec_decode(frame: bytes, table: dict, table_id: bytes) -> list[list[list[int]]]:
-    """SPEC.md 6, steps 1-7, on a frame and a table (the parsed JSON object). Returns indices[h][w][c]."""
+    """SPEC.md 6, steps 1-7, on a frame and a table (the parsed JSON object). Returns indices[h][w][c] of the
+    frame's slice (Hs x W x Cs; the whole tensor unsliced)."""
     b = frame
     if len(b) < 22:  # step 1
         if len(b) >= 2 and b[:2] != MAGIC:
             raise SpecError("BadMagic", "magic")
         raise SpecError("TruncatedFrame", "truncated header")
-    magic, version, flags, tid, h, w, c, n, plen = struct.unpack("<2sBB4sHHHII", b[:22])
+    magic, version, flags, tid, h, w, c = struct.unpack("<2sBB4sHHH", b[:14])
     if magic != MAGIC:  # step 2
         raise SpecError("BadMagic", "magic")
-    if version != 1:
+    if version not in (1, 2):
         raise SpecError("UnsupportedVersion", "version")
-    if flags != 0:
+    if flags & ~(0x01 if version == 2 else 0):
         raise SpecError("ReservedBits", "flags")
-    if h == 0 or w == 0 or c == 0 or n != h * w * c or n > 1 << 26:  # step 3
+    sliced = flags & 0x01
+    if sliced and len(b) < 30:
+        raise SpecError("TruncatedFrame", "truncated slice header")
+    e = 22 if sliced else 14
+    r0, hs, c0, cs = struct.unpack("<HHHH", b[14:22]) if sliced else (0, h, 0, c)
+    n, plen = struct.unpack("<II", b[e:e + 8])
+    if h == 0 or w == 0 or c == 0 or h * w * c > 1 << 26:  # step 3
         raise SpecError("BadShape", "header shape")
+    if hs == 0 or cs == 0 or r0 + hs > h or c0 + cs > c or n != hs * w * cs:
+        raise SpecError("BadShape", "slice or element count")
     if plen % 4 or plen == 0 or plen > _max_payload(n):
         raise SpecError("PayloadError", "payload length")
-    if len(b) < 26 + plen:  # step 4
+    if len(b) < e + 12 + plen:  # step 4
         raise SpecError("TruncatedFrame", "truncated frame")
-    if len(b) > 26 + plen:
+    if len(b) > e + 12 + plen:
         raise SpecError("TrailingData", "trailing data")
-    if zlib.crc32(b[:22 + plen]) != struct.unpack("<I", b[22 + plen:26 + plen])[0]:  # step 5
+    if zlib.crc32(b[:e + 8 + plen]) != struct.unpack("<I", b[e + 8 + plen:e + 12 + plen])[0]:  # step 5
         raise SpecError("CrcMismatch", "crc")
     if tid != table_id:  # step 6
         raise SpecError("TableMismatch", "table id")
+    if version == 1 and table["version"] != 1:
+        raise SpecError("TableMismatch", "version 1 frame, version 2 table")
     if c != table["channels"]:
         raise SpecError("BadShape", "channels")
-    words = _unpack_words(b[22:22 + plen])
-    return _decode_indices(words, h, w, c, table)  # step 7
+    words = _unpack_words(b[e + 8:e + 8 + plen])
+    return _decode_indices(words, hs, w, c0, cs, table)  # step 7
 
 
-def _scan(h: int, w: int, c: int, k: int):
-    """SPEC.md 4.1."""
+def _scan(hs: int, w: int, independent: list[int], dependent: list[int], k: int):
+    """SPEC.md 4.1, in the slice's own coordinates: (row - r0, column, channel - c0)."""
     if k == 1:
-        for ch in range(c):
-            for y in range(h):
+        for ch in independent + dependent:
+            for y in range(hs):
                 for x in range(w):
                     yield y, x, ch
     else:
-        for d in range(h + w - 1):
-            for y in range(max(0, d - w + 1), min(d, h - 1) + 1):
-                for ch in range(c):
-                    yield y, d - y, ch
+        for d in range(hs + w - 1):
+            rows = range(max(0, d - w + 1), min(d, hs - 1) + 1)
+            for chans in (independent, dependent):
+                for y in rows:
+                    for ch in chans:
+                        yield y, d - y, ch
 
 
-def _decode_indices(words: list[int], h: int, w: int, c: int, table: dict):
+def _decode_indices(words: list[int], hs: int, w: int, c0: int, cs: int, table: dict):
     ctx = table["contexts"]
     n_lv, k = table["levels"], ctx["classes"]
+    v2 = table["version"] == 2
+    r_cls = ctx["reference_classes"] if v2 else 1
+    ref_class = ctx["reference_class"] if v2 else [0] * (n_lv + 1)
+    ref_channel = ctx["reference_channel"] if v2 else [-1] * table["channels"]
+    # 4.1: dependent when the reference channel lies in the slice; local channel numbers from here on
+    ref_local = [ref_channel[c0 + j] - c0 if c0 <= ref_channel[c0 + j] < c0 + cs else -1 for j in range(cs)]
+    independent = [j for j in range(cs) if ref_local[j] < 0]
+    dependent = [j for j in range(cs) if ref_local[j] >= 0]
     cums = []
     for f in table["models"]:
         cums.append([sum(f[:s]) for s in range(n_lv)])
@@ -107,12 +128,14 @@ def _decode_indices(words: list[int], h: int, w: int, c: int, table: dict):
 
     lower, rng, renorms = 0, T64 - 1, 0
     point = (words[0] << 32) | (words[1] if len(words) > 1 else 0)
-    idx = [[[0] * c for _ in range(w)] for _ in range(h)]
-    for y, x, ch in _scan(h, w, c, k):  # 4.2: the context, then 4.6 steps 1-4
+    idx = [[[0] * cs for _ in range(w)] for _ in range(hs)]
+    for y, x, ch in _scan(hs, w, independent, dependent, k):  # 4.2: the context, then 4.6 steps 1-4
         a = idx[y - 1][x][ch] if y > 0 else n_lv
         left = idx[y][x - 1][ch] if x > 0 else n_lv
+        ref = idx[y][x][ref_local[ch]] if ref_local[ch] >= 0 else n_lv
         cls = ctx["neighbour_class"]
-        m = ctx["model_of_context"][ctx["channel_group"][ch] * k * k + cls[a] * k + cls[left]]
+        g = ctx["channel_group"][c0 + ch]
+        m = ctx["model_of_context"][((g * r_cls + ref_class[ref]) * k + cls[a]) * k + cls[left]]
         freqs, cum = table["models"][m], cums[m]
         scale = rng >> 24
         q = ((point - lower) % T64) // scale
@@ -149,14 +172,19 @@ def vectors():
 
 @pytest.mark.parametrize("name", SMALL)
 def test_spec_decoder_decodes_every_vector(name, vectors):
-    tables, _, expected, indices = vectors[name]
+    tables, _, expected, indices, _ = vectors[name]
     got = spec_decode(expected, tables.raw, tables.table_id)
     assert np.array_equal(np.asarray(got, dtype=np.uint8), indices)
 
 
+def _header_size(frame: bytes) -> int:
+    return parse_header(frame).header_size  # 22, or 30 for a slice
+
+
 def _reseal(frame: bytes, payload: bytes) -> bytes:
-    head = bytearray(frame[:HEADER_SIZE])
-    head[18:22] = struct.pack("<I", len(payload))
+    size = _header_size(frame)
+    head = bytearray(frame[:size])
+    head[size - 4:size] = struct.pack("<I", len(payload))
     body = bytes(head) + payload
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -199,11 +227,11 @@ def _payload_mutations(payload: bytes, rng: np.random.Generator):
 
 @pytest.mark.parametrize("name", SMALL)
 def test_spec_decoder_rejects_what_the_reference_rejects(name, vectors):
-    tables, _, expected, _ = vectors[name]
+    tables, _, expected, _, _ = vectors[name]
     dec = Decoder(tables)
     rng = np.random.default_rng(sum(map(ord, name)))
     seen = set()
-    payload = expected[HEADER_SIZE:-4]
+    payload = expected[_header_size(expected):-4]
     for words in _payload_mutations(payload, rng):
         if not words:
             continue
@@ -224,7 +252,7 @@ def test_spec_decoder_rejects_what_the_reference_rejects(name, vectors):
 def test_final_checks_come_in_the_spec_order(vectors):
     """4.6: a payload that is both too short and wrong in its last word is "runs out", one too long and
     wrong is "left over": the length check comes before the point check."""
-    tables, _, expected, _ = vectors["seal_zero_word"]  # its payload ends P, 0
+    tables, _, expected, _, _ = vectors["seal_zero_word"]  # its payload ends P, 0
     words = _unpack_words(expected[HEADER_SIZE:-4])
     assert words[-1] == 0
     dec = Decoder(tables)
@@ -251,16 +279,19 @@ def _recrc(frame: bytes) -> bytes:
 
 def test_frame_checks_come_in_the_spec_order(vectors):
     """SPEC.md 6: the first failing check decides, in the order the spec lists them."""
-    tables, _, frame, _ = vectors["odd_shape"]
+    tables, _, frame, _, _ = vectors["odd_shape"]
     h, w, c = struct.unpack("<HHH", frame[8:14])
     dec = Decoder(tables)
     cases = [
         (b"X", "TruncatedFrame"),                        # 1 byte: no magic to check
         (b"XX", "BadMagic"),                             # 2 bytes that are not the magic
         (b"LW", "TruncatedFrame"),                       # a truncated header
-        (_header(frame, version=2)[:21], "TruncatedFrame"),  # under 22 bytes nothing but the magic counts
-        (_header(frame, version=2, flags=1), "UnsupportedVersion"),
-        (_header(frame, flags=1, h=0), "ReservedBits"),
+        (_header(frame, version=3)[:21], "TruncatedFrame"),  # under 22 bytes nothing but the magic counts
+        (_header(frame, version=3, flags=1), "UnsupportedVersion"),
+        (_header(frame, flags=1, h=0), "ReservedBits"),  # version 1 reserves every flag bit
+        (_header(frame, version=2, flags=2, h=0), "ReservedBits"),  # version 2 all but SLICE
+        (_header(frame, version=2, flags=1)[:29], "TruncatedFrame"),  # a slice header needs 30 bytes
+        (_header(frame, version=2, flags=1), "BadShape"),  # read as a slice: its fields do not fit
         (_header(frame, h=0, plen=3), "BadShape"),
         (_header(frame, plen=3)[:30], "PayloadError"),   # header checks before the frame length
         (_header(frame, table_id=b"\0\0\0\0")[:-1], "TruncatedFrame"),  # length before CRC and table id
@@ -272,3 +303,11 @@ def test_frame_checks_come_in_the_spec_order(vectors):
     for bad, kind in cases:
         assert _spec_outcome(tables, bad)[0] == kind, (bad[:24], kind)
         assert _reference_outcome(dec, bad)[0] == kind, (bad[:24], kind)
+
+
+def test_a_version_1_frame_needs_a_version_1_table(vectors):
+    """SPEC.md 6 step 6: after the table id, a version 1 frame with a version 2 table is a TableMismatch."""
+    tables, _, frame, _, _ = vectors["v2_references"]
+    assert tables.version == 2 and frame[2] == 2
+    bad = _recrc(_header(frame, version=1))
+    assert _spec_outcome(tables, bad)[0] == _reference_outcome(Decoder(tables), bad)[0] == "TableMismatch"

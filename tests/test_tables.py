@@ -13,7 +13,8 @@ from lwfc_host.design.tablefile import compute_table_id, load_verified, write_ta
 def _mutations(t):
     n = t["levels"]
     yield "format", lambda d: d.update(format="other")
-    yield "version", lambda d: d.update(version=2)
+    yield "version", lambda d: d.update(version=3)
+    yield "reference_classes", lambda d: d.update(version=2)  # a version 2 table needs its fields
     yield "table_id", lambda d: d.update(table_id="xyz")
     yield "layout", lambda d: d.update(layout="NCHW")
     yield "levels", lambda d: d.update(levels=17)

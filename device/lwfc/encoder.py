@@ -1,9 +1,15 @@
 """The device encoder: indices -> context keys in scan order -> range coder -> frame (SPEC.md, 4-5).
 
 Pure Python in the MicroPython-compatible subset. The context rule is ``tables.context_number``; both key
-paths call it. On CPython the key computation runs at C speed with ``bytes.translate``, big-integer lane
-arithmetic (byte lanes never carry because every lane value stays below 256) and strided slice assignment;
-elsewhere a per-element loop gives the same keys.
+paths call it. Every element's range coder key is ``model * N + index`` (``Tables.start``/``freq``). On
+CPython the keys of a whole slice are computed at C speed: ``bytes.translate`` for the 256-entry lookups,
+big-integer lane arithmetic (byte lanes never carry because every lane value stays below 256; 16-bit lanes
+because every key is below 2^16) and strided slice assignment; elsewhere a per-element loop gives the same
+keys.
+
+A frame codes one slice: rows ``row_first .. row_first + row_count - 1`` and channels
+``channel_first .. channel_first + channel_count - 1`` of the tensor (the whole tensor unless sliced). The
+slice is coded as if it were the whole tensor: a neighbour or reference outside it is "outside" (SPEC.md 4.2).
 """
 
 import struct
@@ -25,10 +31,11 @@ except AttributeError:
 _FAST = _HAS_TRANSLATE and _HAS_CAST
 
 
-def _class_table(tables):
+def _byte_map(values):
+    """A 256-byte translation table holding ``values`` (each < 256) from entry 0; the rest 0."""
     t = bytearray(256)
-    for v, cls in enumerate(tables.neighbour_class):
-        t[v] = cls
+    for v, x in enumerate(values):
+        t[v] = x
     return bytes(t)
 
 
@@ -41,57 +48,169 @@ def planes(indices, channels):
         return [bytes([indices[i] for i in range(ch, n, channels)]) for ch in range(channels)]
 
 
-def keys_fast(indices, height, width, tables):
-    """Range coder keys ``group * 256 + context_number(0, class_above, class_left, K) * N + index`` (K > 1) in
-    scan order, as a memoryview of native uint16 (CPython fast path). The rule runs once, on the whole
-    tensor's byte lanes packed into big integers."""
-    c = tables.channels
+class _Slice(object):
+    """What the key paths need about the slice being coded: its index bytes (row_count x W x channel_count,
+    NHWC), and per local channel j (channel channel_first + j) the group, the local reference channel (-1
+    if none in the slice) and the scan's channel order (independent channels, then dependent ones)."""
+
+    def __init__(self, tables, indices, height, width, region):
+        r0, rn, c0, cn = region
+        self.rows = rn
+        self.width = width
+        self.channels = cn
+        full_c = tables.channels
+        if r0 == 0 and rn == height and c0 == 0 and cn == full_c:
+            self.indices = bytes(indices)
+        elif c0 == 0 and cn == full_c:
+            self.indices = bytes(indices[r0 * width * full_c:(r0 + rn) * width * full_c])
+        else:
+            row = width * full_c
+            self.indices = b"".join(
+                bytes(indices[(r0 + r) * row + p * full_c + c0:(r0 + r) * row + p * full_c + c0 + cn])
+                for r in range(rn) for p in range(width))
+        self.group = tables.channel_group[c0:c0 + cn]
+        independent, dependent = tables.channels_in_order(c0, cn)
+        self.independent = [c - c0 for c in independent]
+        self.dependent = [c - c0 for c in dependent]
+        self.reference = [-1] * cn
+        for c in dependent:
+            self.reference[c - c0] = tables.reference_channel[c] - c0
+
+
+def keys_fast(sl, tables):
+    """Range coder keys ``model_key[group][y] + index`` of a slice in scan order, where
+    ``y = context_number(0, class_above, class_left, K, class_reference, R)``, as a memoryview of native uint16
+    (CPython fast path). The rule runs once, on the whole slice's byte lanes packed into big integers."""
+    c = sl.channels
+    indices = sl.indices
     n_el = len(indices)
     n_lv = tables.levels
-    row = width * c
-    out = bytes([n_lv]) * c  # index N marks "outside the tensor"
-    above = out * width + indices[: n_el - row]
-    left = b"".join(out + indices[r * row: r * row + row - c] for r in range(height))
-    ctab = _class_table(tables)
+    row = sl.width * c
+    out = bytes([n_lv]) * c  # index N marks "outside the slice" / "no reference"
+    above = out * sl.width + indices[: n_el - row]
+    left = b"".join([out + indices[r * row: r * row + row - c] for r in range(sl.rows)])
+    ctab = _byte_map(tables.neighbour_class)
+    if sl.dependent:
+        ref = bytearray(bytes([n_lv]) * n_el)
+        for j in sl.dependent:
+            ref[j::c] = indices[sl.reference[j]::c]
+        ref_lanes = int.from_bytes(bytes(ref).translate(_byte_map(tables.reference_class)), "little")
+    else:  # every element has class reference_class[N]; the byte string of that value, as lanes
+        ref_lanes = int.from_bytes(bytes([tables.reference_class[n_lv]]) * n_el, "little")
     lanes = context_number(0, int.from_bytes(above.translate(ctab), "little"),
-                           int.from_bytes(left.translate(ctab), "little"), tables.classes)
-    low = (lanes * n_lv + int.from_bytes(indices, "little")).to_bytes(n_el, "little")
-    keys = bytearray(2 * n_el)
-    keys[0::2] = low
-    if tables.groups > 1:
-        keys[1::2] = bytes(tables.channel_group) * (height * width)
-    if height > 1 and width > 1:
-        span = 2 * c
-        keys = b"".join([keys[p * span: p * span + span] for p in diagonal_positions(height, width)])
-    view = memoryview(keys).cast("H")
+                           int.from_bytes(left.translate(ctab), "little"), tables.classes,
+                           ref_lanes, tables.reference_classes)
+    local = lanes.to_bytes(n_el, "little")
+    # key of index 0 per element, as low and high bytes: one lookup per channel with its group's table
+    low, high = bytearray(n_el), bytearray(n_el)
+    tabs = {}
+    for j in range(c):
+        g = sl.group[j]
+        if g not in tabs:
+            mk = tables.model_key[g]
+            tabs[g] = (_byte_map([k & 255 for k in mk]), _byte_map([k >> 8 for k in mk]))
+        lo, hi = tabs[g]
+        y = local[j::c]
+        low[j::c] = y.translate(lo)
+        high[j::c] = y.translate(hi)
+    base = bytearray(2 * n_el)
+    base[0::2] = low
+    base[1::2] = high
+    spread = bytearray(2 * n_el)
+    spread[0::2] = indices
+    keys = (int.from_bytes(base, "little") + int.from_bytes(spread, "little")).to_bytes(2 * n_el, "little")
+    view = _ordered(sl, keys, tables.classes)
     if sys.byteorder != "little":
         import array
-        arr = array.array("H", keys)
+        arr = array.array("H", view)
         arr.byteswap()
         return arr
-    return view
+    return memoryview(view).cast("H")
 
 
-def keys_slow(indices, height, width, tables):
+def _ordered(sl, keys, classes):
+    """Little-endian uint16 keys (NHWC order of the slice) reordered into scan order (SPEC.md 4.1)."""
+    c = sl.channels
+    order = sl.independent + sl.dependent
+    if order != list(range(c)):  # move the dependent channels behind the independent ones at each position
+        src = memoryview(keys).cast("H")
+        moved = bytearray(len(keys))
+        dst = memoryview(moved).cast("H")
+        for to, j in enumerate(order):
+            dst[to::c] = src[j::c]
+        keys = bytes(moved)
+    if classes == 1:  # channel-planar: each channel's plane in raster order, channels in scan order
+        view = memoryview(keys).cast("H")
+        return b"".join([view[j::c].tobytes() for j in range(c)])
+    if sl.rows == 1 or sl.width == 1:  # one position per diagonal: scan order is raster order
+        return keys
+    span = 2 * c
+    if not sl.dependent:
+        return b"".join([keys[p * span: p * span + span] for p in diagonal_positions(sl.rows, sl.width)])
+    split = 2 * len(sl.independent)
+    parts = []
+    diagonal = []
+    for p in diagonal_positions(sl.rows, sl.width):
+        if diagonal and p // sl.width + p % sl.width != diagonal[0] // sl.width + diagonal[0] % sl.width:
+            parts.extend([keys[q * span: q * span + split] for q in diagonal])
+            parts.extend([keys[q * span + split: q * span + span] for q in diagonal])
+            diagonal = []
+        diagonal.append(p)
+    parts.extend([keys[q * span: q * span + split] for q in diagonal])
+    parts.extend([keys[q * span + split: q * span + span] for q in diagonal])
+    return b"".join(parts)
+
+
+def keys_slow(sl, tables):
     """The same keys as ``keys_fast``, one element at a time (MicroPython, or any platform). The rule is
     applied once per pair of neighbour indices (N + 1 squared pairs, N meaning "outside"), not per element."""
-    c = tables.channels
+    c = sl.channels
     k = tables.classes
     n_lv = tables.levels
     ncls = tables.neighbour_class
+    rcls = tables.reference_class
     span = n_lv + 1
-    # key low byte minus the index, for above index a and left index b at entry a * (N + 1) + b
-    pair = [context_number(0, ncls[a], ncls[b], k) * n_lv for a in range(span) for b in range(span)]
-    group_hi = [g * 256 for g in tables.channel_group]
-    row = width * c
-    for p in diagonal_positions(height, width):
-        base = p * c
-        has_above = p >= width
-        has_left = p % width != 0
-        for ch in range(c):
-            a = indices[base - row + ch] if has_above else n_lv
-            b = indices[base - c + ch] if has_left else n_lv
-            yield group_hi[ch] + pair[a * span + b] + indices[base + ch]
+    # local context minus the reference part, for above index a and left index b at entry a * (N + 1) + b
+    pair = [context_number(0, ncls[a], ncls[b], k) for a in range(span) for b in range(span)]
+    kk = k * k  # context_number(0, 0, 0, K, rho, R) = rho * K^2
+    model_key = [tables.model_key[g] for g in sl.group]
+    reference = sl.reference
+    no_ref = rcls[n_lv] * kk
+    indices = sl.indices
+    row = sl.width * c
+    width = sl.width
+    if k == 1:  # channel-planar; neighbours do not count
+        for j in sl.independent + sl.dependent:
+            mk = model_key[j]
+            r = reference[j]
+            for p in range(sl.rows * width):
+                base = p * c
+                ctx = rcls[indices[base + r]] * kk if r >= 0 else no_ref
+                yield mk[ctx] + indices[base + j]
+        return
+    for d in range(sl.rows + width - 1):
+        h0 = d - width + 1 if d >= width else 0
+        h1 = d if d < sl.rows else sl.rows - 1
+        for chans in (sl.independent, sl.dependent):
+            for h in range(h0, h1 + 1):
+                p = h * width + d - h
+                base = p * c
+                has_above = h > 0
+                has_left = d - h > 0
+                for j in chans:
+                    a = indices[base - row + j] if has_above else n_lv
+                    b = indices[base - c + j] if has_left else n_lv
+                    r = reference[j]
+                    ctx = pair[a * span + b] + (rcls[indices[base + r]] * kk if r >= 0 else no_ref)
+                    yield model_key[j][ctx] + indices[base + j]
+
+
+def scan_keys(tables, indices, height, width, region=None):
+    """Every element's range coder key ``model * N + index`` in scan order, one at a time (for tools that
+    replay the range coder: ``Tables.start[key]``, ``Tables.freq[key]`` give its interval)."""
+    if region is None:
+        region = (0, height, 0, tables.channels)
+    return keys_slow(_Slice(tables, indices, height, width, region), tables)
 
 
 # MicroPython passes *args on its small Python stack (about 2000 arguments with the default pystack, and
@@ -121,8 +240,18 @@ def _check_shape(n_el, height, width, tables):
         raise EncodeError("%d elements exceed the limit %d" % (n_el, MAX_ELEMENTS))
 
 
+def _check_region(region, height, channels):
+    r0, rn, c0, cn = region
+    if rn < 1 or cn < 1 or r0 < 0 or c0 < 0 or r0 + rn > height or c0 + cn > channels:
+        raise EncodeError("slice rows %d+%d, channels %d+%d do not lie within %d rows and %d channels"
+                          % (r0, rn, c0, cn, height, channels))
+
+
 class Encoder(object):
-    """Encodes tensors with one table. ``fast=None`` picks the C-speed key path where available."""
+    """Encodes tensors with one table. ``fast=None`` picks the C-speed key path where available.
+
+    Frames take the table's version (a version 1 table gives version 1 frames, byte for byte what a
+    version 1 encoder writes), except that a slice is always a version 2 frame."""
 
     def __init__(self, tables, fast=None):
         self.tables = tables
@@ -130,32 +259,51 @@ class Encoder(object):
         self._byte_table = byte_table(tables)
         self.last_coder = None
 
-    def encode_indices(self, indices, height, width):
-        """Frame for index bytes (NHWC order, each < levels)."""
+    def payload(self, indices, height, width, region=None):
+        """The payload words' bytes for index bytes (the whole tensor, NHWC order, each < levels) coding the
+        slice ``region`` = (row_first, row_count, channel_first, channel_count), the whole tensor if None."""
         t = self.tables
         _check_shape(len(indices), height, width, t)
+        if region is None:
+            region = (0, height, 0, t.channels)
+        _check_region(region, height, t.channels)
+        sl = _Slice(t, indices, height, width, region)
         coder = RangeEncoder()
-        if t.classes == 1:
-            # channel-planar order; with K = 1 the context number is the group g (``context_number``), so
-            # each plane is coded with group g's keys g * 256 + index
-            for ch, plane in enumerate(planes(bytes(indices), t.channels)):
-                off = t.channel_group[ch] * 256
+        if t.classes == 1 and not sl.dependent:
+            # channel-planar order, each plane with one model: its keys are model * N + index
+            for j, plane in enumerate(planes(sl.indices, sl.channels)):
+                off = t.model_key[sl.group[j]][context_number(0, 0, 0, 1, t.reference_class[t.levels],
+                                                              t.reference_classes)]
                 coder.encode_keys(plane, t.start[off:off + t.levels], t.freq[off:off + t.levels])
         else:
-            if self.fast:
-                keys = keys_fast(bytes(indices), height, width, t)
-            else:
-                keys = keys_slow(indices, height, width, t)
+            keys = keys_fast(sl, t) if self.fast else keys_slow(sl, t)
             coder.encode_keys(keys, t.start, t.freq)
         words = coder.finish()
         self.last_coder = coder  # its inversion/carry counts are useful to tests
-        payload = pack_words(words)
-        return pack_frame(t.table_id, (height, width, t.channels), payload)
+        return pack_words(words)
 
-    def encode_int8(self, data, height, width):
+    def encode_indices(self, indices, height, width, region=None):
+        """Frame for index bytes (the whole tensor, NHWC order, each < levels); a slice of it when ``region``
+        = (row_first, row_count, channel_first, channel_count) is given."""
+        t = self.tables
+        payload = self.payload(indices, height, width, region)
+        version = 2 if region is not None else t.version
+        return pack_frame(t.table_id, (height, width, t.channels), payload, version, region)
+
+    def encode_int8(self, data, height, width, region=None):
         """Frame for an int8 tensor given as bytes-like (two's complement), NHWC, batch 1."""
-        return self.encode_indices(indices_from_int8(data, self.tables, self._byte_table), height, width)
+        return self.encode_indices(indices_from_int8(data, self.tables, self._byte_table), height, width, region)
 
-    def encode_float(self, values, height, width):
+    def encode_float(self, values, height, width, region=None):
         """Frame for a float tensor given as an iterable of floats in NHWC order."""
-        return self.encode_indices(indices_from_float(values, self.tables), height, width)
+        return self.encode_indices(indices_from_float(values, self.tables), height, width, region)
+
+    def encode_sliced(self, indices, height, width, max_frame_bytes):
+        """Frames of at most ``max_frame_bytes`` each whose slices tile the tensor (``lwfc.slices``)."""
+        from .slices import encode_sliced
+        return encode_sliced(self, indices, height, width, max_frame_bytes)
+
+    def encode_int8_sliced(self, data, height, width, max_frame_bytes):
+        """``encode_sliced`` for an int8 tensor given as bytes-like (two's complement), NHWC."""
+        return self.encode_sliced(indices_from_int8(data, self.tables, self._byte_table), height, width,
+                                  max_frame_bytes)

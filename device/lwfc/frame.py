@@ -4,16 +4,24 @@ All multi-byte fields are little-endian. Layout::
 
     offset size field
        0    2  magic            b"LW"
-       2    1  version          1
-       3    1  flags            0 (every bit reserved)
+       2    1  version          1 or 2
+       3    1  flags            bit 0: SLICE (version 2 only); every other bit reserved
        4    4  table_id         first 4 bytes of the table's SHA-256 id
-       8    2  height           H >= 1
-      10    2  width            W >= 1
-      12    2  channels         C >= 1
-      14    4  element_count    H * W * C, at most MAX_ELEMENTS
-      18    4  payload_length   bytes, a multiple of 4, at least 4, at most max_payload_length(n)
-      22    -  payload          the range coder's 32-bit words, each little-endian
-    22+L    4  crc32            CRC-32 of bytes [0, 22 + L)
+       8    2  height           H >= 1    \\
+      10    2  width            W >= 1     } the whole tensor
+      12    2  channels         C >= 1    /
+     (SLICE only: 4 more fields, 8 bytes)
+      14    2  row_first        the slice's rows are row_first .. row_first + row_count - 1
+      16    2  row_count
+      18    2  channel_first    its channels channel_first .. channel_first + channel_count - 1
+      20    2  channel_count
+       E    4  element_count    of the frame (the slice): row_count * W * channel_count; H * W * C unsliced
+     E+4    4  payload_length   bytes, a multiple of 4, at least 4, at most max_payload_length(element_count)
+     E+8    -  payload          the range coder's 32-bit words, each little-endian
+     E+8+L  4  crc32            CRC-32 of every byte before it
+
+E = 14 (header 22 bytes) without SLICE, 22 (header 30 bytes) with it. A version 1 frame is an unsliced
+version 2 frame with the version byte 1.
 """
 
 import struct
@@ -31,11 +39,16 @@ from .errors import (
 )
 
 MAGIC = b"LW"
-VERSION = 1
-HEADER_SIZE = 22
+VERSION = 2  # the newest frame version; this module reads VERSIONS
+VERSIONS = (1, 2)
+FLAG_SLICE = 0x01
+HEADER_SIZE = 22  # without SLICE; the smallest header
+SLICE_HEADER_SIZE = 30
 CRC_SIZE = 4
 MAX_ELEMENTS = 1 << 26
-_HEADER = "<2sBB4sHHHII"
+_FIXED = "<2sBB4sHHH"  # the first 14 bytes
+_SLICE = "<HHHH"
+_COUNTS = "<II"
 
 
 def max_payload_length(element_count):
@@ -46,71 +59,131 @@ def max_payload_length(element_count):
 
 
 class FrameHeader(object):
-    """The parsed, validated header fields of a frame."""
+    """The parsed, validated header fields of a frame.
 
-    __slots__ = ("version", "flags", "table_id", "shape", "element_count", "payload_length")
+    ``shape`` is the whole tensor's (H, W, C). The frame codes the slice of rows
+    ``row_first .. row_first + row_count - 1`` and channels ``channel_first .. channel_first + channel_count - 1``
+    (the whole tensor when ``sliced`` is false); ``slice_shape`` is its (row_count, W, channel_count) and
+    ``element_count`` its number of elements."""
 
-    def __init__(self, table_id, shape, payload_length, version=VERSION, flags=0):
+    __slots__ = ("version", "flags", "table_id", "shape", "row_first", "row_count", "channel_first",
+                 "channel_count", "element_count", "payload_length")
+
+    def __init__(self, table_id, shape, payload_length, version=1, flags=0, region=None):
         self.version = version
         self.flags = flags
         self.table_id = bytes(table_id)
         self.shape = tuple(shape)
-        self.element_count = shape[0] * shape[1] * shape[2]
+        h, w, c = self.shape
+        if region is None:
+            region = (0, h, 0, c)
+        self.row_first, self.row_count, self.channel_first, self.channel_count = region
+        self.element_count = self.row_count * w * self.channel_count
         self.payload_length = payload_length
 
     @property
+    def sliced(self):
+        return bool(self.flags & FLAG_SLICE)
+
+    @property
+    def region(self):
+        """(row_first, row_count, channel_first, channel_count)."""
+        return (self.row_first, self.row_count, self.channel_first, self.channel_count)
+
+    @property
+    def slice_shape(self):
+        return (self.row_count, self.shape[1], self.channel_count)
+
+    @property
+    def header_size(self):
+        return SLICE_HEADER_SIZE if self.sliced else HEADER_SIZE
+
+    @property
     def frame_length(self):
-        return HEADER_SIZE + self.payload_length + CRC_SIZE
+        return self.header_size + self.payload_length + CRC_SIZE
 
     def __repr__(self):
-        return "FrameHeader(table_id=%s, shape=%r, payload_length=%d)" % (
-            hexlify(self.table_id), self.shape, self.payload_length)
+        extra = ", region=%r" % (self.region,) if self.sliced else ""
+        return "FrameHeader(version=%d, table_id=%s, shape=%r%s, payload_length=%d)" % (
+            self.version, hexlify(self.table_id), self.shape, extra, self.payload_length)
 
 
 def hexlify(b):
     return "".join("%02x" % x for x in b)
 
 
-def pack_frame(table_id, shape, payload):
-    """Assemble a frame from a 4-byte table id, the (H, W, C) shape and the payload bytes."""
+def pack_frame(table_id, shape, payload, version=1, region=None):
+    """Assemble a frame from a 4-byte table id, the whole tensor's (H, W, C), the payload bytes, the frame
+    version and, for a slice (version 2 only), its region (row_first, row_count, channel_first, channel_count)."""
     h, w, c = shape
-    n = h * w * c
     if len(table_id) != 4:
         raise ValueError("table_id must be 4 bytes")
-    head = struct.pack(_HEADER, MAGIC, VERSION, 0, bytes(table_id), h, w, c, n, len(payload))
+    if version not in VERSIONS:
+        raise ValueError("frame version must be one of %r" % (VERSIONS,))
+    if region is None:
+        head = struct.pack(_FIXED, MAGIC, version, 0, bytes(table_id), h, w, c)
+        n = h * w * c
+    else:
+        if version < 2:
+            raise ValueError("slices need frame version 2")
+        r0, rn, c0, cn = region
+        head = struct.pack(_FIXED, MAGIC, version, FLAG_SLICE, bytes(table_id), h, w, c) + struct.pack(
+            _SLICE, r0, rn, c0, cn)
+        n = rn * w * cn
+    head += struct.pack(_COUNTS, n, len(payload))
     crc = crc32(payload, crc32(head))
     return b"".join((head, payload, struct.pack("<I", crc)))
 
 
 def parse_header(buf):
-    """Parse and check the fixed header at the start of ``buf`` (needs only its first 22 bytes).
+    """Parse and check the header at the start of ``buf`` (needs only its first 22 bytes, or 30 for a slice).
 
-    Checks everything the header alone can tell: magic, version, reserved flags, shape, element count
-    and payload length limits. Raises a FrameError subclass naming the problem."""
+    Checks everything the header alone can tell (SPEC.md 6, steps 1-3): magic, version, reserved flags,
+    shape and slice region, element count and payload length limits. Raises a FrameError subclass naming
+    the problem."""
     if len(buf) < HEADER_SIZE:
         if len(buf) >= 2 and bytes(buf[:2]) != MAGIC:
             raise BadMagic("bad magic %r, expected %r" % (bytes(buf[:2]), MAGIC))
         raise TruncatedFrame("truncated header: %d bytes, need %d" % (len(buf), HEADER_SIZE))
-    magic, version, flags, table_id, h, w, c, n, plen = struct.unpack(_HEADER, bytes(buf[:HEADER_SIZE]))
+    magic, version, flags, table_id, h, w, c = struct.unpack(_FIXED, bytes(buf[:14]))
     if magic != MAGIC:
         raise BadMagic("bad magic %r, expected %r" % (magic, MAGIC))
-    if version != VERSION:
-        raise UnsupportedVersion("unsupported frame version %d (this decoder reads version %d)"
-                                 % (version, VERSION))
-    if flags != 0:
-        raise ReservedBits("reserved flag bits set: 0x%02x" % flags)
+    if version not in VERSIONS:
+        raise UnsupportedVersion("unsupported frame version %d (this decoder reads versions %s)"
+                                 % (version, ", ".join(str(v) for v in VERSIONS)))
+    allowed = FLAG_SLICE if version >= 2 else 0
+    if flags & ~allowed:
+        raise ReservedBits("reserved flag bits set: 0x%02x" % (flags & ~allowed))
+    sliced = flags & FLAG_SLICE
+    if sliced and len(buf) < SLICE_HEADER_SIZE:
+        raise TruncatedFrame("truncated slice header: %d bytes, need %d" % (len(buf), SLICE_HEADER_SIZE))
+    at = 14
+    region = None
+    if sliced:
+        region = struct.unpack(_SLICE, bytes(buf[14:22]))
+        at = 22
+    n, plen = struct.unpack(_COUNTS, bytes(buf[at:at + 8]))
     if h == 0 or w == 0 or c == 0:
         raise BadShape("shape %dx%dx%d has a zero dimension" % (h, w, c))
-    if h * w * c != n:
-        raise BadShape("element_count %d disagrees with shape %dx%dx%d (= %d)" % (n, h, w, c, h * w * c))
-    if n > MAX_ELEMENTS:
-        raise BadShape("element_count %d exceeds the limit %d" % (n, MAX_ELEMENTS))
+    if h * w * c > MAX_ELEMENTS:
+        raise BadShape("shape %dx%dx%d: %d elements exceeds the limit %d" % (h, w, c, h * w * c, MAX_ELEMENTS))
+    if region is not None:
+        r0, rn, c0, cn = region
+        if rn == 0 or cn == 0 or r0 + rn > h or c0 + cn > c:
+            raise BadShape("slice rows %d+%d, channels %d+%d do not lie within the %dx%dx%d tensor"
+                           % (r0, rn, c0, cn, h, w, c))
+        count = rn * w * cn
+    else:
+        count = h * w * c
+    if count != n:
+        raise BadShape("element_count %d disagrees with the %s (%d elements)"
+                       % (n, "slice" if region else "shape %dx%dx%d" % (h, w, c), count))
     if plen % 4 != 0 or plen < 4:
         raise PayloadError("payload_length %d is not a positive multiple of 4" % plen)
     if plen > max_payload_length(n):
         raise PayloadError("payload_length %d exceeds the maximum %d for %d elements"
                            % (plen, max_payload_length(n), n))
-    return FrameHeader(table_id, (h, w, c), plen, version, flags)
+    return FrameHeader(table_id, (h, w, c), plen, version, flags, region)
 
 
 def parse_frame(buf):
@@ -124,9 +197,17 @@ def parse_frame(buf):
     if len(buf) > total:
         raise TrailingData("%d bytes of trailing data after a %d-byte frame" % (len(buf) - total, total))
     mv = memoryview(buf)
-    body_end = HEADER_SIZE + header.payload_length
+    body_end = header.header_size + header.payload_length
     (stored,) = struct.unpack("<I", bytes(mv[body_end:total]))
     actual = crc32(mv[:body_end])
     if stored != actual:
         raise CrcMismatch("CRC-32 mismatch: frame says %08x, content gives %08x" % (stored, actual))
-    return header, bytes(mv[HEADER_SIZE:body_end])
+    return header, bytes(mv[header.header_size:body_end])
+
+
+def check_table_version(header, tables_version):
+    """A version 1 frame is coded with a version 1 table only (SPEC.md 6, step 6). Returns an error message
+    or None."""
+    if header.version == 1 and tables_version != 1:
+        return "a version 1 frame cannot be coded with a version %d table" % tables_version
+    return None

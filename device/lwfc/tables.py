@@ -13,12 +13,15 @@ import json
 from .errors import TableError
 
 FORMAT = "lwfc-tables"
-VERSION = 1
+VERSION = 2  # the newest table version this reader reads; it reads every version in VERSIONS
+VERSIONS = (1, 2)
 PRECISION = 24
 TOTAL = 1 << PRECISION
-MAX_LEVELS = 16
+MAX_LEVELS = 64  # version 2; version 1 tables have at most MAX_LEVELS_V1
+MAX_LEVELS_V1 = 16
 MAX_GROUPS = 256
 MAX_CHANNELS = 65535
+MAX_KEYS = 65536  # models * levels (version 2): the range coder key m * N + s fits 16 bits
 
 
 def _require(cond, msg):
@@ -79,37 +82,42 @@ def _get(d, key, where="table"):
     return d[key]
 
 
-def context_number(group, class_above, class_left, classes):
+def context_number(group, class_above, class_left, classes, class_reference=0, reference_classes=1):
     """The context rule (SPEC.md 4.2), stated once for the device core.
 
-    Element (h, w, c) has an above neighbour index a (of (h - 1, w, c), or N, "outside the tensor", when
-    h = 0) and a left neighbour index l (of (h, w - 1, c), or N when w = 0). With g = channel_group[c],
+    Element (h, w, c) of a slice has an above neighbour index a (of (h - 1, w, c), or N, "outside", when
+    row h - 1 is not in the slice), a left neighbour index l (of (h, w - 1, c), or N when w = 0) and a
+    reference index b (of (h, w, reference_channel[c]), or N when c has no reference channel in the
+    slice; version 1 tables have none). With g = channel_group[c], K classes and R reference classes,
     the element's context number is
 
-        x = g * K^2 + neighbour_class[a] * K + neighbour_class[l]
+        x = ((g * R + reference_class[b]) * K + neighbour_class[a]) * K + neighbour_class[l]
 
-    and it is coded with model model_of_context[x]. With K = 1 every class is 0, so x = g.
+    and it is coded with model model_of_context[x]. With R = 1 (every version 1 table) this is
+    x = g * K^2 + neighbour_class[a] * K + neighbour_class[l]; with K = 1 and R = 1, x = g.
 
     This function is that formula on the classes. It is plain integer arithmetic, so the encoder uses it
     both per element and on many elements at once: its fast path passes byte lanes packed into big
-    integers with group 0 (K^2 * N <= 256 keeps every lane below 256, so lanes never carry). The range
-    coder key of an element packs the group and its context within the group into two bytes:
-    ``group * 256 + context_number(0, class_above, class_left, K) * N + index`` (``Tables.start``/``freq``).
-    The host's vectorised form, on numpy arrays, is ``lwfc_host.codec.fast.context_ids``; a test ties the two.
+    integers with group 0 (R * K^2 <= 256 keeps every lane below 256, so lanes never carry). The host's
+    vectorised form, on numpy arrays, is ``lwfc_host.codec.fast.context_ids``; a test ties the two.
     """
-    return (group * classes + class_above) * classes + class_left
+    return ((group * reference_classes + class_reference) * classes + class_above) * classes + class_left
 
 
 class Tables(object):
     """A validated table file, with the lookups the encoder uses.
 
     Attributes (all plain Python ints and lists):
-      table_id (4 bytes), channels (C), levels (N), classes (K), groups (G),
+      table_id (4 bytes), version (1 or 2), channels (C), levels (N), classes (K), groups (G),
+      reference_classes (R; 1 for version 1 tables),
       index_of_q (256 ints, q = -128..127), frac_bits, thresholds (N-1 ints),
-      neighbour_class (N+1 ints; entry N is "outside the tensor"), channel_group (C ints),
-      model_of_context (G*K*K ints), models (lists of N frequencies),
-      start, freq: the range coder's (cumulative start, frequency) per key
-      ``group * 256 + context_number(0, class_above, class_left, K) * N + index``.
+      neighbour_class (N+1 ints; entry N is "outside the slice"), channel_group (C ints),
+      reference_channel (C ints, -1: no reference; all -1 for version 1 tables),
+      reference_class (N+1 ints; entry N is "no reference"; all 0 for version 1 tables),
+      model_of_context (G*R*K*K ints), models (lists of N frequencies),
+      start, freq: the range coder's (cumulative start, frequency) per key ``m * N + index`` of model m,
+      model_key: per group g, the list over y = context_number(0, class_above, class_left, K, class_reference, R)
+        (y < R*K*K <= 256) of ``model_of_context[g * R*K*K + y] * N``, the key of index 0 in y's model.
       raw: the parsed JSON object.
     Every field is checked, in a fixed order (first: no number anywhere is NaN or infinite); the first
     failing check raises TableError.
@@ -132,8 +140,10 @@ class Tables(object):
         """format, version, table_id, layout."""
         _require(_get(obj, "format") == FORMAT, "format must be %r, found %r" % (FORMAT, obj.get("format")))
         version = _get(obj, "version")
-        _require(_is_int(version) and version == VERSION,
-                 "unsupported table version %r (this reader reads the integer %d)" % (version, VERSION))
+        _require(_is_int(version) and version in VERSIONS,
+                 "unsupported table version %r (this reader reads the integers %s)"
+                 % (version, ", ".join(str(v) for v in VERSIONS)))
+        self.version = version
         tid = _get(obj, "table_id")
         _require(isinstance(tid, str) and len(tid) == 8 and all(ch in _HEX for ch in tid),
                  "table_id must be 8 lower-case hex digits, found %r" % (tid,))
@@ -143,7 +153,7 @@ class Tables(object):
     def _read_shape(self, obj):
         """channels, levels, and the clip range (checked; only the host uses it)."""
         channels = _int(_get(obj, "channels"), "channels", 1, MAX_CHANNELS)
-        levels = _int(_get(obj, "levels"), "levels", 2, MAX_LEVELS)
+        levels = _int(_get(obj, "levels"), "levels", 2, MAX_LEVELS if self.version >= 2 else MAX_LEVELS_V1)
         self.channels = channels
         self.levels = levels
         clip_min = _number(_get(obj, "clip_min"), "clip_min")
@@ -184,32 +194,62 @@ class Tables(object):
         self.reconstruction = recon
 
     def _read_contexts(self, ctx):
-        """contexts: groups G, classes K, the channel -> group and neighbour index -> class maps, and
-        model_of_context (checked against the models in ``_read_models``)."""
+        """contexts: groups G, classes K, the channel -> group and neighbour index -> class maps, (version 2)
+        the reference channels and reference classes R, and model_of_context (checked against the models in
+        ``_read_models``)."""
         channels, levels = self.channels, self.levels
         groups = _int(_get(ctx, "groups", "contexts"), "contexts.groups", 1, min(channels, MAX_GROUPS))
+        if self.version >= 2:
+            refs = _int(_get(ctx, "reference_classes", "contexts"), "contexts.reference_classes", 1, 256)
+        else:
+            refs = 1
         classes = _get(ctx, "classes", "contexts")
-        _require(_is_int(classes) and classes >= 1 and classes * classes * levels <= 256,
-                 "contexts.classes K must be an integer >= 1 with K*K*levels <= 256, found %r" % (classes,))
+        if self.version >= 2:
+            _require(_is_int(classes) and classes >= 1 and refs * classes * classes <= 256,
+                     "contexts.classes K must be an integer >= 1 with reference_classes*K*K <= 256, found %r"
+                     % (classes,))
+        else:
+            _require(_is_int(classes) and classes >= 1 and classes * classes * levels <= 256,
+                     "contexts.classes K must be an integer >= 1 with K*K*levels <= 256, found %r" % (classes,))
         cg = _int_list(_get(ctx, "channel_group", "contexts"), "contexts.channel_group", channels)
         for v in cg:
             _require(0 <= v < groups, "contexts.channel_group entry %d outside 0..%d" % (v, groups - 1))
         ncls = _int_list(_get(ctx, "neighbour_class", "contexts"), "contexts.neighbour_class", levels + 1)
         for v in ncls:
             _require(0 <= v < classes, "contexts.neighbour_class entry %d outside 0..%d" % (v, classes - 1))
+        if self.version >= 2:
+            rch = _int_list(_get(ctx, "reference_channel", "contexts"), "contexts.reference_channel", channels)
+            for c, r in enumerate(rch):
+                _require(-1 <= r < channels and r != c,
+                         "contexts.reference_channel[%d] = %d is not -1 or another channel" % (c, r))
+                _require(r == -1 or rch[r] == -1,
+                         "contexts.reference_channel[%d] = %d names a channel that has a reference itself" % (c, r))
+            rcls = _int_list(_get(ctx, "reference_class", "contexts"), "contexts.reference_class", levels + 1)
+            for v in rcls:
+                _require(0 <= v < refs, "contexts.reference_class entry %d outside 0..%d" % (v, refs - 1))
+        else:
+            rch = [-1] * channels
+            rcls = [0] * (levels + 1)
         moc = _int_list(_get(ctx, "model_of_context", "contexts"), "contexts.model_of_context",
-                        groups * classes * classes)
+                        groups * refs * classes * classes)
         self.groups = groups
         self.classes = classes
+        self.reference_classes = refs
         self.channel_group = cg
         self.neighbour_class = ncls
+        self.reference_channel = rch
+        self.reference_class = rcls
         self.model_of_context = moc
 
     def _read_models(self, obj):
         """models: M lists of N integer frequencies, each >= 1, each list summing to 2^24."""
         models = _get(obj, "models")
-        _require(isinstance(models, list) and 1 <= len(models) <= self.groups * self.classes * self.classes,
-                 "models must list 1..groups*classes^2 models")
+        most = self.groups * self.reference_classes * self.classes * self.classes
+        if self.version >= 2:
+            most = min(most, MAX_KEYS // self.levels)
+        _require(isinstance(models, list) and 1 <= len(models) <= most,
+                 "models must list 1..%d models (groups*reference_classes*classes^2%s)"
+                 % (most, ", and models*levels <= 65536" if self.version >= 2 else ""))
         for m, freqs in enumerate(models):
             _int_list(freqs, "models[%d]" % m, self.levels)
             for f in freqs:
@@ -220,27 +260,35 @@ class Tables(object):
         self.models = models
 
     def _build_keys(self):
-        """start/freq per range coder key (see ``context_number``): the model of each context, by the rule."""
-        n, k = self.levels, self.classes
-        start = [0] * (self.groups * 256)
-        freq = [0] * (self.groups * 256)
-        cumulative = []
+        """start/freq per range coder key ``m * N + index``, and each group's key of index 0 per local context y
+        (``model_key``; see ``context_number``)."""
+        n = self.levels
+        start, freq = [], []
         for freqs in self.models:
-            c, acc = [], 0
+            acc = 0
             for f in freqs:
-                c.append(acc)
+                start.append(acc)
+                freq.append(f)
                 acc += f
-            cumulative.append(c)
-        for g in range(self.groups):
-            for ca in range(k):
-                for cl in range(k):
-                    m = self.model_of_context[context_number(g, ca, cl, k)]
-                    base = g * 256 + context_number(0, ca, cl, k) * n
-                    for s in range(n):
-                        start[base + s] = cumulative[m][s]
-                        freq[base + s] = self.models[m][s]
         self.start = start
         self.freq = freq
+        per_group = self.reference_classes * self.classes * self.classes
+        moc = self.model_of_context
+        self.model_key = [[moc[g * per_group + y] * n for y in range(per_group)] for g in range(self.groups)]
+
+    def channels_in_order(self, channel_first, channel_count):
+        """The channels of a slice with channels [channel_first, channel_first + channel_count), in the order
+        the scan visits them at a position (SPEC.md 4.1): those without a reference channel in the slice
+        ascending, then those with one, ascending. Returns (independent, dependent) lists of channels."""
+        end = channel_first + channel_count
+        independent, dependent = [], []
+        for c in range(channel_first, end):
+            r = self.reference_channel[c]
+            if channel_first <= r < end:
+                dependent.append(c)
+            else:
+                independent.append(c)
+        return independent, dependent
 
     def table_id_hex(self):
         return "".join("%02x" % b for b in self.table_id)

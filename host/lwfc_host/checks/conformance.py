@@ -22,13 +22,13 @@ from typing import Callable
 
 import numpy as np
 
-from lwfc.encoder import Encoder, keys_slow, planes
+from lwfc.encoder import Encoder, scan_keys
 from lwfc.errors import LwfcError
-from lwfc.frame import HEADER_SIZE, pack_frame
+from lwfc.frame import pack_frame, parse_frame
 from lwfc.rangecoder import RangeEncoder
 from lwfc.tables import Tables
 from lwfc_host.codec.decoder import Decoder
-from lwfc_host.codec.fast import encode_indices_constriction, encode_int8_constriction, indices_from_float_np
+from lwfc_host.codec.fast import FastEncoder, indices_from_float_np
 from lwfc_host.design.tablefile import load_verified, write_tables
 from lwfc_host.design.tablegen import uniform_table
 
@@ -48,6 +48,12 @@ class VectorSpec:
     dtype: str = "int8"         # int8 | float32
     covers: str = ""
     seed: int = 0
+    # version 2: "thirds" gives every channel but each third one a reference channel (``reference_pattern``),
+    # with ``reference_classes`` classes of the reference index
+    references: str | None = None
+    reference_classes: int = 1
+    # version 2 slice coded by the vector: (row_first, row_count, channel_first, channel_count)
+    region: tuple[int, int, int, int] | None = None
     # hand-made vectors: returns (table dict without format/version/table_id, input array)
     build: Callable[[], tuple[dict, np.ndarray]] | None = None
 
@@ -197,6 +203,37 @@ EDGE_VECTORS = [
 VECTORS += EDGE_VECTORS
 
 
+def reference_pattern(channels: int) -> list[int]:
+    """Reference channels for the version 2 vectors: channels 2, 5, 8, ... are reference channels; each
+    other channel c refers to reference channel number 7c mod (their count), so that references point both
+    up and down the channel order and a slice of channels cuts some of them."""
+    bases = [c for c in range(channels) if c % 3 == 2]
+    if not bases:
+        return [-1] * channels
+    return [-1 if c % 3 == 2 else bases[(7 * c) % len(bases)] for c in range(channels)]
+
+
+V2_VECTORS = [
+    VectorSpec("v2_references", (16, 16, 32), 4, groups=4, classes=3, references="thirds", reference_classes=3,
+               covers="reference channels (4.2), anti-diagonal scan with independent then dependent channels"),
+    VectorSpec("v2_references_planar", (12, 10, 12), 6, groups="channel", references="thirds", reference_classes=4,
+               covers="reference channels with K = 1: independent planes, then dependent planes"),
+    VectorSpec("v2_levels_64", (8, 9, 16), 64, groups=2, classes=2, references="thirds", reference_classes=4,
+               covers="64 levels, R * K * K = 16", seed=3),
+    VectorSpec("v2_levels_32_float", (6, 7, 9), 32, groups=3, classes=3, dtype="float32",
+               covers="32 levels, float input, no references (version 2 table)", seed=4),
+    VectorSpec("slice_rows", (16, 16, 32), 4, groups=4, classes=3, region=(5, 4, 0, 32),
+               covers="a slice of rows 5..8 of a version 1 table's tensor: a version 2 frame; row 5 has no above"),
+    VectorSpec("slice_block", (16, 16, 32), 4, groups=4, classes=3, references="thirds", reference_classes=3,
+               region=(3, 7, 4, 17), covers="rows 3..9, channels 4..20: references outside the slice count as none"),
+    VectorSpec("slice_planar", (12, 10, 12), 6, groups="channel", references="thirds", reference_classes=4,
+               region=(11, 1, 1, 9), covers="a one-row slice of a K = 1 table with references"),
+    VectorSpec("slice_one_channel", (9, 11, 6), 5, groups=2, classes=2, references="thirds", reference_classes=2,
+               region=(0, 9, 4, 1), covers="all rows of one dependent channel whose reference is outside"),
+]
+VECTORS += V2_VECTORS
+
+
 def _activations(shape, rng, batch=None):
     """ReLU-like, spatially correlated activations (smoothed Gaussian noise, shifted and rectified)."""
     h, w, c = shape
@@ -214,7 +251,9 @@ def make_vector(spec: VectorSpec, root: Path) -> Path:
         return _write_vector(spec, root, *spec.build())
     rng = np.random.default_rng(spec.seed + 1000)
     calib = _activations(spec.shape, rng, batch=4)
-    table = uniform_table(calib, spec.levels, clip_max=2.0, groups=spec.groups, classes=spec.classes)
+    refs = reference_pattern(spec.shape[2]) if spec.references == "thirds" else None
+    table = uniform_table(calib, spec.levels, clip_max=2.0, groups=spec.groups, classes=spec.classes,
+                          reference_channel=refs, reference_classes=spec.reference_classes)
     folder = root / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     table = write_tables(table, folder / "tables.json")
@@ -230,10 +269,15 @@ def make_vector(spec: VectorSpec, root: Path) -> Path:
     else:
         data = (x + rng.normal(scale=0.05, size=x.shape)).astype(np.float32)  # some negatives too
     np.save(folder / "input.npy", data)
-    frame = _encoders()["python"](tables, data)
+    if spec.region is not None:
+        (folder / "region.json").write_text(json.dumps(dict(zip(REGION_FIELDS, spec.region))) + "\n")
+    frame = _encoders()["python"](tables, data, spec.region)
     (folder / "expected.lwfc").write_bytes(frame)
     np.save(folder / "indices.npy", Decoder(tables).decode(frame).indices)
     return folder
+
+
+REGION_FIELDS = ("row_first", "row_count", "channel_first", "channel_count")
 
 
 def _write_vector(spec: VectorSpec, root: Path, table: dict, data: np.ndarray) -> Path:
@@ -250,23 +294,19 @@ def _write_vector(spec: VectorSpec, root: Path, table: dict, data: np.ndarray) -
     return folder
 
 
-def _symbol_intervals(tables: Tables, indices: np.ndarray):
-    """(cumulative start, frequency) of each index of an (H, W, C) array, in the scan order (SPEC.md 4.1-4.2),
-    from the device encoder's own key tables."""
-    h, w, _ = indices.shape
-    data = np.ascontiguousarray(indices, dtype=np.uint8).tobytes()
-    if tables.classes == 1:
-        for ch, plane in enumerate(planes(data, tables.channels)):
-            off = tables.channel_group[ch] * 256
-            for s in plane:
-                yield tables.start[off + s], tables.freq[off + s]
-    else:
-        for key in keys_slow(data, h, w, tables):
-            yield tables.start[key], tables.freq[key]
+def _symbol_intervals(tables: Tables, indices: np.ndarray, channel_first: int = 0):
+    """(cumulative start, frequency) of each index of an (Hs, W, Cs) slice whose first channel is
+    ``channel_first``, in the scan order (SPEC.md 4.1-4.2), from the device encoder's own key tables."""
+    h, w, cs = indices.shape
+    full = np.zeros((h, w, tables.channels), dtype=np.uint8)  # the slice placed in a tensor of its rows
+    full[:, :, channel_first:channel_first + cs] = indices
+    for key in scan_keys(tables, full.tobytes(), h, w, (0, h, channel_first, cs)):
+        yield tables.start[key], tables.freq[key]
 
 
-def coder_events(tables: Tables, indices: np.ndarray, payload: bytes | None = None) -> dict:
-    """What the range coder meets while coding an (H, W, C) index array (the index.json counts, SPEC.md 9).
+def coder_events(tables: Tables, indices: np.ndarray, payload: bytes | None = None, channel_first: int = 0) -> dict:
+    """What the range coder meets while coding an (Hs, W, Cs) index slice whose first channel is
+    ``channel_first`` (the whole tensor by default; the index.json counts, SPEC.md 9).
 
     Replays the device's RangeEncoder one index at a time and classifies each step by SPEC.md 4.4-4.5
     from the state before it: nothing here codes on its own. With ``payload``, checks that the replay
@@ -275,7 +315,7 @@ def coder_events(tables: Tables, indices: np.ndarray, payload: bytes | None = No
     coder = RangeEncoder()
     ev = {"inversions": 0, "carries": 0, "max_pending": 0, "max_pending_carry": 0, "max_pending_no_carry": 0,
           "exact_carry": 0, "exact_top_inverted": 0, "exact_top_renormalised": 0}
-    for start, freq in _symbol_intervals(tables, indices):
+    for start, freq in _symbol_intervals(tables, indices, channel_first):
         scale = coder.rng >> 24
         rng = scale * freq
         low = coder.low + scale * start
@@ -324,37 +364,46 @@ def regenerate(root: Path = VECTOR_DIR) -> list[Path]:
     folders = [make_vector(spec, root) for spec in VECTORS]
     index = []
     for spec, folder in zip(VECTORS, folders):
-        tables, data, expected, indices = load_vector(folder)
+        tables, data, expected, indices, region = load_vector(folder)
+        header, payload = parse_frame(expected)
         entry = {"name": spec.name, "shape": list(spec.shape), "levels": spec.levels,
                  "groups": spec.groups, "classes": spec.classes, "input": spec.dtype,
+                 "table_version": tables.version, "frame_version": header.version,
+                 "dependent_channels": sum(r >= 0 for r in tables.reference_channel),
+                 "reference_classes": tables.reference_classes,
+                 "region": list(region) if region is not None else None,
                  "covers": spec.covers, "frame_bytes": len(expected)}
         # what the range coder and the quantizer meet (SPEC.md 3.4, 4.4, 4.5; every field defined in 9)
-        entry.update(coder_events(tables, indices, expected[HEADER_SIZE:-4]))
+        entry.update(coder_events(tables, indices, payload, header.channel_first))
         entry["threshold_hits"] = threshold_hits(tables, data)
         index.append(entry)
     (root / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return folders
 
 
-def _python_encoder(fast: bool) -> Callable[[Tables, np.ndarray], bytes]:
-    def encode(tables: Tables, data: np.ndarray) -> bytes:
+Region = tuple[int, int, int, int] | None
+
+
+def _python_encoder(fast: bool) -> Callable[[Tables, np.ndarray, Region], bytes]:
+    def encode(tables: Tables, data: np.ndarray, region: Region = None) -> bytes:
         h, w, _ = data.shape
         enc = Encoder(tables, fast=fast)
         if data.dtype == np.int8:
-            return enc.encode_int8(data.tobytes(), h, w)
-        return enc.encode_float(data.reshape(-1).tolist(), h, w)
+            return enc.encode_int8(data.tobytes(), h, w, region)
+        return enc.encode_float(data.reshape(-1).tolist(), h, w, region)
     return encode
 
 
-def _constriction_encoder(tables: Tables, data: np.ndarray) -> bytes:
+def _constriction_encoder(tables: Tables, data: np.ndarray, region: Region = None) -> bytes:
+    enc = FastEncoder(tables)
     if data.dtype == np.int8:
-        return encode_int8_constriction(data, tables)
-    idx = indices_from_float_np(data, tables)
-    h, w, c = data.shape
-    return pack_frame(tables.table_id, (h, w, c), encode_indices_constriction(idx, tables))
+        return enc.frame_int8(data, region=region)
+    version = 2 if region is not None else tables.version
+    payload = enc.payload(indices_from_float_np(data, tables), region=region)
+    return pack_frame(tables.table_id, data.shape, payload, version, region)
 
 
-def _encoders() -> dict[str, Callable[[Tables, np.ndarray], bytes]]:
+def _encoders() -> dict[str, Callable[[Tables, np.ndarray, Region], bytes]]:
     return {
         "python": _python_encoder(True),
         "python-loop": _python_encoder(False),
@@ -377,11 +426,16 @@ class Row:
 
 
 def load_vector(folder: Path):
+    """(tables, input, expected frame, decoded indices, region or None) of a vector folder."""
     tables = load_verified(folder / "tables.json")
     data = np.load(folder / "input.npy")
     expected = (folder / "expected.lwfc").read_bytes()
     indices = np.load(folder / "indices.npy")
-    return tables, data, expected, indices
+    region = None
+    if (folder / "region.json").exists():
+        fields = json.loads((folder / "region.json").read_text())
+        region = tuple(int(fields[k]) for k in REGION_FIELDS)
+    return tables, data, expected, indices, region
 
 
 def run(root: Path = VECTOR_DIR, micropython: bool = True, progress: bool = False) -> list[Row]:
@@ -391,11 +445,11 @@ def run(root: Path = VECTOR_DIR, micropython: bool = True, progress: bool = Fals
         raise FileNotFoundError(f"no conformance vectors in {root}")
     rows: list[Row] = []
     loaded = {f.name: load_vector(f) for f in folders}
-    for name, (tables, data, expected, indices) in loaded.items():
-        n = data.size
+    for name, (tables, data, expected, indices, region) in loaded.items():
+        n = indices.size
         for impl, encode in _encoders().items():
             try:
-                frame = encode(tables, data)
+                frame = encode(tables, data, region)
                 ok = frame == expected
                 rows.append(Row(name, impl, n, len(frame), ok, "" if ok else "frame differs"))
             except LwfcError as exc:
@@ -420,20 +474,21 @@ def _micropython_rows(loaded) -> list[Row]:
     names = list(loaded)
     jobs = []
     for name in names:
-        tables, data, _, _ = loaded[name]
+        tables, data, _, _, region = loaded[name]
         if data.dtype == np.int8:
-            jobs.append((json.dumps(tables.raw), data.tobytes(), data.shape[0], data.shape[1], "int8"))
+            jobs.append((json.dumps(tables.raw), data.tobytes(), data.shape[0], data.shape[1], "int8", region))
         else:
-            jobs.append((json.dumps(tables.raw), data.astype("<f8").tobytes(), data.shape[0], data.shape[1], "float"))
+            jobs.append((json.dumps(tables.raw), data.astype("<f8").tobytes(), data.shape[0], data.shape[1], "float",
+                         region))
     try:
         frames = mp.encode_frames_micropython(jobs)
     except Exception as exc:  # report, do not crash the table: the row says what failed
         return [Row("*", "micropython", 0, 0, False, f"error: {exc}")]
     rows = []
     for name, frame in zip(names, frames):
-        _, data, expected, _ = loaded[name]
+        _, _, expected, indices, _ = loaded[name]
         ok = frame == expected
-        rows.append(Row(name, "micropython", data.size, len(frame), ok, "" if ok else "frame differs"))
+        rows.append(Row(name, "micropython", indices.size, len(frame), ok, "" if ok else "frame differs"))
     return rows
 
 

@@ -85,8 +85,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     from lwfc.encoder import Encoder
     from lwfc.errors import LwfcError
-    from lwfc.frame import pack_frame
-    from lwfc_host.codec.fast import encode_indices_constriction, indices_from_float_np
+    from lwfc_host.codec.fast import FastEncoder, indices_from_float_np
 
     tables = _load_tables(args.tables)
     try:
@@ -107,7 +106,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         else:
             idx = (indices_from_float_np(arr, tables) if args.float
                    else np.asarray(tables.index_of_q)[arr.astype(np.int64) + 128])
-            frame = pack_frame(tables.table_id, (h, w, c), encode_indices_constriction(idx, tables))
+            frame = FastEncoder(tables).frame_indices(idx)
     except LwfcError as exc:
         raise CommandError(str(exc)) from exc
     Path(args.output).write_bytes(frame)
@@ -134,8 +133,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
     np.save(args.output, out.tensor)
     if args.indices:
         np.save(args.indices, out.indices)
-    h, w, c = out.header.shape
-    print(f"{args.output}: float32 (1, {h}, {w}, {c}), {out.bits_per_element:.4f} bits/element")
+    _, h, w, c = out.tensor.shape
+    where = ""
+    if out.header.sliced:
+        r0, rn, c0, cn = out.header.region
+        where = f", rows {r0}..{r0 + rn - 1} and channels {c0}..{c0 + cn - 1} of {'x'.join(map(str, out.header.shape))}"
+    print(f"{args.output}: float32 (1, {h}, {w}, {c}){where}, {out.bits_per_element:.4f} bits/element")
     return 0
 
 
@@ -157,9 +160,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"flags            0x{header.flags:02x}")
     print(f"table_id         {header.table_id.hex()}")
     print(f"shape (H, W, C)  {h} x {w} x {c}")
+    if header.sliced:
+        r0, rn, c0, cn = header.region
+        print(f"slice            rows {r0}..{r0 + rn - 1}, channels {c0}..{c0 + cn - 1}")
     print(f"element_count    {n}")
     print(f"payload_length   {header.payload_length} bytes ({header.payload_length // 4} words)")
-    print(f"frame_length     {header.frame_length} bytes (header 22, CRC 4)")
+    print(f"frame_length     {header.frame_length} bytes (header {header.header_size}, CRC 4)")
     print(f"bits/element     {8 * header.frame_length / n:.4f} (payload only: {8 * header.payload_length / n:.4f})")
     print("crc32            ok")
     if args.tables:

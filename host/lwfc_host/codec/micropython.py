@@ -196,20 +196,21 @@ def read(path):
     with open(path, "rb") as f:
         return f.read()
 
-jobs = read("/in/jobs.txt").decode().split()
-for i in range(0, len(jobs), 4):
-    n = i // 4
+jobs = read("/in/jobs.txt").decode().split("\\n")
+for n in range(len(jobs)):
+    job = jobs[n].split()
     tables = parse_tables(read("/in/%d.json" % n))
-    h, w = int(jobs[i + 1]), int(jobs[i + 2])
-    if jobs[i + 3] == "float":  # little-endian float64 values, NHWC
+    h, w = int(job[1]), int(job[2])
+    region = tuple(int(v) for v in job[4:8]) if len(job) > 4 else None
+    if job[3] == "float":  # little-endian float64 values, NHWC
         from array import array
-        frame = Encoder(tables).encode_float(array("d", read("/in/%d.bin" % n)), h, w)
+        frame = Encoder(tables).encode_float(array("d", read("/in/%d.bin" % n)), h, w, region)
     else:
-        frame = Encoder(tables).encode_int8(read("/in/%d.bin" % n), h, w)
+        frame = Encoder(tables).encode_int8(read("/in/%d.bin" % n), h, w, region)
     with open("/out/%d.lwfc" % n, "wb") as f:
         f.write(frame)
     tables = frame = None
-print("encoded", len(jobs) // 4)
+print("encoded", len(jobs))
 """
 
 
@@ -219,9 +220,10 @@ def _job_files(jobs: Sequence[tuple]) -> dict[str, bytes]:
     for n, job in enumerate(jobs):
         table_text, data, height, width = job[:4]
         kind = job[4] if len(job) > 4 else "int8"
+        region = job[5] if len(job) > 5 and job[5] is not None else ()
         files[f"/in/{n}.json"] = table_text.encode("utf-8") if isinstance(table_text, str) else bytes(table_text)
         files[f"/in/{n}.bin"] = bytes(data)
-        manifest.append(f"{n} {int(height)} {int(width)} {kind}")
+        manifest.append(" ".join([str(n), str(int(height)), str(int(width)), kind] + [str(int(v)) for v in region]))
     files["/in/jobs.txt"] = "\n".join(manifest).encode("ascii")
     return files
 
@@ -229,9 +231,10 @@ def _job_files(jobs: Sequence[tuple]) -> dict[str, bytes]:
 def encode_frames_micropython(
     jobs: Sequence[tuple], timeout_s: float = 300
 ) -> list[bytes]:
-    """Encode each (table JSON text, tensor bytes (NHWC), height, width[, kind]) job under MicroPython,
-    all in one MicroPython process, and return the frames. ``kind`` is "int8" (the default: int8 bytes,
-    ``Encoder.encode_int8``) or "float" (little-endian float64 values, ``Encoder.encode_float``)."""
+    """Encode each (table JSON text, tensor bytes (NHWC), height, width[, kind[, region]]) job under
+    MicroPython, all in one MicroPython process, and return the frames. ``kind`` is "int8" (the default: int8
+    bytes, ``Encoder.encode_int8``) or "float" (little-endian float64 values, ``Encoder.encode_float``);
+    ``region`` (row_first, row_count, channel_first, channel_count) codes that slice of the tensor."""
     if not jobs:
         return []
     _, out = run_micropython_files(_ENCODE_SCRIPT, _job_files(jobs), timeout_s)

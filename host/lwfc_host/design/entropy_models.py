@@ -157,7 +157,7 @@ def count_contexts(indices: np.ndarray, proto) -> np.ndarray:
     batch would take 8 bytes per element."""
     n = proto.levels
     k = proto.classes
-    counts = np.zeros((proto.groups * k * k, n), dtype=np.int64)
+    counts = np.zeros((proto.groups * proto.reference_classes * k * k, n), dtype=np.int64)
     for idx in indices.reshape((-1,) + indices.shape[-3:]):
         idx = idx.astype(np.int64)
         ctx = context_map(idx, proto)

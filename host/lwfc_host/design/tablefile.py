@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lwfc.errors import TableError
-from lwfc.tables import FORMAT, TOTAL, VERSION, Tables, parse_tables
+from lwfc.tables import FORMAT, MAX_LEVELS_V1, TOTAL, Tables, parse_tables
 
 
 def canonical_bytes(table: dict) -> bytes:
@@ -33,7 +33,9 @@ def finalize(table: dict) -> dict:
     """Return a copy of ``table`` with format, version and table_id set, validated."""
     out = dict(table)
     out["format"] = FORMAT
-    out["version"] = VERSION
+    # version 2 only where its fields are used, so that version 1 devices keep reading every other table
+    v2 = "reference_channel" in out.get("contexts", {}) or out.get("levels", 0) > MAX_LEVELS_V1
+    out["version"] = 2 if v2 else 1
     out["table_id"] = "00000000"
     Tables(out)  # validate with the device's own reader first: a NaN is a TableError, not a hashing error
     out["table_id"] = compute_table_id(out)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from lwfc.tables import Tables
+from lwfc.tables import MAX_LEVELS_V1, Tables
 from lwfc_host.codec.fast import indices_from_float_np
 from lwfc_host.design.entropy_models import count_contexts
 from lwfc_host.design.tablefile import finalize, integer_frequencies
@@ -43,10 +43,14 @@ def uniform_table(
     int8_scale: float | None = None,
     int8_zero_point: int | None = None,
     frac_bits: int = 16,
+    reference_channel: list[int] | None = None,
+    reference_classes: int = 1,
 ) -> dict:
     """A finalized table dict: uniform ``levels``-level quantizer on [clip_min, clip_max], models
     fitted on ``activations`` (float, (..., H, W, C)). ``groups`` is 1 (one model), "channel" (one
-    group per channel, C <= 256) or an int G (channel c in group c % G)."""
+    group per channel, C <= 256) or an int G (channel c in group c % G). ``reference_channel`` (C ints,
+    -1 for none) makes a version 2 table whose reference index v has class min(v, R - 1), "no reference"
+    class 0, with ``reference_classes`` R; so does ``levels`` above 16."""
     acts = np.asarray(activations, dtype=np.float32)
     c = acts.shape[-1]
     step = (clip_max - clip_min) / (levels - 1)
@@ -75,10 +79,17 @@ def uniform_table(
         "contexts": {
             "groups": g, "classes": classes, "channel_group": channel_group,
             "neighbour_class": neighbour_class_map(levels, classes),
-            "model_of_context": list(range(g * classes * classes)),
+            "model_of_context": list(range(g * reference_classes * classes * classes)),
         },
-        "models": [[1] * (levels - 1) + [(1 << 24) - levels + 1]] * (g * classes * classes),
+        "models": [[1] * (levels - 1) + [(1 << 24) - levels + 1]] * (g * reference_classes * classes * classes),
     }
+    if reference_channel is not None or levels > MAX_LEVELS_V1:
+        table["contexts"].update(
+            reference_channel=list(reference_channel) if reference_channel is not None else [-1] * c,
+            reference_classes=reference_classes,
+            reference_class=neighbour_class_map(levels, reference_classes))
+    elif reference_classes != 1:
+        raise ValueError("reference_classes needs reference_channel")
     table = finalize(table)  # a provisional table, so the device's reader gives the context rule
     proto = Tables(table)
     idx = indices_from_float_np(acts.reshape((-1,) + acts.shape[-3:]) if acts.ndim >= 3

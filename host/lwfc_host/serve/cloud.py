@@ -89,6 +89,9 @@ class CloudModel:
         if header.shape != self.bundle.feature_shape:
             got, want = ("x".join(map(str, shape)) for shape in (header.shape, self.bundle.feature_shape))
             raise BadShape(f"frame shape {got} is not this bundle's feature shape {want}")
+        if header.sliced:  # a DATA message carries a whole tensor (PROTOCOL.md); slices are for datagram links
+            raise BadShape(f"frame is a slice (rows {header.row_first}+{header.row_count}, channels "
+                           f"{header.channel_first}+{header.channel_count}); a DATA message carries a whole tensor")
         return header
 
     def decode(self, frame: bytes) -> tuple[Any, float]:
