@@ -65,9 +65,14 @@ class _Slice(object):
             self.indices = bytes(indices[r0 * width * full_c:(r0 + rn) * width * full_c])
         else:
             row = width * full_c
-            self.indices = b"".join(
-                bytes(indices[(r0 + r) * row + p * full_c + c0:(r0 + r) * row + p * full_c + c0 + cn])
-                for r in range(rn) for p in range(width))
+            rows = bytes(indices[r0 * row:(r0 + rn) * row])
+            try:  # channel by channel, at C speed where strided slices exist
+                block = bytearray(rn * width * cn)
+                for j in range(cn):
+                    block[j::cn] = rows[c0 + j::full_c]
+                self.indices = bytes(block)
+            except NotImplementedError:  # MicroPython without slice steps
+                self.indices = b"".join(rows[p * full_c + c0:p * full_c + c0 + cn] for p in range(rn * width))
         self.group = tables.channel_group[c0:c0 + cn]
         independent, dependent = tables.channels_in_order(c0, cn)
         self.independent = [c - c0 for c in independent]

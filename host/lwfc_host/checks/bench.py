@@ -89,9 +89,16 @@ def run(shape=(64, 64, 256), repeats: int = 3, micropython: bool = True, x265: b
     calib = relu_tensor(shape, seed=1, batch=4)
     x = relu_tensor(shape, seed=2)
     clip_max = float(np.quantile(calib[calib > 0], 0.99))
+    from lwfc_host.checks.conformance import reference_pattern
+
+    refs = reference_pattern(c)  # two thirds of the channels refer to one of the other third (spec v2)
     configs = [("one model", dict(groups=1, classes=1)),
                ("16 channel groups", dict(groups=16, classes=1)),
-               ("4 groups x 3x3 neighbour contexts", dict(groups=4, classes=3))]
+               ("4 groups x 3x3 neighbour contexts", dict(groups=4, classes=3)),
+               ("v2: 16 channel groups + reference channels (R=3)",
+                dict(groups=16, classes=1, reference_channel=refs, reference_classes=3)),
+               ("v2: 4 groups x 3x3 neighbour contexts + reference channels (R=3)",
+                dict(groups=4, classes=3, reference_channel=refs, reference_classes=3))]
     rows: list[tuple[str, str, float]] = []
     print(f"lwfc bench: int8 tensor {h}x{w}x{c} = {n} elements, 4 levels, one core; elements/s, best of "
           f"{repeats}", file=out)
@@ -112,6 +119,9 @@ def run(shape=(64, 64, 256), repeats: int = 3, micropython: bool = True, x265: b
             "host decoder (canonical check)": _best(Decoder(tables).decode, repeats, frame),
             "host decoder (no check)": _best(Decoder(tables, verify=False).decode, repeats, frame),
         }
+        if cfg.get("classes") == 3:  # slices that fit a 1200-byte packet (SPEC.md 5, lwfc.slices)
+            timings["pure-Python encoder, slices of <= 1200 bytes"] = _best(
+                enc.encode_int8_sliced, repeats, qb, h, w, 1200)
         assert FastEncoder(tables).frame_int8(q) == frame
         if micropython:
             try:
