@@ -122,7 +122,7 @@ def test_joint_counts_match_spec_contexts(data):
     q, cc = dz.design_quantizer(stats, 4, "uniform", 0.0, "mse")
     base = dz.finish_design(stats, q, cc, 1, 1)
     idx = dz.sample_indices(stats, base.table)[:4]
-    cd = cdz.design_contexts(idx, 4, classes=2, groups=1)
+    cd = cdz.design_contexts(idx, 4, classes=2, groups=1, spec_version=1)  # v1 contexts: no reference class
     table = finalize(cdz.apply_to_table(base.table, cd))
     want = em.count_contexts(idx, Tables(table))
     got = cdz._by_class(cdz.joint_counts(idx, 4).sum(axis=0, keepdims=True).astype(float),

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Design a table from calibration statistics: clip range, uniform or ECSQ quantizer, "
                     "channel-group (and neighbour-context) entropy models. See codec_spec/DESIGN-quantizer.md.")
     d.add_argument("--stats", help="stats file from lwfc calibrate (not with --objective accuracy)")
-    d.add_argument("--levels", type=int, help="number of quantization levels, 2..16")
+    d.add_argument("--levels", type=int,
+                   help="number of quantization levels, 2..64 (more than 16 need a version 2 table)")
     d.add_argument("--quantizer", choices=list(QUANTIZER_KINDS), default=None,
                    help="with --levels: the quantizer (default uniform); with --target-bits or --objective accuracy: "
                         "search only this kind (default: both)")
@@ -54,9 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--groups", default=None, help="channel groups G (1..min(C, 256)) or 'auto' (default)")
     d.add_argument("--classes", default=None,
                    help="neighbour classes K (naive class map; 1 = no neighbour contexts), or 'auto': classes, "
-                        "class map, channel groups and merged context models chosen by held-out coded bits "
-                        "(design/contexts.py; K = 1 is among the candidates). Default: auto, but 1 with "
-                        "--target-bits (rate targeting searches with channel-group models)")
+                        "class map, channel groups, (table version 2) reference channels and merged context models "
+                        "chosen by held-out coded bits (design/contexts.py; K = 1 is among the candidates). "
+                        "Default: auto, but 1 with --target-bits (rate targeting searches with channel-group models)")
+    d.add_argument("--spec-version", choices=["auto", "1", "2"], default=None,
+                   help="table version to design for: 1 (version 1 devices read it: at most 16 levels, K*K*levels "
+                        "<= 256, no reference channels), 2 (reference channels, up to 64 levels, more neighbour "
+                        "classes), or auto (default): version 2 features only where they code the held-out "
+                        "calibration tensors in fewer bits, or where the levels or classes asked for need them")
     d.add_argument("--objective", choices=["mse", "accuracy"], default="mse",
                    help="accuracy: choose clip range, levels and quantizer by the cloud half's top-1 agreement on "
                         "held-out calibration images of --bundle (design/task_design.py)")
@@ -137,6 +143,12 @@ def _parse_classes(text: str) -> int | str:
         raise CommandError(f"--classes must be an integer or 'auto', got {text!r}") from None
 
 
+def _spec_version(args: argparse.Namespace) -> int | str:
+    """--spec-version as 'auto', 1 or 2."""
+    v = args.spec_version or "auto"
+    return v if v == "auto" else int(v)
+
+
 def _kinds(args: argparse.Namespace) -> tuple[str, ...]:
     """The quantizer kinds a search tries: the one --quantizer names, or both."""
     return (args.quantizer,) if args.quantizer else QUANTIZER_KINDS
@@ -161,7 +173,8 @@ def _refuse_unused_flags(args: argparse.Namespace) -> None:
     if args.levels is not None and args.lam is not None and args.quantizer != "ecsq":
         raise CommandError("--lam is ECSQ's Lagrange multiplier: give --quantizer ecsq with it")
     if args.report and args.levels is None and args.target_bits is None:
-        unused = _given(args, "quantizer", "lam", "groups", "classes", "int8_scale", "int8_zero_point", "output")
+        unused = _given(args, "quantizer", "lam", "groups", "classes", "int8_scale", "int8_zero_point", "output",
+                        "spec_version")
         if unused:
             raise CommandError(f"--report alone plots uniform and ECSQ quantizers without designing a table: "
                                f"{', '.join(unused)} apply to a design (give --levels or --target-bits)")
@@ -182,7 +195,8 @@ def _design_for_accuracy(args: argparse.Namespace, classes: int | str) -> int:
     try:
         td = task_design(args.bundle, images=DEFAULT_TASK_IMAGES if args.task_images is None else args.task_images,
                          tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
-                         target_bits=args.target_bits, kinds=_kinds(args), classes=classes, progress=True)
+                         target_bits=args.target_bits, kinds=_kinds(args), classes=classes, progress=True,
+                         spec_version=_spec_version(args))
     except (DesignError, ValueError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from exc
     for line in format_candidates(td):
@@ -227,11 +241,12 @@ def _design_from_stats(args: argparse.Namespace, stats, classes: int | str):
     try:
         if args.target_bits is not None:
             result, tried = target_rate(stats, args.target_bits, clip, groups, classes, args.int8_scale,
-                                        args.int8_zero_point, kinds=_kinds(args), progress=True)
+                                        args.int8_zero_point, kinds=_kinds(args), progress=True,
+                                        spec_version=_spec_version(args))
             print(f"rate targeting tried {len(tried)} quantizers")
         elif args.levels is not None:
             result = dz.design(stats, args.levels, args.quantizer or "uniform", args.lam or 0.0, clip, groups,
-                               classes, args.int8_scale, args.int8_zero_point)
+                               classes, args.int8_scale, args.int8_zero_point, spec_version=_spec_version(args))
         else:
             return None
     except (DesignError, ValueError) as exc:
@@ -288,9 +303,30 @@ def _print_design(d) -> None:
     print("  reconstruction " + " ".join(f"{r:.5g}" for r in q.reconstruction))
     g = d.groups
     print(f"  entropy (one model) {d.entropy_one_model:.4f} bits/element; with {g.groups} channel group(s)"
-          + (f" x {d.classes ** 2} neighbour contexts ({len(d.table['models'])} models)" if d.classes > 1 else "")
+          + (f" x {len(d.table['contexts']['model_of_context']) // g.groups} contexts "
+             f"({len(d.table['models'])} models)" if len(d.table['contexts']['model_of_context']) > g.groups else "")
           + f": {d.model_bits_per_element:.4f} + frame overhead {d.overhead_bits_per_element:.4f} = "
           f"{d.coded_bits_per_element:.4f} bits/element")
     print(f"  MSE {d.mse:.6g} (clipped data {d.mse_clipped:.6g})")
+    print("  " + _version_line(d.table))
     for note in d.notes:
         print(f"  note: {note}")
+
+
+def _version_line(table: dict) -> str:
+    """The table's version and, after a context design, whether reference channels are used, how many
+    channels depend on one, and the held-out payload bits with and without them."""
+    from lwfc_host.design.table_design import reference_note
+
+    info = table.get("design", {}).get("context_design")
+    if info is not None and "table_version" in info:
+        return reference_note(info)
+    reasons = []
+    if table["version"] == 2:
+        if table["levels"] > 16:
+            reasons.append(f"{table['levels']} levels")
+        k = table["contexts"]["classes"]
+        if k * k * table["levels"] > 256:
+            reasons.append(f"K = {k} classes")
+    why = f" ({', '.join(reasons)})" if reasons else ""
+    return f"table version {table['version']}{why}; no reference channels (no context design: --classes auto does one)"

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lwfc.tables import MAX_GROUPS, MAX_LEVELS
+from lwfc.tables import MAX_GROUPS
 from lwfc_host.design import entropy_models as em
 from lwfc_host.design.calibration import Histogram, LoadedStats
 from lwfc_host.design.clipping import ClipChoice, choose_clip
 from lwfc_host.design.quantizers import DesignError, Quantizer, ecsq, evaluate, uniform
 from lwfc_host.design.table_design import (
     Design,
+    check_levels,
     design_quantizer,
     finish_design,
     overhead_bits,
@@ -30,6 +31,7 @@ from lwfc_host.design.table_design import (
 RATE_TOLERANCE = 0.03
 MAX_TARGET_BITS = 8.0
 DEFAULT_LEVELS = [2, 3, 4, 5, 6, 8, 10, 12, 16]
+HIGH_LEVELS = [20, 24, 32, 48, 64]  # version 2 tables only
 KINDS = ("uniform", "ecsq")
 
 
@@ -121,6 +123,16 @@ def _scan_candidates(stats: LoadedStats, search: _RateSearch, levels: list[int],
                                lambda q, e, r, cc=cc, scale=scale: search.consider(q, cc, e, r, scale))
 
 
+def _default_levels(stats: LoadedStats, bits: float, spec_version: int | str) -> list[int]:
+    """The level counts searched: up to 16, and more (version 2 tables) with spec version 2, or with 'auto'
+    when 16 levels cannot reach the target."""
+    if spec_version in (2, "2"):
+        return DEFAULT_LEVELS + HIGH_LEVELS
+    if spec_version == "auto" and bits * (1 - RATE_TOLERANCE) > math.log2(max(DEFAULT_LEVELS)) + overhead_bits(stats):
+        return DEFAULT_LEVELS + HIGH_LEVELS
+    return DEFAULT_LEVELS
+
+
 def _no_candidate(bits: float, tried: list[Candidate], over: float) -> DesignError:
     """The error when no candidate came within 3% of ``bits``: it states the reachable range."""
     rates = [t.rate for t in tried]
@@ -129,19 +141,25 @@ def _no_candidate(bits: float, tried: list[Candidate], over: float) -> DesignErr
         return DesignError(f"target {bits} bits/element is below the lowest rate reached, {lo:.4f} "
                            f"(the frame header alone costs {over:.4f} bits/element)")
     if bits > hi:
+        most = max(t.levels for t in tried)
         return DesignError(f"target {bits} bits/element is above the highest rate reached, {hi:.4f} "
-                           f"(at most {MAX_LEVELS} levels)")
+                           f"(at most {most} levels)")
     return DesignError(f"no quantizer tried came within 3% of {bits} bits/element (rates {lo:.4f}..{hi:.4f})")
 
 
 def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int | str = 1, classes: int = 1,
                 int8_scale: float | None = None, int8_zero_point: int | None = None,
                 levels: list[int] | None = None, clip_scales: tuple[float, ...] = (0.8, 1.0, 1.25),
-                kinds: tuple[str, ...] = KINDS, progress: bool = False) -> tuple[Design, list[Candidate]]:
+                kinds: tuple[str, ...] = KINDS, progress: bool = False,
+                spec_version: int | str = "auto") -> tuple[Design, list[Candidate]]:
     """The design whose coded rate on the calibration set is within 3% of ``bits`` per element and whose
     MSE is lowest among the candidates tried: for each level count, on the chosen clip range scaled by each
-    of ``clip_scales``, the quantizers of ``kinds`` (uniform; ECSQ with lambda by bisection)."""
-    levels = levels or DEFAULT_LEVELS
+    of ``clip_scales``, the quantizers of ``kinds`` (uniform; ECSQ with lambda by bisection). ``levels`` by
+    default: 2..16, and up to 64 (a version 2 table) with ``spec_version`` 2 or, with 'auto', for targets
+    16 levels cannot reach; ``spec_version`` goes on to ``finish_design``."""
+    levels = levels or _default_levels(stats, bits, spec_version)
+    for n in levels:
+        check_levels(n, spec_version)
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
         raise DesignError(f"quantizer kinds must be among uniform and ecsq, got {list(kinds)}")
@@ -153,8 +171,8 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
     if search.best is None:
         raise _no_candidate(bits, search.tried, over)
     _, q, cc = search.best
-    d = finish_design(stats, q, cc, groups, classes, int8_scale, int8_zero_point)
-    d = _refit_lambda(stats, search, d, q, cc, classes, int8_scale, int8_zero_point)
+    d = finish_design(stats, q, cc, groups, classes, int8_scale, int8_zero_point, spec_version=spec_version)
+    d = _refit_lambda(stats, search, d, q, cc, classes, int8_scale, int8_zero_point, spec_version)
     if abs(d.coded_bits_per_element - bits) > RATE_TOLERANCE * bits:
         d.notes.append(f"the final grouping moved the rate to {d.coded_bits_per_element:.4f} bits/element, "
                        f"outside 3% of {bits}")
@@ -162,7 +180,8 @@ def target_rate(stats: LoadedStats, bits: float, clip: str = "mse", groups: int 
 
 
 def _refit_lambda(stats: LoadedStats, search: _RateSearch, d: Design, q: Quantizer, cc: ClipChoice,
-                  classes: int, int8_scale: float | None, int8_zero_point: int | None) -> Design:
+                  classes: int, int8_scale: float | None, int8_zero_point: int | None,
+                  spec_version: int | str = "auto") -> Design:
     """The final grouping fits the chosen quantizer better than the search's grouping did, which moves the
     rate; with ECSQ, find lambda again for the new groups (G kept, so the groups stay put), at most twice."""
     bits = search.bits
@@ -176,7 +195,7 @@ def _refit_lambda(stats: LoadedStats, search: _RateSearch, d: Design, q: Quantiz
         if search.best is None:
             break
         _, q, cc = search.best
-        d = finish_design(stats, q, cc, g, classes, int8_scale, int8_zero_point)
+        d = finish_design(stats, q, cc, g, classes, int8_scale, int8_zero_point, spec_version=spec_version)
     return d
 
 

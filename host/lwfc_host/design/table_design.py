@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lwfc.frame import CRC_SIZE, HEADER_SIZE
-from lwfc.tables import MAX_GROUPS, MAX_LEVELS, Tables
+from lwfc.tables import MAX_GROUPS, MAX_LEVELS, MAX_LEVELS_V1, Tables
 from lwfc_host.codec.fast import context_ids, indices_from_float_np
 from lwfc_host.design import entropy_models as em
 from lwfc_host.design.calibration import Histogram, LoadedStats
@@ -42,6 +42,7 @@ class Design:
     mse: float
     mse_clipped: float
     notes: list[str] = field(default_factory=list)
+    context: object | None = None  # contexts.ContextDesign of a context design (classes 'auto')
 
     @property
     def coded_bits_per_element(self) -> float:
@@ -77,13 +78,20 @@ def quantizer_indices(x: np.ndarray, table: dict) -> np.ndarray:
     return indices_from_float_np(x, Tables(table)).astype(np.uint8)
 
 
+def check_levels(levels: int, spec_version: int | str = "auto") -> None:
+    """2..64 levels (version 2 tables), 2..16 with ``spec_version`` 1."""
+    top = MAX_LEVELS_V1 if spec_version in (1, "1") else MAX_LEVELS
+    if not 2 <= levels <= top:
+        more = f" (more than {MAX_LEVELS_V1} need spec version 2)" if top == MAX_LEVELS_V1 and levels > top else ""
+        raise DesignError(f"levels must be in 2..{top}, got {levels}{more}")
+
+
 def design_quantizer(stats: LoadedStats, levels: int, kind: str = "uniform", lam: float = 0.0,
                      clip: str | ClipChoice = "mse", pin: bool | None = None,
                      labels: np.ndarray | None = None) -> tuple[Quantizer, ClipChoice]:
     """Clip range (method 'model' or 'mse', or a given ClipChoice) and the quantizer on it. With
     channel-group ``labels``, ECSQ counts the rate of one model per group (quantizers.ecsq)."""
-    if not 2 <= levels <= MAX_LEVELS:
-        raise DesignError(f"levels must be in 2..{MAX_LEVELS}, got {levels}")
+    check_levels(levels)
     hist = stats.histogram()
     zeros = zeros_of(stats)
     choice = clip if isinstance(clip, ClipChoice) else choose_clip(hist, levels, clip, zeros)
@@ -155,12 +163,14 @@ def sample_indices(stats: LoadedStats, table: dict) -> np.ndarray:
 
 def design(stats: LoadedStats, levels: int, kind: str = "uniform", lam: float = 0.0, clip: str | ClipChoice = "mse",
            groups: int | str = 1, classes: int | str = 1, int8_scale: float | None = None,
-           int8_zero_point: int | None = None, pin: bool | None = None, amortise: float = 1.0) -> Design:
+           int8_zero_point: int | None = None, pin: bool | None = None, amortise: float = 1.0,
+           spec_version: int | str = "auto") -> Design:
     """Design one table: clip range, quantizer, channel groups and entropy models.
 
     ECSQ with channel groups alternates once: channels are grouped on the uniform quantizer with the same
     levels and clip range, ECSQ is designed for the rate of those group models, then the channels are
-    grouped again for the final models."""
+    grouped again for the final models. ``spec_version``: see ``finish_design``."""
+    check_levels(levels, spec_version)
     labels = None
     if kind == "ecsq" and groups != 1:
         qu, clip = design_quantizer(stats, levels, "uniform", 0.0, clip, pin)
@@ -168,14 +178,27 @@ def design(stats: LoadedStats, levels: int, kind: str = "uniform", lam: float = 
         g = groups if groups == "auto" else min(int(groups), min(stats.channels, MAX_GROUPS))
         labels = em.choose_groups(ev.ch_counts, g, amortise).labels
     q, choice = design_quantizer(stats, levels, kind, lam, clip, pin, labels)
-    return finish_design(stats, q, choice, groups, classes, int8_scale, int8_zero_point, amortise)
+    return finish_design(stats, q, choice, groups, classes, int8_scale, int8_zero_point, amortise, spec_version)
 
 
 def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: int | str = 1,
                   classes: int | str = 1,
                   int8_scale: float | None = None, int8_zero_point: int | None = None,
-                  amortise: float = 1.0) -> Design:
-    """Entropy models and the table file for a designed quantizer."""
+                  amortise: float = 1.0, spec_version: int | str = "auto") -> Design:
+    """Entropy models and the table file for a designed quantizer.
+
+    ``spec_version``: 1 writes a version 1 table (at most 16 levels, K*K*levels <= 256, no reference
+    channels); 2 a version 2 table; 'auto' version 2 only where it is needed (more than 16 levels, or a given
+    K beyond version 1's limit) or, with ``classes`` 'auto', where its features (reference channels, more
+    neighbour classes) code the held-out calibration tensors in fewer bits (``contexts.design_contexts``)."""
+    from lwfc_host.design.contexts import check_spec_version
+
+    try:
+        spec_version = check_spec_version(spec_version)
+    except ValueError as exc:
+        raise DesignError(str(exc)) from None
+    check_levels(q.levels, spec_version)
+    version = {1: 1, 2: 2}.get(spec_version)  # the table version asked for (None: as the table needs)
     hist = stats.histogram()
     notes = list(choice.notes)
     if q.kind == "ecsq" and q.levels < q.requested_levels:
@@ -186,8 +209,9 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
     auto_ctx = classes == "auto"  # context design: classes, class map, merged models (design/contexts.py)
     if auto_ctx:
         classes = 1
-    if classes < 1 or classes * classes * n > 256:
-        raise DesignError(f"classes K must be >= 1 with K*K*levels <= 256 (levels {n}), got {classes}")
+    if classes < 1 or (classes * classes * n > 256 and (spec_version == 1 or classes > 16)):
+        v2 = "" if spec_version == 1 else ", or K <= 16 in a version 2 table"
+        raise DesignError(f"classes K must be >= 1 with K*K*levels <= 256{v2} (levels {n}), got {classes}")
     gmax = min(c, MAX_GROUPS)
     if groups != "auto" and not 1 <= int(groups) <= gmax:
         if int(groups) > gmax:
@@ -200,7 +224,7 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
     int8 = _int8_params(stats, q, int8_scale, int8_zero_point, notes)
     frac_bits, fnotes = frac_bits_for(hist, [q.clip_min, q.clip_max] + list(q.thresholds))
     notes += fnotes
-    table = finalize(_base_table(stats, q, int8, frac_bits, gc.groups, gc.labels, classes))
+    table = finalize(_base_table(stats, q, int8, frac_bits, gc.groups, gc.labels, classes), version)
     proto = Tables(table)
     elements = hist.total
     if classes == 1:
@@ -217,22 +241,24 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
         notes.append(f"neighbour contexts counted on {idx.shape[0]} sampled tensors")
     table["models"] = [integer_frequencies(row) for row in model_counts]
     ctx_info = None
+    cd = None
     if auto_ctx:
         from lwfc_host.design import contexts as cdz
         idx = sample_indices(stats, table)
-        cd = cdz.design_contexts(idx, n, "auto", groups, amortise, extra_groups=(gc.groups,),
-                                 labels_of={gc.groups: gc.labels})
-        table = finalize(cdz.apply_to_table(table, cd))
+        try:
+            cd = cdz.design_contexts(idx, n, "auto", groups, amortise, extra_groups=(gc.groups,),
+                                     labels_of={gc.groups: gc.labels}, spec_version=spec_version)
+        except ValueError as exc:
+            raise DesignError(str(exc)) from None
+        table = finalize(cdz.apply_to_table(table, cd), version)
         classes = cd.classes
         gc = em.GroupChoice(np.asarray(cd.labels), cd.groups, gc.data_bits, cd.side_bits, gc.tried)
         model_counts = cd.model_counts
         bits = em.coded_bits(model_counts) * elements / idx.size
-        ctx_info = {"groups": cd.groups, "classes": cd.classes, "models": cd.models,
-                    "neighbour_class": cd.neighbour_class, "heldout_bits_per_element": cd.heldout_bits,
-                    "side_bits": cd.side_bits, "candidates": len(cd.tried)}
+        ctx_info = context_summary(cd)
         notes.append(f"context design: G={cd.groups}, K={cd.classes} (class map {cd.neighbour_class}), "
                      f"{cd.models} models for {len(cd.model_of_context)} contexts; held-out payload "
-                     f"{cd.heldout_bits:.4f} bits/element over {len(cd.tried)} (G, K) candidates")
+                     f"{cd.heldout_bits:.4f} bits/element over {len(cd.tried)} candidates")
     p = ev.counts / ev.counts.sum()
     ent = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
     # informative (SPEC.md 3.1): how the table was made and what it did on the calibration data
@@ -245,9 +271,41 @@ def finish_design(stats: LoadedStats, q: Quantizer, choice: ClipChoice, groups: 
     }
     if ctx_info is not None:
         table["design"]["context_design"] = ctx_info
-    table = finalize(table)
+    table = finalize(table, version)
     return Design(table, q, choice, gc, classes, ent, bits / elements, overhead_bits(stats), ev.mse, ev.mse_clipped,
-                  notes)
+                  notes, cd)
+
+
+def context_summary(cd) -> dict:
+    """The informative ``design.context_design`` entry of a table: the chosen contexts, and the held-out
+    payload bits of the best designs with and without reference channels (and of the best version 1 one)."""
+    alt = cd.alternatives
+    info = {"groups": cd.groups, "classes": cd.classes, "models": cd.models,
+            "neighbour_class": cd.neighbour_class, "heldout_bits_per_element": cd.heldout_bits,
+            "side_bits": cd.side_bits, "candidates": len(cd.tried), "table_version": cd.version,
+            "references_used": cd.dependent_channels > 0, "dependent_channels": cd.dependent_channels,
+            "reference_channels": cd.reference_bases, "reference_classes": cd.reference_classes}
+    for key, name in (("heldout_bits_with_references", "references"),
+                      ("heldout_bits_without_references", "no references"), ("heldout_bits_v1", "v1")):
+        info[key] = float(alt[name]["heldout_bits"]) if name in alt else None
+    return info
+
+
+def reference_note(info: dict) -> str:
+    """One line on reference channels: used or not, dependent channels, held-out bits with and without."""
+    with_, without, v1 = (info.get("heldout_bits_with_references"), info.get("heldout_bits_without_references"),
+                          info.get("heldout_bits_v1"))
+    v1_text = f"; best version 1 design {v1:.4f}" if v1 is not None and v1 != without else ""
+    if info.get("references_used"):
+        return (f"reference channels used (table version {info['table_version']}): {info['dependent_channels']} "
+                f"dependent channels on {info['reference_channels']} reference channels, "
+                f"{info['reference_classes']} reference classes; held-out payload {with_:.4f} bits/element with "
+                f"references, {without:.4f} without{v1_text}")
+    if with_ is None:
+        return (f"reference channels not tried (table version {info['table_version']}); held-out payload "
+                f"{without:.4f} bits/element without{v1_text}")
+    return (f"reference channels not used (table version {info['table_version']}): held-out payload "
+            f"{without:.4f} bits/element without, {with_:.4f} with the best reference design{v1_text}")
 
 
 def measure_coded_rate(stats: LoadedStats, table: dict, limit: int | None = None) -> tuple[float, float, int]:

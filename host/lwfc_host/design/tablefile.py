@@ -29,13 +29,51 @@ def compute_table_id(table: dict) -> str:
     return hashlib.sha256(canonical_bytes(table)).hexdigest()[:8]
 
 
-def finalize(table: dict) -> dict:
-    """Return a copy of ``table`` with format, version and table_id set, validated."""
+V2_CONTEXT_FIELDS = ("reference_channel", "reference_classes", "reference_class")
+
+
+def needs_version_2(table: dict) -> bool:
+    """Whether ``table`` uses what only version 2 tables may: reference channels (any of their fields), more
+    than 16 levels, or more neighbour classes than K^2 N <= 256 allows."""
+    ctx = table.get("contexts") or {}
+    n, k = table.get("levels"), ctx.get("classes")
+    if any(f in ctx for f in V2_CONTEXT_FIELDS):
+        return True
+    if isinstance(n, int) and n > MAX_LEVELS_V1:
+        return True
+    return isinstance(n, int) and isinstance(k, int) and k * k * n > 256
+
+
+def as_version_2(table: dict) -> dict:
+    """A copy of ``table`` with the version 2 context fields it lacks at their "no references" values: every
+    reference_channel -1, one reference class, every reference_class 0 (the context numbers of a version 1
+    table, SPEC.md 4.2)."""
     out = dict(table)
+    ctx = dict(out.get("contexts") or {})
+    if isinstance(out.get("channels"), int):
+        ctx.setdefault("reference_channel", [-1] * out["channels"])
+    ctx.setdefault("reference_classes", 1)
+    if isinstance(out.get("levels"), int):
+        ctx.setdefault("reference_class", [0] * (out["levels"] + 1))
+    out["contexts"] = ctx
+    return out
+
+
+def finalize(table: dict, version: int | None = None) -> dict:
+    """Return a copy of ``table`` with format, version and table_id set, validated.
+
+    The version is 2 where the table uses version 2 fields or limits (``needs_version_2``; its missing
+    version 2 fields are added at their "no references" values) or ``version`` = 2 asks for it, else 1, so
+    that version 1 devices keep reading every table that does not need more. ``version`` = 1 refuses a table
+    that needs version 2 (TableError)."""
+    if version not in (None, 1, 2):
+        raise ValueError(f"table version must be 1 or 2, got {version!r}")
+    v2 = needs_version_2(table)
+    if version == 1 and v2:
+        raise TableError("the table needs version 2 (reference channels, more than 16 levels or K*K*levels > 256)")
+    out = as_version_2(table) if v2 or version == 2 else dict(table)
     out["format"] = FORMAT
-    # version 2 only where its fields are used, so that version 1 devices keep reading every other table
-    v2 = "reference_channel" in out.get("contexts", {}) or out.get("levels", 0) > MAX_LEVELS_V1
-    out["version"] = 2 if v2 else 1
+    out["version"] = 2 if v2 or version == 2 else 1
     out["table_id"] = "00000000"
     Tables(out)  # validate with the device's own reader first: a NaN is a TableError, not a hashing error
     out["table_id"] = compute_table_id(out)

@@ -159,7 +159,8 @@ def measure_frames(table: dict, q8: np.ndarray) -> float:
 
 
 def _score(stats: Any, quantizers: list[tuple[Any, Any, float]], session: Any, held: np.ndarray, ref: np.ndarray,
-           scale: float, zp: int, progress: bool) -> list[tuple[TaskCandidate, Any, Any]]:
+           scale: float, zp: int, progress: bool,
+           spec_version: int | str = "auto") -> list[tuple[TaskCandidate, Any, Any]]:
     """(candidate, quantizer, clip choice) of every quantizer: its one-model entropy and its top-1 agreement
     on the held-out tensors (``ref``: the uncompressed pipeline's top-1)."""
     from tqdm import tqdm
@@ -173,7 +174,7 @@ def _score(stats: Any, quantizers: list[tuple[Any, Any, float]], session: Any, h
     seen: dict[tuple, float] = {}
     for q, cc, s in tqdm(quantizers, desc="task design (quantizers)", disable=not progress, leave=False):
         # K = 1, G = 1 is enough to score the task: accuracy depends on the quantizer alone
-        d = finish_design(stats, q, cc, 1, 1, scale, zp)
+        d = finish_design(stats, q, cc, 1, 1, scale, zp, spec_version=spec_version)
         # on int8 features ECSQ often snaps onto the uniform cells: the same decoder output needs no new run
         key = (tuple(d.table["int8"]["index_of_q"]), tuple(d.table["reconstruction"]))
         if key not in seen:
@@ -207,8 +208,10 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
                 levels: tuple[int, ...] = DEFAULT_LEVELS, clip_scales: tuple[float, ...] = DEFAULT_CLIP_SCALES,
                 lambdas: tuple[float, ...] = DEFAULT_LAMBDAS, kinds: tuple[str, ...] = ("uniform", "ecsq"),
                 classes: int | str = "auto", cache_dir: str | Path | None = None, seed: int = 1,
-                finalists: int = FINALISTS, progress: bool = False) -> TaskDesign:
-    """Choose the quantizer by the task (see the module docstring). Returns the finished design."""
+                finalists: int = FINALISTS, progress: bool = False, spec_version: int | str = "auto") -> TaskDesign:
+    """Choose the quantizer by the task (see the module docstring). Returns the finished design.
+    ``spec_version`` (1, 2 or 'auto') is the table version the finalists are designed for
+    (``table_design.finish_design``)."""
     from tqdm import tqdm
 
     from lwfc_host.design.calibration import CalibrationStats
@@ -227,13 +230,17 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
     stats = cs.loaded()
     session = onnx_session(bundle.cloud_path, threads=SESSION_THREADS)
     ref = cloud_outputs(session, (scale * (held.astype(np.float32) - zp)).astype(np.float32)).argmax(axis=1)
+    from lwfc_host.design.table_design import check_levels
+
+    for n in levels:
+        check_levels(n, spec_version)
     cands = _score(stats, _quantizers(stats, levels, clip_scales, lambdas, kinds), session, held, ref, scale, zp,
-                   progress)
+                   progress, spec_version)
     notes: list[str] = []
     results = []
     for cand, q, cc in tqdm(_finalists(cands, tolerance, target_bits, finalists, notes),
                             desc="task design (context models, frames)", disable=not progress, leave=False):
-        d = finish_design(stats, q, cc, "auto", classes, scale, zp)
+        d = finish_design(stats, q, cc, "auto", classes, scale, zp, spec_version=spec_version)
         cand.coded_bits = measure_frames(d.table, held)
         c = d.table["contexts"]
         cand.groups, cand.classes, cand.models = c["groups"], c["classes"], len(d.table["models"])
@@ -247,7 +254,7 @@ def task_design(bundle_dir: str | Path, images: int = 512, tolerance: float = 0.
         "metric": "top-1 agreement with the uncompressed int8 pipeline", "tolerance": tolerance,
         "target_bits": target_bits, "heldout_images": int(len(held)), "agreement": chosen.agreement,
         "heldout_coded_bits": chosen.coded_bits, "clip_scale": chosen.clip_scale}
-    d.table = finalize(d.table)
+    d.table = finalize(d.table, 2 if spec_version in (2, "2") else None)
     return TaskDesign(d, chosen, [c[0] for c in cands], int(len(held)), tolerance, time.time() - t0, notes)
 
 

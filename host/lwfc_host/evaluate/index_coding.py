@@ -100,12 +100,13 @@ def bits_v1_cross_channel(idx: np.ndarray, fit: np.ndarray, design: Any, levels:
 
 def index_schemes(idx: np.ndarray, fit: np.ndarray, levels: int) -> dict[str, float]:
     """Bits per element of every index-domain scheme on the same indices."""
-    from lwfc.tables import MAX_LEVELS
+    from lwfc.tables import MAX_LEVELS_V1
     from lwfc_host.design.contexts import design_contexts
 
     groups = np.broadcast_to(channel_groups(idx, fit), idx.shape)
     nan = float("nan")
-    design = design_contexts(idx.astype(np.uint8), levels) if levels <= MAX_LEVELS else None
+    design = (design_contexts(idx.astype(np.uint8), levels, spec_version=1) if levels <= MAX_LEVELS_V1
+              else None)
     v1_same, v1_cross = bits_v1_cross_channel(idx, fit, design, levels) if design else (nan, nan)
     return {
         "v1 designed": design.heldout_bits if design else nan,  # v1 tables have at most 16 levels

@@ -48,10 +48,12 @@ def lwfc_designs(stats: Any, kind: str, clip: Any, levels: int, contexts: list[s
             return []
     out = []
     for ctx in contexts:
-        groups, classes = CONTEXTS[ctx]
+        groups, classes, version = CONTEXTS[ctx]
         if classes != "auto" and classes * classes * q.levels > 256:
             continue  # more context classes than a table can hold
-        out.append((ctx, finish_design(stats, q, choice, groups, classes)))
+        if version == 1 and q.levels > 16:
+            continue  # more levels than a version 1 table can hold
+        out.append((ctx, finish_design(stats, q, choice, groups, classes, spec_version=version)))
     return out
 
 
@@ -125,12 +127,15 @@ def _point(combo: Combo, ctx: str, design: Any, coded: _Coded, metrics: dict[str
     g = design.table["contexts"]["groups"]
     n = len(coded.frames)
     nbytes = np.asarray([len(f) for f in coded.frames], dtype=np.int64)
-    notes = f"G={g} K={design.classes}" + ("" if first else f"; decoded {coded.decoded} of {n}")
+    refs = sum(r >= 0 for r in design.table["contexts"].get("reference_channel", []))
+    notes = f"v{design.table['version']} G={g} K={design.classes}" + (f" refs={refs}" if refs else "") + \
+        ("" if first else f"; decoded {coded.decoded} of {n}")
     return Point(f"lwfc {kind} clip={clip} ctx={ctx}", setting, float(8 * nbytes.mean() / coded.elements),
                  dict(metrics), 1000 * coded.encode_seconds / n, 1000 * coded.decode_seconds / coded.decoded, n,
                  mse=mse, notes=notes,
                  extra={"clip_min": q.clip_min, "clip_max": q.clip_max, "groups": g, "classes": design.classes,
                         "levels": q.levels, "kind": kind, "design_bits": design.coded_bits_per_element,
+                        "table_version": design.table["version"], "dependent_channels": refs,
                         "clip_scale": clip_scale, "table": design.table})
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# lwfc context variants: name -> (channel groups, neighbour classes K) given to ``table_design.finish_design``.
-CONTEXTS: dict[str, tuple[Any, Any]] = {
-    "one": (1, 1), "groups": ("auto", 1), "groups+k2": ("auto", 2), "groups+k3": ("auto", 3),
-    # one model per channel (G = min(C, 256)); "auto" designs the contexts on held-out bits (design/contexts.py)
-    "channel": (256, 1), "auto": ("auto", "auto")}
+# lwfc context variants: name -> (channel groups, neighbour classes K, table spec version) given to
+# ``table_design.finish_design``.
+CONTEXTS: dict[str, tuple[Any, Any, Any]] = {
+    "one": (1, 1, 1), "groups": ("auto", 1, 1), "groups+k2": ("auto", 2, 1), "groups+k3": ("auto", 3, 1),
+    # one model per channel (G = min(C, 256)); "auto" designs the contexts on held-out bits (design/contexts.py),
+    # with spec version 2's reference channels where they win; "auto-v1" the same within version 1
+    "channel": (256, 1, 1), "auto": ("auto", "auto", "auto"), "auto-v1": ("auto", "auto", 1)}
 KINDS = ("uniform", "ecsq")
 CLIPS = ("mse", "model", "sweep")
 METHODS = ("lwfc", "hevc", "av1", "jpeg", "webp", "rle", "zlib")
