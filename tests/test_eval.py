@@ -151,9 +151,12 @@ def test_quick_eval_structure(quick_report):
     assert all(float(r["bits_per_element_no_param_sets"]) < float(r["bits_per_element"]) for r in hevc)
     md = (out / "report.md").read_text()
     assert "## Headline" in md and "## Against the goal" in md
-    head = md.split("## Headline")[1].split("##")[0]
+    head = md.split("## Headline")[1].split("\n## ")[0]  # the family table, then the per-method one
     for m in methods:
         assert f"| {m} |" in head
+    for fam in ("lwfc v1", "HEVC (x265)", "JPEG", "WebP"):
+        assert f"| {fam} |" in head.split("### Per method")[0]
+    assert (out / "rate_accuracy_variants.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(ev["headline"]) == len(methods)
     assert "bits/element within 1 pp" in stdout
 

@@ -122,24 +122,49 @@ def headline(ev: Evaluation, metric: str | None = None, ref: float | None = None
     return rows
 
 
-def plot(ev: Evaluation, path: Path) -> None:
-    import matplotlib
+def family(method: str) -> str:
+    """The family a method's curve belongs to in the headline chart: lwfc with spec v2's designed contexts (the
+    ``auto`` variant, reference channels where they win), lwfc within spec v1 (every other variant), and one per
+    baseline codec."""
+    if method.startswith("lwfc"):
+        return "lwfc v2 (designed contexts + reference channels)" if method.endswith("ctx=auto") else "lwfc v1"
+    head = method.split()[0]
+    return {"hevc": "HEVC (x265)", "av1": "AV1 (libaom)", "jpeg": "JPEG", "webp": "WebP"}.get(head, head)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 6.5))
-    styles = {"lwfc": "-", "hevc": "--", "av1": "--", "jpeg": ":", "webp": ":", "uniform+rle": "-.",
-              "uniform+zlib": "-."}
-    for m in methods_of(ev.points):
-        pts = sorted((p for p in ev.points if p.method == m and ev.primary in p.metrics
-                      and math.isfinite(p.bits_per_element)), key=lambda p: p.bits_per_element)
-        if not pts:
-            continue
-        ls = styles.get(m.split()[0], "-")
-        lw = 2.0 if m.startswith(("hevc", "av1")) or m.endswith("ctx=groups+k2") or m.endswith("ctx=groups+k3") else 1.0
-        ax.plot([p.bits_per_element for p in pts], [100 * p.metrics[ev.primary] for p in pts], ls, marker=".",
-                lw=lw, label=m)
+def envelope(points: list[Point], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The Pareto front of points: by rising rate, each point that beats every cheaper one on ``metric``."""
+    pts = sorted((p for p in points if metric in p.metrics and math.isfinite(p.bits_per_element)),
+                 key=lambda p: (p.bits_per_element, -p.metrics[metric]))
+    rates, values = [], []
+    for p in pts:
+        if not values or p.metrics[metric] > values[-1]:
+            rates.append(p.bits_per_element)
+            values.append(p.metrics[metric])
+    return np.asarray(rates), np.asarray(values)
+
+
+def families(ev: Evaluation) -> dict[str, list[Point]]:
+    out: dict[str, list[Point]] = {}
+    for p in ev.points:
+        out.setdefault(family(p.method), []).append(p)
+    return out
+
+
+def family_headline(ev: Evaluation) -> list[dict]:
+    """Per family: the rate of its envelope within 1 pp of the reference, its best value and lowest rate."""
+    ref, _ = reference_value(ev)
+    rows = []
+    for name, pts in families(ev).items():
+        r, a = envelope(pts, ev.primary)
+        rows.append({"family": name, "rate_within_1pp": rate_for(r, a, ref - TOLERANCE_PP / 100),
+                     "best": float(a.max()) if len(a) else math.nan,
+                     "lowest_rate": float(r[0]) if len(r) else math.nan})
+    return rows
+
+
+def _reference_lines(ax, ev: Evaluation) -> None:
+    """The horizontal lines every chart has: the references and the 1-pp line; then axes, limits and title."""
     ref, ref_name = reference_value(ev)
     if ev.primary == "accuracy":
         if "float accuracy" in ev.reference:
@@ -164,6 +189,50 @@ def plot(ev: Evaluation, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"{ev.bundle['model']} split at {ev.bundle['split']} ({ev.tensors} tensors "
                  f"{ev.shape[0]}x{ev.shape[1]}x{ev.shape[2]})", fontsize=9)  # long split names fit
+
+
+def plot(ev: Evaluation, path: Path) -> None:
+    """The headline chart: one envelope per family (lwfc v2, lwfc v1, each baseline) and the 1-pp line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, pts in families(ev).items():
+        r, a = envelope(pts, ev.primary)
+        if len(r):
+            lwfc = name.startswith("lwfc")
+            ax.plot(r, 100 * a, "-" if lwfc else "--", marker="o" if lwfc else ".", lw=2.2 if "v2" in name else 1.5,
+                    label=name)
+    _reference_lines(ax, ev)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_variants(ev: Evaluation, path: Path) -> None:
+    """Every method's curve (lwfc's quantizer, clip and context variants, each baseline setting family)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    styles = {"lwfc": "-", "hevc": "--", "av1": "--", "jpeg": ":", "webp": ":", "uniform+rle": "-.",
+              "uniform+zlib": "-."}
+    for m in methods_of(ev.points):
+        pts = sorted((p for p in ev.points if p.method == m and ev.primary in p.metrics
+                      and math.isfinite(p.bits_per_element)), key=lambda p: p.bits_per_element)
+        if not pts:
+            continue
+        ls = styles.get(m.split()[0], "-")
+        lw = 2.0 if m.startswith(("hevc", "av1")) or m.endswith(("ctx=groups+k2", "ctx=groups+k3", "ctx=auto")) \
+            else 1.0
+        ax.plot([p.bits_per_element for p in pts], [100 * p.metrics[ev.primary] for p in pts], ls, marker=".",
+                lw=lw, label=m)
+    _reference_lines(ax, ev)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -193,9 +262,17 @@ def markdown(ev: Evaluation) -> str:
         + (f"; per method, summed over {ev.jobs} worker processes: " if ev.jobs > 1 else "; per method: ")
         + ", ".join(f"{k} {v:.0f} s" for k, v in ev.method_seconds.items()) + ".",
         "",
-        f"## Headline (within {TOLERANCE_PP:g} pp of the reference, interpolated on each method's upper envelope)",
+        f"## Headline (within {TOLERANCE_PP:g} pp of the reference, interpolated on each family's envelope)",
         "",
+        "rate_accuracy.png draws these envelopes; rate_accuracy_variants.png every method's own curve.",
+        "",
+        f"| family | bits/element within {TOLERANCE_PP:g} pp | best {label} | lowest rate |",
+        "|---|---|---|---|",
     ]
+    for row in family_headline(ev):
+        lines.append(f"| {row['family']} | {_fmt(row['rate_within_1pp'])} | {100 * row['best']:.2f}% | "
+                     f"{_fmt(row['lowest_rate'])} |")
+    lines += ["", f"### Per method (within {TOLERANCE_PP:g} pp, on each method's upper envelope)", ""]
     rows = headline(ev)
     lines += _table(rows, label)
     lines += ["", "`-`: the method has no point at or below that rate. A rate equal to a method's lowest rate means "
@@ -376,8 +453,8 @@ def extend_evaluation(previous_dir: str | Path, new: Evaluation) -> Evaluation:
 def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "points.csv", "png": out / "rate_accuracy.png", "md": out / "report.md",
-             "json": out / "evaluation.json"}
+    paths = {"csv": out / "points.csv", "png": out / "rate_accuracy.png",
+             "variants": out / "rate_accuracy_variants.png", "md": out / "report.md", "json": out / "evaluation.json"}
     # the lwfc tables, so that anyone can re-encode the cached tensors and check the rates
     tdir = out / "tables"
     # a report directory rewritten (e.g. by --extend) keeps no tables that no point refers to; points read back
@@ -396,6 +473,7 @@ def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
             p.notes = (p.notes + "; " if p.notes else "") + f"table tables/{name}"
     write_csv(ev.points, paths["csv"])
     plot(ev, paths["png"])
+    plot_variants(ev, paths["variants"])
     paths["md"].write_text(markdown(ev), encoding="utf-8")
     d = ev.to_json()
     d["bundle"] = {k: v for k, v in d["bundle"].items() if k != "class_names"}
