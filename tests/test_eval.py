@@ -76,6 +76,12 @@ def test_plan_refuses_overrides_that_nothing_would_use():
     with pytest.raises(ValueError, match=r"av1_crfs \(--av1-crfs\) set for av1"):
         make_plan(False, "fashion-mnist", True, None, {"av1_crfs": [40]}, {"lwfc", "hevc"})
     assert make_plan(False, "fashion-mnist", True, None, {"av1_crfs": [40, 50]}).av1_crfs == [40, 50]
+    both = {"contexts": ["auto-v1", "auto"], "sweep_contexts": ["auto-v1", "auto"]}
+    assert make_plan(False, "fashion-mnist", True, None, both).sweep_contexts == ["auto-v1", "auto"]
+    with pytest.raises(ValueError, match="sweep contexts apply to the clip sweep only"):
+        make_plan(False, "fashion-mnist", True, None, {"sweep_contexts": ["auto"], "clips": ["mse"]})
+    with pytest.raises(ValueError, match="unknown contexts"):
+        make_plan(False, "fashion-mnist", True, None, {"sweep_contexts": ["v3"]})
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -147,7 +147,8 @@ def run_lwfc_combo(combo: Combo, stats: Any, data: EdgeData, session: Any, metri
     n = len(data.q_eval)
     try:
         if clip == "sweep":
-            designs = lwfc_designs(stats, kind, scaled_clip(stats, levels, clip_scale), levels, plan.contexts[-1:])
+            designs = lwfc_designs(stats, kind, scaled_clip(stats, levels, clip_scale), levels,
+                                   plan.sweep_contexts or plan.contexts[-1:])
         else:
             designs = lwfc_designs(stats, kind, clip, levels, plan.contexts)
     except Exception as exc:  # a design that cannot exist (e.g. ECSQ emptying all cells) is reported

@@ -21,7 +21,7 @@ KINDS = ("uniform", "ecsq")
 CLIPS = ("mse", "model", "sweep")
 METHODS = ("lwfc", "hevc", "av1", "jpeg", "webp", "rle", "zlib")
 # The plan fields each method reads (an override of a field no method to run reads is refused).
-METHOD_FIELDS = {"lwfc": ("levels", "kinds", "clips", "contexts", "clip_scales", "decode_check"),
+METHOD_FIELDS = {"lwfc": ("levels", "kinds", "clips", "contexts", "clip_scales", "decode_check", "sweep_contexts"),
                  "hevc": ("hevc_qps",), "av1": ("av1_crfs",), "jpeg": ("jpeg_qualities",), "webp": ("webp_qualities",),
                  "rle": ("rle_levels",), "zlib": ("zlib_bits",)}
 MIN_DETECTION_VIEWS = 100  # a full (not quick) detector evaluation needs at least this many views
@@ -49,6 +49,9 @@ class Plan:
     clip_scales: list[float] = field(default_factory=lambda: [1.0, 1.3, 1.6, 2.0, 2.5])
     # AV1 all-intra constant-quality levels (libaom crf, 0-63); empty in plans written before AV1 was added
     av1_crfs: list[int] = field(default_factory=list)
+    # the context variants the clip sweep codes with (empty: the last of ``contexts``), e.g. auto-v1 and auto to
+    # compare spec versions on the same quantizers
+    sweep_contexts: list[str] = field(default_factory=list)
 
 
 def full_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
@@ -105,9 +108,11 @@ def _check_overrides(plan: Plan, overrides: dict[str, Any], methods: set[str]) -
         if unused:
             raise ValueError(f"{', '.join(unused)} set for {method}, which is not among the methods to run "
                              f"({', '.join(sorted(methods))})")
-    unknown = [c for c in plan.contexts if c not in CONTEXTS]
+    unknown = [c for c in plan.contexts + plan.sweep_contexts if c not in CONTEXTS]
     if unknown:
         raise ValueError(f"unknown contexts {unknown}; known: {', '.join(CONTEXTS)}")
+    if "sweep_contexts" in overrides and "sweep" not in plan.clips:
+        raise ValueError("sweep contexts apply to the clip sweep only: add sweep to the clip choices (--clips)")
     if "clip_scales" in overrides and "sweep" not in plan.clips:
         raise ValueError(f"clip scales {overrides['clip_scales']} apply to the clip sweep only, and the clip choices "
                          f"are {plan.clips}: add sweep to them (--clips)")
