@@ -100,10 +100,11 @@ def test_lwfc_modes_on_a_real_layer(tmp_path):
                  "--qps", "27,37", "--av1-crfs", "40,60", "--output", str(out), "--no-progress"]) == 0
     res = json.loads(out.read_text())
     bits = res["bits_per_element"]
-    assert set(bits) == {"v1 designed", "v1 contexts, KT estimate", "v1 + cross-channel", "left+above",
+    assert set(bits) == {"v1 designed", "v2 designed", "v1 contexts, KT estimate", "v1 + cross-channel", "left+above",
                          "more neighbours", "cross-channel", "LOCO-I", "DPCM", "5/3 wavelet", "HEVC", "AV1"}
     for name in ("v1 designed", "v1 + cross-channel", "left+above", "more neighbours", "cross-channel", "LOCO-I"):
         assert 0 < bits[name]["4"] < 2, (name, bits[name])  # four levels: under log2(4) bits
+    assert bits["v2 designed"]["4"] <= bits["v1 designed"]["4"] + 1e-9  # version 2 only where it wins
     # the module's estimator reproduces the design's own held-out estimate of the same contexts
     assert bits["v1 contexts, KT estimate"]["4"] == pytest.approx(bits["v1 designed"]["4"], rel=1e-5)
     assert res["shape_hwc"] == [14, 14, 48] and res["tensors_fit_heldout"] == [6, 2]

@@ -14,6 +14,9 @@ Index-domain schemes code the same uniform quantizer's indices (same MSE), at ea
   same contexts under this module's estimator (equal to it: a check), and ``v1 + cross-channel``: those
   contexts with the class of the correlated channel's co-located index (below) added, to see whether the
   cross-channel gain adds to v1's design;
+- ``v2 designed``: the same design with spec version 2's features where they code the held-out tensors in fewer
+  bits (``design_contexts(..., spec_version="auto")``: reference channels and their classes as one more context
+  dimension, more neighbour classes; up to 64 levels).
 - ``left+above``: channel group and three classes (0, 1, 2+) of the left and above indices;
 - ``more neighbours``: as ``left+above``, plus zero/non-zero of the above-left, above-right and two-up indices;
 - ``cross-channel``: as ``left+above``, plus the class of the co-located index of the channel before it in an

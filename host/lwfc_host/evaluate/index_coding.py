@@ -108,8 +108,10 @@ def index_schemes(idx: np.ndarray, fit: np.ndarray, levels: int) -> dict[str, fl
     design = (design_contexts(idx.astype(np.uint8), levels, spec_version=1) if levels <= MAX_LEVELS_V1
               else None)
     v1_same, v1_cross = bits_v1_cross_channel(idx, fit, design, levels) if design else (nan, nan)
+    v2 = design_contexts(idx.astype(np.uint8), levels, spec_version="auto")  # reference channels where they win
     return {
         "v1 designed": design.heldout_bits if design else nan,  # v1 tables have at most 16 levels
+        "v2 designed": v2.heldout_bits,
         "v1 contexts, KT estimate": v1_same,
         "v1 + cross-channel": v1_cross,
         "left+above": bits_left_above(idx, fit, groups),
