@@ -35,9 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--levels", default=None,
                    help="lwfc level counts, e.g. 2,3,4,6 (default: 2..8; detectors 2..6,8; quick: 2,4)")
     p.add_argument("--contexts", default=None,
-                   help="lwfc context variants among one,channel,groups,groups+k2,groups+k3,auto (default: "
-                        "one,channel,groups+k2,auto; detectors one,groups,groups+k2,groups+k3; quick: "
-                        "one,groups,groups+k2); the clip sweep uses the last")
+                   help="lwfc context variants among one,channel,groups,groups+k2,groups+k3,auto,auto-v1 "
+                        "(auto: contexts designed on held-out bits, with spec v2's reference channels where they "
+                        "win; auto-v1: the same within spec version 1) (default: one,channel,groups+k2,auto; "
+                        "detectors one,groups,groups+k2,groups+k3; quick: one,groups,groups+k2); the clip sweep "
+                        "uses the last")
+    p.add_argument("--sweep-contexts", default=None,
+                   help="context variants the clip sweep codes with (default: the last of --contexts), e.g. "
+                        "auto-v1,auto to compare spec versions on the same quantizers")
     p.add_argument("--clips", default=None,
                    help="lwfc clip choices among mse,model,sweep (default: all three; detectors mse,model; detector "
                         "--quick: mse); sweep = uniform quantizers with the MSE clip's top times each --clip-scales "
@@ -110,6 +115,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
     fields = {"levels": _values(args, "levels", int), "clip_scales": _values(args, "clip-scales", float),
               "contexts": _values(args, "contexts", str, tuple(CONTEXTS)),
+              "sweep_contexts": _values(args, "sweep-contexts", str, tuple(CONTEXTS)),
               "kinds": _values(args, "kinds", str, KINDS), "clips": _values(args, "clips", str, CLIPS)}
     qps = _values(args, "hevc-qps", int)
     if qps is not None:
