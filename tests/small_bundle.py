@@ -26,8 +26,9 @@ def relu_features(shape: tuple[int, int, int], seed: int, batch: int = 1) -> np.
     return np.maximum(x, 0.0)
 
 
-def write_cloud_head(path: Path, channels: int, classes: int, seed: int = 0) -> None:
-    """A real ONNX classifier head: NHWC float features -> global average pool -> linear -> logits."""
+def write_cloud_head(path: Path, channels: int, classes: int, seed: int = 0, batch: int | None = 1) -> None:
+    """A real ONNX classifier head: NHWC float features -> global average pool -> linear -> logits (``batch``
+    None: any batch size)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -39,8 +40,8 @@ def write_cloud_head(path: Path, channels: int, classes: int, seed: int = 0) -> 
          helper.make_node("MatMul", ["pooled", "w"], ["mm"]),
          helper.make_node("Add", ["mm", "b"], ["logits"])],
         "head",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, None, channels])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, None, None, channels])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
         [numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"), numpy_helper.from_array(w, "w"),
          numpy_helper.from_array(b, "b")],
     )

@@ -108,6 +108,28 @@ def test_tcp_end_to_end(bundle, images, tmp_path):
     assert len(frames) == N_IMAGES and all(r["decode_ms"] > 0 and r["bits_per_element"] > 0 for r in frames)
 
 
+def test_udp_end_to_end_in_slices(bundle, images, tmp_path):
+    """`lwfc serve --udp` and the runner over udp://: every tensor goes out as slices of one datagram each (MTU 600)
+    and comes back complete, with the answer that decoding and placing the saved slices locally gives."""
+    srv = Serve(["--bundle", str(bundle), "--udp", "127.0.0.1:0"])
+    try:
+        run = run_device(bundle, srv.addresses[0] + "?mtu=600", images, tmp_path)
+    finally:
+        final, _err = srv.stop()
+    s = run["summary"]
+    assert s["frames"] == s["results"] == N_IMAGES and s["error_total"] == 0
+    local = CloudModel(bundle, top=5)
+    for rec in run["frames"]:
+        frames = [p.read_bytes() for p in sorted((tmp_path / "frames").glob(f"{rec['index']:05d}.*.lwfc"))]
+        assert len(frames) == rec["slices"] > 1 and all(len(f) <= 600 - 36 for f in frames)
+        assembly, table_id, errors, _ = local.decode_slices(frames)
+        assert assembly.complete and not errors
+        want, _ = local.infer(local.conceal(assembly, table_id).tensor)
+        assert rec["result"]["top"] == want["top"] and rec["result"]["concealed"] == 0.0
+        assert rec["result"]["slices"] == len(frames)
+    assert final["frames"] == N_IMAGES and final["slices"]["received"] == sum(r["slices"] for r in run["frames"])
+
+
 @pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (Debian package socat)")
 def test_serial_end_to_end_over_pty_pair(bundle, images, tmp_path):
     host_end, dev_end = tmp_path / "host-tty", tmp_path / "dev-tty"

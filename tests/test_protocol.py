@@ -204,7 +204,7 @@ def test_parse_address():
     for bad, msg in [("127.0.0.1:5005", "must look like"), ("tcp://host", "needs a port"),
                      ("tcp://h:port", "not a number"), ("tcp://h:70000", "out of range"),
                      ("serial://", "names no device"), ("serial:///dev/x?baud=fast", "baud rate"),
-                     ("udp://h:1", "unknown transport")]:
+                     ("quic://h:1", "unknown transport")]:
         with pytest.raises(TransportError, match=msg):
             parse_address(bad)
 
@@ -218,6 +218,6 @@ def test_device_link_modules_are_python37_syntax():
     import lwfc
 
     root = Path(lwfc.__file__).parent
-    for name in ("auth", "protocol", "transport", "sendqueue", "link", "keys", "runner", "__main__"):
+    for name in ("auth", "protocol", "transport", "sendqueue", "link", "datagram", "keys", "runner", "__main__"):
         src = (root / f"{name}.py").read_text()
         ast.parse(src, f"{name}.py", feature_version=(3, 7))

@@ -22,6 +22,20 @@ from .sendqueue import DROP_OLDEST, SendQueue
 from .transport import Backoff, connect_with_backoff
 
 
+class Slices(object):
+    """One tensor's slice frames (``Encoder.encode_sliced``), queued as one item and sent as SLICE messages under
+    one seq (a serial line in datagram mode, PROTOCOL.md 10.6); ``len()`` is their bytes, for the queue's limit."""
+
+    def __init__(self, frames):
+        self.frames = list(frames)
+        self.size = 0
+        for f in self.frames:
+            self.size += len(f)
+
+    def __len__(self):
+        return self.size
+
+
 class Link(object):
     """The device side of one host connection, reconnecting when it breaks."""
 
@@ -93,7 +107,10 @@ class Link(object):
             s = self.session
             while len(self.queue) and len(s.outstanding) < self.window:
                 frame, tag = self.queue.pop()
-                s.send_frame(frame, tag)
+                if isinstance(frame, Slices):
+                    s.send_slices(frame.frames, tag)
+                else:
+                    s.send_frame(frame, tag)
                 self.last_tx_ms = now_ms()
             answers.extend(s.poll(timeout_s))
             answers.extend(s.expire())
@@ -110,7 +127,8 @@ class Link(object):
         return answers
 
     def submit(self, frame, tag=None):
-        """Queue a frame; returns the Answers that became known meanwhile (DROPPED ones included)."""
+        """Queue a frame (bytes) or one tensor's ``Slices``; returns the Answers that became known meanwhile
+        (DROPPED ones included)."""
         answers = []
         try:
             while True:

@@ -49,8 +49,9 @@ ERROR = 6
 PING = 7
 PONG = 8
 BYE = 9
+SLICE = 10  # one lwfc frame (a slice or a whole tensor) of the tensor numbered seq (PROTOCOL.md 10)
 TYPE_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", REFUSE: "REFUSE", DATA: "DATA", RESULT: "RESULT",
-              ERROR: "ERROR", PING: "PING", PONG: "PONG", BYE: "BYE"}
+              ERROR: "ERROR", PING: "PING", PONG: "PONG", BYE: "BYE", SLICE: "SLICE"}
 
 # ERROR codes (PROTOCOL.md, 5.4) and device-side codes
 E_CORRUPT = 1
@@ -90,6 +91,7 @@ REFUSE_NAMES = {R_PROTOCOL: "PROTOCOL", R_MODEL: "MODEL", R_TABLE: "TABLE", R_AU
 
 DEFAULT_MAX_MESSAGE = 1 << 20
 SEQ_MOD = 1 << 32
+ENVELOPE_SIZE = HEADER_SIZE + CRC_SIZE  # bytes a message adds to its body (plus TAG_SIZE with AUTH)
 
 
 class ProtocolError(LwfcError):
@@ -287,6 +289,34 @@ class Parser(object):
             yield ev
 
 
+def parse_datagram(buf, auth=None, max_message=DEFAULT_MAX_MESSAGE):
+    """The one message a datagram holds (PROTOCOL.md 10.1), as ``Parser.next`` reports it: a Message, a tuple
+    ``(CORRUPT | BAD_AUTH, type, seq, length)`` for a message whose header is sound but whose body or tag is
+    not, or None when the datagram is not one message (too short, no sync, a bad header CRC, a length other
+    than the datagram's, more than ``max_message``): garbage, never answered."""
+    n = len(buf)
+    if n < HEADER_SIZE + CRC_SIZE or bytes(buf[0:2]) != SYNC:
+        return None
+    (hcrc,) = struct.unpack("<I", bytes(buf[12:16]))
+    if crc32(bytes(buf[0:12])) != hcrc:
+        return None
+    _sync, mtype, flags, seq, length = struct.unpack(_HEAD, bytes(buf[0:12]))
+    if length > max_message:
+        return None
+    total = HEADER_SIZE + length + CRC_SIZE + (TAG_SIZE if flags & FLAG_AUTH else 0)
+    if total != n:
+        return None
+    body = bytes(buf[HEADER_SIZE:HEADER_SIZE + length])
+    (bcrc,) = struct.unpack("<I", bytes(buf[HEADER_SIZE + length:HEADER_SIZE + length + CRC_SIZE]))
+    if crc32(body) != bcrc:
+        return (CORRUPT, mtype, seq, length)
+    if auth is not None:
+        tag = bytes(buf[HEADER_SIZE + length + CRC_SIZE:])
+        if not flags & FLAG_AUTH or not compare_digest(tag, auth.tag(bytes(buf[:HEADER_SIZE + length + CRC_SIZE]))):
+            return (BAD_AUTH, mtype, seq, length)
+    return Message(mtype, flags, seq, body)
+
+
 # --- the device side of a session -----------------------------------------------------------------
 
 class Answer(object):
@@ -379,6 +409,17 @@ class Session(object):
         self.outstanding[seq] = (now_ms(), tag)
         self.order.append(seq)
         self._send(msg)
+        return seq
+
+    def send_slices(self, frames, tag=None):
+        """Send the frames of one tensor (the slices ``Encoder.encode_sliced`` made, in the order given) as SLICE
+        messages sharing one new seq (PROTOCOL.md 10): one answer comes for all of them. Returns the seq."""
+        self.seq = next_seq(self.seq)
+        seq = self.seq
+        self.outstanding[seq] = (now_ms(), tag)
+        self.order.append(seq)
+        for frame in frames:
+            self._send(pack_message(SLICE, seq, frame, self.auth))
         return seq
 
     def ping(self):

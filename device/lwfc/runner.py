@@ -67,6 +67,7 @@ def summarize(records, wall_s):
     rtt = [r["rtt_ms"] for r in results if r.get("rtt_ms") is not None]
     nbytes = sum(r["bytes"] for r in records)
     nel = sum(r["elements"] for r in records)
+    concealed = [r["result"].get("concealed", 0.0) for r in results if isinstance(r.get("result"), dict)]
     return {
         "frames": len(records),
         "results": len(results),
@@ -84,6 +85,8 @@ def summarize(records, wall_s):
         "rtt_ms_p99": _pct(rtt, 99),
         "wall_s": wall_s,
         "frames_per_s": len(records) / wall_s if wall_s > 0 else None,
+        "concealed_mean": sum(concealed) / len(concealed) if concealed else None,
+        "concealed_results": len([c for c in concealed if c > 0]),
     }
 
 
@@ -99,6 +102,9 @@ def print_summary(s, out=sys.stdout):
     if s["rtt_ms_p50"] is not None:
         out.write("  round trip ms: p50 %.2f  p95 %.2f  p99 %.2f\n"
                   % (s["rtt_ms_p50"], s["rtt_ms_p95"], s["rtt_ms_p99"]))
+    if s.get("concealed_results"):
+        out.write("  concealed: %d results had missing slices; %.2f%% of all answered elements concealed\n"
+                  % (s["concealed_results"], 100.0 * s["concealed_mean"]))
     out.write("  %.2f s, %.1f frames/s\n" % (s["wall_s"], s["frames_per_s"] or 0.0))
     out.flush()
 
@@ -117,16 +123,41 @@ def open_bundle(bundle, tables_path=None, edgetpu=False, threads=None):
     return b, tables, model, b.preprocessing
 
 
-def _connect(connect, hello, key, window, queue_frames, policy, answer_timeout_s, log):
-    """A connected Link and the host's WELCOME; a refusal or an unreachable host is a RunnerError."""
-    from .link import Link
+def link_kind(connect):
+    """(kind, mtu) of a transport address: ("stream", None) for tcp:// and plain serial lines, ("datagram", mtu)
+    for udp://, ("sliced-stream", mtu) for a serial or UART line in datagram mode (``?mtu=N``, PROTOCOL.md
+    10.6). With an mtu every tensor is sent as slices that fit it."""
+    from .transport import parse_address
 
-    link = Link(connect, hello, key=key, window=window, queue_frames=queue_frames, policy=policy,
-                answer_timeout_s=answer_timeout_s, log=log)
+    scheme, _target, opts = parse_address(connect)
+    if scheme == "udp":
+        return "datagram", opts["mtu"]
+    if "mtu" in opts:
+        return "sliced-stream", opts["mtu"]
+    return "stream", None
+
+
+def _connect(connect, hello, key, window, queue_frames, policy, answer_timeout_s, log, interleave=True):
+    """A connected link (``Link`` for byte streams, ``DatagramLink`` for udp://) and the host's WELCOME; a
+    refusal or an unreachable host is a RunnerError."""
+    from .protocol import ProtocolError
+
+    if link_kind(connect)[0] == "datagram":
+        from .datagram import DatagramLink
+
+        link = DatagramLink(connect, hello, key=key, window=window, answer_timeout_s=answer_timeout_s, log=log,
+                            interleave=interleave)
+    else:
+        from .link import Link
+
+        link = Link(connect, hello, key=key, window=window, queue_frames=queue_frames, policy=policy,
+                    answer_timeout_s=answer_timeout_s, log=log)
     try:
         welcome = link.connect()
     except Refused as exc:
         raise RunnerError(str(exc)) from None
+    except ProtocolError as exc:
+        raise RunnerError("no session with %s: %s" % (connect, exc)) from None
     except OSError as exc:
         raise RunnerError("cannot connect to %s: %s" % (connect, exc)) from None
     return link, welcome
@@ -152,30 +183,45 @@ def _take(records, answers, quiet, out):
             out.flush()
 
 
-def _encode_one(i, path, model, pre, enc, save_frames):
-    """Image ``path`` -> (lwfc frame, its record without an answer yet)."""
+def _encode_one(i, path, model, pre, enc, save_frames, max_frame=None, plan="auto"):
+    """Image ``path`` -> (lwfc frame, its record without an answer yet); with ``max_frame``, the list of slice
+    frames (each at most ``max_frame`` bytes, cut by ``plan``: ``lwfc.datagram.PLANS``) instead of one frame."""
     img = load_image(path)
     t0 = time.perf_counter()
     q = model.run(preprocess(img, pre))
     t1 = time.perf_counter()
     h, w, c = q.shape
-    frame = enc.encode_int8(q.tobytes(), h, w)
+    if max_frame:
+        from .datagram import encode_int8_slices
+
+        frames = encode_int8_slices(enc, q.tobytes(), h, w, max_frame, plan)
+    else:
+        frames = [enc.encode_int8(q.tobytes(), h, w)]
     t2 = time.perf_counter()
     if save_frames:
-        with open(os.path.join(save_frames, "%05d.lwfc" % i), "wb") as f:
-            f.write(frame)
-    record = {"index": i, "image": path, "bytes": len(frame), "elements": h * w * c,
-              "bpe": 8.0 * len(frame) / (h * w * c), "edge_ms": (t1 - t0) * 1000,
+        for j, frame in enumerate(frames):
+            name = "%05d.lwfc" % i if not max_frame else "%05d.%03d.lwfc" % (i, j)
+            with open(os.path.join(save_frames, name), "wb") as f:
+                f.write(frame)
+    nbytes = sum(len(f) for f in frames)
+    record = {"index": i, "image": path, "bytes": nbytes, "elements": h * w * c, "slices": len(frames),
+              "bpe": 8.0 * nbytes / (h * w * c), "edge_ms": (t1 - t0) * 1000,
               "encode_ms": (t2 - t1) * 1000, "kind": None}
-    return frame, record
+    return (frames if max_frame else frames[0]), record
 
 
-def _stream(link, paths, model, pre, enc, save_frames, records, quiet, out):
+def _stream(link, paths, model, pre, enc, save_frames, records, quiet, out, kind="stream", max_frame=None,
+            plan="auto"):
     """Encode and send every image, taking answers as they come; returns the link error (None if none).
-    Every frame sent ends up answered in ``records``, even when the host goes away."""
+    Every frame sent ends up answered in ``records``, even when the host goes away. ``kind`` and ``max_frame``:
+    ``link_kind`` and the slice size (``lwfc.datagram.max_frame_bytes``) of a sliced link."""
     try:
         for i, path in enumerate(paths):
-            frame, records[i] = _encode_one(i, path, model, pre, enc, save_frames)
+            frame, records[i] = _encode_one(i, path, model, pre, enc, save_frames, max_frame, plan)
+            if kind == "sliced-stream":
+                from .link import Slices
+
+                frame = Slices(frame)
             _take(records, link.submit(frame, tag=i), quiet, out)
         _take(records, link.drain(), quiet, out)
     except ConnectionClosed as exc:  # the host is gone for good; every sent frame is still accounted for
@@ -188,8 +234,10 @@ def _stream(link, paths, model, pre, enc, save_frames, records, quiet, out):
 
 def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=None, window=4, queue_frames=16,
         policy="drop-oldest", edgetpu=False, repeat=1, limit=None, answer_timeout_s=30.0, save_frames=None,
-        quiet=False, out=sys.stdout, threads=None):
-    """Run the edge half on the images and stream the frames; returns (summary, per-frame records)."""
+        quiet=False, out=sys.stdout, threads=None, interleave=True, slice_plan="auto"):
+    """Run the edge half on the images and stream the frames; returns (summary, per-frame records). Over
+    udp:// (or a serial line with ``?mtu=N``) every tensor goes out as slices that fit one datagram, sent in
+    interleaved order unless ``interleave`` is false, cut by ``slice_plan`` (``lwfc.datagram.PLANS``)."""
     b, tables, model, pre = open_bundle(bundle, tables_path, edgetpu, threads)
     enc = Encoder(tables)
     paths = list_images(images) * max(1, repeat)
@@ -199,13 +247,23 @@ def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=Non
         os.makedirs(save_frames, exist_ok=True)
     hello = {"device": device, "model": b.model, "bundle": b.id, "table": tables.table_id_hex()}
     log = (lambda m: out.write("link: %s\n" % m)) if not quiet else None
-    link, welcome = _connect(connect, hello, key, window, queue_frames, policy, answer_timeout_s, log)
+    kind, mtu = link_kind(connect)
+    max_frame = None
+    if mtu is not None:
+        from .datagram import choose_plan, max_frame_bytes
+
+        max_frame = max_frame_bytes(mtu)
+        slice_plan = choose_plan(tables, slice_plan)
+    link, welcome = _connect(connect, hello, key, window, queue_frames, policy, answer_timeout_s, log,
+                             interleave)
     if not quiet:
-        out.write("connected to %s: session %s, table %s, %d images\n"
-                  % (connect, welcome.get("session"), tables.table_id_hex(), len(paths)))
+        out.write("connected to %s: session %s, table %s, %d images%s\n"
+                  % (connect, welcome.get("session"), tables.table_id_hex(), len(paths),
+                     ", slices of at most %d bytes (%s plan)" % (max_frame, slice_plan) if max_frame else ""))
     records = {}
     t_start = time.time()
-    link_error = _stream(link, paths, model, pre, enc, save_frames, records, quiet, out)
+    link_error = _stream(link, paths, model, pre, enc, save_frames, records, quiet, out, kind, max_frame,
+                         slice_plan)
     wall = time.time() - t_start
     recs = [records[i] for i in sorted(records)]
     missing = [r for r in recs if r["kind"] is None]
@@ -224,7 +282,10 @@ def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=Non
 def add_run_arguments(p):
     """The options of ``python -m lwfc run`` (argparse parser ``p``)."""
     p.add_argument("--bundle", required=True, help="bundle directory (bundle.json, edge.tflite, tables.json)")
-    p.add_argument("--connect", required=True, help="tcp://HOST:PORT or serial:///dev/ttyX[?baud=N]")
+    p.add_argument("--connect", required=True,
+                   help="tcp://HOST:PORT, udp://HOST:PORT[?mtu=N] (each tensor as slices of one datagram each; "
+                        "default mtu 1200) or serial:///dev/ttyX[?baud=N][&mtu=N] (with mtu: datagram mode, each "
+                        "slice its own message)")
     p.add_argument("--images", required=True, help="a directory of images (or one image file)")
     p.add_argument("--tables", help="table file (default: the bundle's tables.json)")
     p.add_argument("--device", default="lwfc-device", help="this device's name (selects its key on the host)")
@@ -240,6 +301,12 @@ def add_run_arguments(p):
     p.add_argument("--repeat", type=int, default=1, help="go through the images this many times")
     p.add_argument("--limit", type=int, help="stop after this many frames")
     p.add_argument("--answer-timeout", type=float, default=30.0, help="seconds before an unanswered frame is LOST")
+    p.add_argument("--slice-plan", choices=["auto", "rows", "channels"], default="auto",
+                   help="how a tensor is cut into slices on a datagram link: channel blocks (fewer bits, better "
+                        "concealment), row bands, or auto (channels unless the table has reference channels)")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="send a tensor's slices in raster order (default: interleaved, so that a burst of lost "
+                        "datagrams takes slices far apart)")
     p.add_argument("--save-frames", help="also write each frame to this directory (NNNNN.lwfc)")
     p.add_argument("--json", help="write the summary and per-frame records to this file")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -254,7 +321,8 @@ def run_from_args(args):
     key = load_key(args.key_file)
     summary, records = run(args.bundle, args.connect, args.images, args.tables, args.device, key, args.window,
                            args.queue, args.policy, args.edgetpu, args.repeat, args.limit, args.answer_timeout,
-                           args.save_frames, args.quiet, threads=args.threads)
+                           args.save_frames, args.quiet, threads=args.threads,
+                           interleave=not args.no_interleave, slice_plan=args.slice_plan)
     if args.quiet:
         print_summary(summary)
     if args.json:

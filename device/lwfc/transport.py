@@ -1,14 +1,19 @@
-"""Byte-stream transports behind one small interface, and reconnection with backoff.
+"""Byte-stream transports behind one small interface, a datagram transport, and reconnection with backoff.
 
-A transport has ``write(data)`` (all of it, or raise OSError), ``read(n, timeout_s)`` (up to n bytes;
-b"" when nothing arrived in time; raises ConnectionClosed at the end of the stream) and ``close()``.
+A byte-stream transport has ``write(data)`` (all of it, or raise OSError), ``read(n, timeout_s)`` (up to n
+bytes; b"" when nothing arrived in time; raises ConnectionClosed at the end of the stream) and ``close()``.
 
 - ``TcpTransport``: socket (CPython, Linux boards) or usocket (MicroPython with a network stack).
 - ``SerialTransport``: pyserial (Linux boards: /dev/ttyUSB0, /dev/ttyACM0, a pty).
 - ``UartTransport``: machine.UART (MicroPython boards).
 
-``open_transport("tcp://HOST:PORT" | "serial:///dev/ttyX?baud=N" | "uart://ID?baud=N")`` picks one.
-MicroPython-compatible Python 3.7.
+A datagram transport (``datagram = True``) has ``send(datagram)``, ``recv(timeout_s)`` (one datagram, or None
+when none arrived in time) and ``close()``; nothing is retransmitted (PROTOCOL.md 10):
+
+- ``UdpTransport``: a UDP socket (socket / usocket).
+
+``open_transport("tcp://HOST:PORT" | "udp://HOST:PORT" | "serial:///dev/ttyX?baud=N" | "uart://ID?baud=N")``
+picks one. MicroPython-compatible Python 3.7.
 """
 
 try:
@@ -34,11 +39,19 @@ class TransportError(OSError):
     """A transport address is malformed or the transport cannot be opened."""
 
 
+DEFAULT_MTU = 1200  # bytes of one datagram (UDP payload): what fits every path without IP fragmentation
+MIN_MTU = 128
+MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
+
+
 def parse_address(url):
-    """(scheme, target, options) of a transport address: ("tcp", (host, port), {}),
-    ("serial", "/dev/ttyX", {"baud": 115200}), ("uart", 1, {"baud": 115200})."""
+    """(scheme, target, options) of a transport address: ("tcp", (host, port), {}), ("udp", (host, port),
+    {"mtu": 1200}), ("serial", "/dev/ttyX", {"baud": 115200}), ("uart", 1, {"baud": 115200}). Options:
+    ``mtu`` (udp; also serial and uart, where it makes the line a datagram line: each slice its own message,
+    PROTOCOL.md 10.6), ``baud`` (serial, uart)."""
     if "://" not in url:
-        raise TransportError("transport address %r must look like tcp://HOST:PORT or serial:///dev/ttyX" % url)
+        raise TransportError("transport address %r must look like tcp://HOST:PORT, udp://HOST:PORT or "
+                             "serial:///dev/ttyX" % url)
     scheme, rest = url.split("://", 1)
     opts = {}
     if "?" in rest:
@@ -48,9 +61,16 @@ def parse_address(url):
                 raise TransportError("bad option %r in %r (expected name=value)" % (kv, url))
             k, v = kv.split("=", 1)
             opts[k] = v
-    if scheme == "tcp":
+    if "mtu" in opts:
+        try:
+            opts["mtu"] = int(opts["mtu"])
+        except ValueError:
+            raise TransportError("mtu in %r is not a number" % url) from None
+        if not MIN_MTU <= opts["mtu"] <= MAX_DATAGRAM:
+            raise TransportError("mtu %d in %r is out of range (%d..%d)" % (opts["mtu"], url, MIN_MTU, MAX_DATAGRAM))
+    if scheme in ("tcp", "udp"):
         if ":" not in rest:
-            raise TransportError("tcp address %r needs a port: tcp://HOST:PORT" % url)
+            raise TransportError("%s address %r needs a port: %s://HOST:PORT" % (scheme, url, scheme))
         host, port = rest.rsplit(":", 1)
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
@@ -60,7 +80,11 @@ def parse_address(url):
             raise TransportError("port %r in %r is not a number" % (port, url)) from None
         if not 0 < port < 65536:
             raise TransportError("port %d in %r is out of range" % (port, url))
-        return "tcp", (host, port), opts
+        if scheme == "udp":
+            opts["mtu"] = opts.get("mtu", DEFAULT_MTU)
+        elif "mtu" in opts:
+            raise TransportError("mtu applies to udp://, serial:// and uart:// addresses, not %r" % url)
+        return scheme, (host, port), opts
     if scheme in ("serial", "uart"):
         try:
             opts["baud"] = int(opts.get("baud", 115200))
@@ -74,7 +98,7 @@ def parse_address(url):
             except ValueError:
                 raise TransportError("UART id in %r must be a number" % url) from None
         return scheme, rest, opts
-    raise TransportError("unknown transport %r in %r (use tcp://, serial:// or uart://)" % (scheme, url))
+    raise TransportError("unknown transport %r in %r (use tcp://, udp://, serial:// or uart://)" % (scheme, url))
 
 
 class TcpTransport(object):
@@ -134,6 +158,59 @@ class TcpTransport(object):
             self.sock.close()
         except OSError:
             pass
+
+
+class UdpTransport(object):
+    """A UDP socket that talks to one host (``datagram``: one message per datagram, PROTOCOL.md 10)."""
+
+    datagram = True
+
+    def __init__(self, host, port, mtu=DEFAULT_MTU):
+        self.name = "udp://%s:%d" % (host, port)
+        self.mtu = mtu
+        if socket is None:
+            raise TransportError("this board has no socket module: use a serial or UART transport")
+        addr = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0][-1]
+        self.sock = socket.socket(socket.AF_INET if len(addr) == 2 else socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            self.sock.connect(addr)  # only the host's datagrams come back
+        except OSError:
+            self.sock.close()
+            raise
+        self._timeout = None
+
+    def send(self, datagram):
+        """Send one datagram. A datagram the network drops is not an error; a local failure is."""
+        try:
+            self.sock.send(datagram)
+        except OSError as exc:
+            if _is_refused(exc):  # the host's port was closed a moment ago (ICMP): the datagram is lost
+                return
+            raise ConnectionClosed("%s: send failed: %s" % (self.name, exc)) from None
+
+    def recv(self, timeout_s):
+        """One datagram, or None when none arrived within ``timeout_s``."""
+        t = max(timeout_s, 0.0) if timeout_s else 0.0
+        if t != self._timeout:
+            self.sock.settimeout(t)
+            self._timeout = t
+        try:
+            return self.sock.recv(MAX_DATAGRAM + 1)
+        except OSError as exc:
+            if _is_timeout(exc) or _is_refused(exc):
+                return None
+            raise ConnectionClosed("%s: %s" % (self.name, exc)) from None
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _is_refused(exc):
+    code = exc.args[0] if exc.args else None
+    return type(exc).__name__ == "ConnectionRefusedError" or code == 111  # ECONNREFUSED
 
 
 def _is_timeout(exc):
@@ -218,6 +295,8 @@ def open_transport(url):
     scheme, target, opts = parse_address(url)
     if scheme == "tcp":
         return TcpTransport(target[0], target[1])
+    if scheme == "udp":
+        return UdpTransport(target[0], target[1], opts["mtu"])
     if scheme == "serial":
         return SerialTransport(target, opts["baud"])
     return UartTransport(target, opts["baud"])

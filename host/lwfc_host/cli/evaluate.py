@@ -68,6 +68,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
+    lo = subparsers.add_parser(
+        "eval-loss", help="task accuracy (or mAP) under packet loss: whole frames vs slices with concealment",
+        description="Codes the bundle's evaluation tensors with one table (--tables, or designed here on the "
+                    "calibration edge outputs), whole and as slices that fit one datagram each (the device's slice "
+                    "plan), drops datagrams by a seeded i.i.d. or Gilbert-Elliott channel, conceals what is "
+                    "missing by each concealment method, runs the cloud half and reports the task metric per loss "
+                    "rate, with the bit overhead of slicing at several MTUs: loss.json, points.csv, overhead.csv, "
+                    "loss_accuracy.png and summary.md in OUTPUT (codec_spec/PROTOCOL.md 10).")
+    lo.add_argument("--bundle", required=True, help="bundle directory written by `lwfc convert`")
+    lo.add_argument("--tables", help="table file to code with (default: design one, see --levels)")
+    lo.add_argument("--levels", type=int, help="levels of the designed table (default 6)")
+    lo.add_argument("--clip-scale", type=float,
+                    help="designed table: the MSE clip's top times this (default 1.6; `lwfc eval`'s clip sweep)")
+    lo.add_argument("--contexts",
+                    help="designed table: a context variant of `lwfc eval` (default groups+k3: channel groups and "
+                         "3 neighbour classes, no reference channels, so channel blocks slice cheaply)")
+    lo.add_argument("--plans", default=None,
+                    help="slice plans among auto,rows,channels (default auto,rows: the device's default and the "
+                         "codec's row bands); the first gets every concealment, the others zero and the default")
+    lo.add_argument("--limit", type=int, help="evaluation images/views (default: as `lwfc eval`: all 10,000 test "
+                                              "images, 120 detector views)")
+    lo.add_argument("--rates", default=None, help="datagram loss rates, e.g. 0,0.05,0.1 (default "
+                                                  "0,0.01,0.02,0.05,0.1,0.15,0.2,0.3)")
+    lo.add_argument("--models", default="iid,ge", help="loss models among iid,ge (default both)")
+    lo.add_argument("--burst", type=float, default=4.0,
+                    help="Gilbert-Elliott mean burst length in datagrams (default 4)")
+    lo.add_argument("--mtu", type=int, default=1200, help="datagram size in bytes (default 1200)")
+    lo.add_argument("--overhead-mtus", default=None,
+                    help="datagram sizes for the slicing overhead (default 300,600,1200,4000,9000)")
+    lo.add_argument("--overhead-tensors", type=int, default=1000,
+                    help="tensors the overhead at the other MTUs is measured on (default 1000; --mtu: all)")
+    lo.add_argument("--concealments", default=None,
+                    help="concealment methods among zero,expectation,mean,interpolate,adaptive,learned,conditional "
+                         "(default all)")
+    lo.add_argument("--seed", type=int, default=0, help="seed of the loss channel (default 0)")
+    lo.add_argument("--decode-check", type=int, default=200,
+                    help="tensors whose slices are decoded by the host decoder and checked (default 200)")
+    lo.add_argument("--cache", default="cache/eval", help="where edge-half outputs are cached (shared with eval)")
+    lo.add_argument("--output", required=True, help="report directory")
+    lo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lo.set_defaults(func=run_loss)
+
     m = subparsers.add_parser(
         "modes", help="coded bits of a layer under candidate coding schemes at equal MSE (measure before choosing)",
         description="Estimates, on calibration tensors of one layer (held out as in the context design), the bits "
@@ -204,4 +246,52 @@ def run_modes(args: argparse.Namespace) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(cm.to_json(res, layer.source, "lwfc modes " + " ".join(sys.argv[2:])), f, indent=1)
+    return 0
+
+
+def run_loss(args: argparse.Namespace) -> int:
+    """``lwfc eval-loss``: accuracy under packet loss, whole frames against slices with concealment."""
+    from lwfc_host.cli import CommandError
+    from lwfc_host.codec.conceal import METHODS
+    from lwfc_host.evaluate.loss import LOSS_MODELS, evaluate_loss, headline, write_outputs
+
+    rates = _values(args, "rates", float)
+    if rates is not None and any(not 0 <= r < 1 for r in rates):
+        raise CommandError(f"--rates must lie in [0, 1), got {rates}")
+    models = _values(args, "models", str, LOSS_MODELS)
+    mtus = _values(args, "overhead-mtus", int)
+    concealments = _values(args, "concealments", str, METHODS)
+    plans = _values(args, "plans", str, ("auto", "rows", "channels"))
+    if args.mtu < 128 or any(m < 128 for m in mtus or []):
+        raise CommandError("MTUs must be at least 128 bytes")
+    if args.limit is not None and args.limit < 1:
+        raise CommandError("--limit must be at least 1")
+    if args.burst < 1:
+        raise CommandError(f"--burst must be at least 1 datagram, got {args.burst}")
+    design = {"levels": args.levels, "clip_scale": args.clip_scale, "contexts": args.contexts}
+    if args.tables and any(v is not None for v in design.values()):
+        raise CommandError("--levels, --clip-scale and --contexts design a table; --tables gives one: not both")
+    if args.contexts is not None:
+        from lwfc_host.evaluate.plans import CONTEXTS
+
+        if args.contexts not in CONTEXTS:
+            raise CommandError(f"--contexts: unknown {args.contexts}; known: {', '.join(CONTEXTS)}")
+    if args.levels is not None and not 2 <= args.levels <= 64:
+        raise CommandError(f"--levels must be in 2..64, got {args.levels}")
+    t0 = time.time()
+    try:
+        ev = evaluate_loss(args.bundle, args.tables, args.levels or 6, args.clip_scale or 1.6,
+                           args.contexts or "groups+k3", args.limit, rates,
+                           models, args.burst, args.mtu, mtus, concealments, args.seed, args.cache,
+                           decode_check=args.decode_check, progress=not args.no_progress, out=args.output,
+                           overhead_tensors=args.overhead_tensors, plans=plans)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    ev.command = "lwfc " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval-loss"] else \
+        f"lwfc eval-loss --bundle {args.bundle} --output {args.output}"
+    ev.seconds["total"] = time.time() - t0
+    paths = write_outputs(ev, args.output)
+    for line in headline(ev):
+        print(line)
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.time() - t0:.0f} s")
     return 0

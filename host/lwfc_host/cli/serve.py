@@ -8,13 +8,18 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser(
         "serve", help="inference server: receive frames from devices, decode, run the cloud half, answer",
-        description="Serve many devices at once over TCP and/or serial lines (codec_spec/PROTOCOL.md): decode "
+        description="Serve many devices at once over TCP, UDP and/or serial lines (codec_spec/PROTOCOL.md): decode "
                     "their lwfc frames, run the bundle's cloud half with onnxruntime, answer each frame with its "
-                    "top-k classes or an error code. SIGUSR1 prints the running totals; they are printed at exit.")
+                    "top-k classes or an error code. With --udp, devices send each tensor as slices in datagrams "
+                    "and the answer says which fraction was concealed. SIGUSR1 prints the running totals; they are "
+                    "printed at exit.")
     s.add_argument("--bundle", required=True, help="bundle directory (bundle.json, cloud.onnx, tables.json)")
     s.add_argument("--tables", action="append", help="table file(s) to accept (default: the bundle's tables.json)")
     s.add_argument("--tcp", action="append", default=[], metavar="ADDR:PORT",
                    help="listen on this TCP address (repeatable; default 127.0.0.1:5005 when no --serial)")
+    s.add_argument("--udp", action="append", default=[], metavar="ADDR:PORT",
+                   help="serve datagram sessions on this UDP address (repeatable; PROTOCOL.md 10): each tensor "
+                        "arrives as slices, one per datagram; what is missing at the deadline is concealed")
     s.add_argument("--serial", action="append", default=[], metavar="DEV", help="serve a serial line (repeatable)")
     s.add_argument("--baud", type=int, help="baud rate of the --serial lines (default 115200)")
     s.add_argument("--status", metavar="ADDR:PORT", help="HTTP status endpoint answering the running totals as JSON")
@@ -45,6 +50,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds from a message's first byte to its last (absolute; default 10)")
     s.add_argument("--idle-timeout", type=float, default=30.0,
                    help="seconds without a valid message before a session is closed (default 30)")
+    s.add_argument("--slice-deadline-ms", type=float, default=50.0,
+                   help="a sliced tensor is answered when its slices tile it or this many ms after its first slice "
+                        "arrived, its missing part concealed (default 50)")
+    s.add_argument("--concealment", default=None,
+                   help="how the missing part of a sliced tensor is filled in: zero, expectation, mean, interpolate, "
+                        "adaptive, learned or conditional (default: conditional; without --conceal-params it falls "
+                        "back to adaptive, which needs the table alone)")
+    s.add_argument("--conceal-params", metavar="FILE",
+                   help="calibration statistics for the concealment (conceal_params.npz written by `lwfc eval-loss`)")
+    s.add_argument("--max-open-tensors", type=int, default=8,
+                   help="tensors of one session assembled at once; a new one closes the oldest (default 8)")
     s.set_defaults(func=cmd_serve)
 
     f = subparsers.add_parser(
@@ -99,8 +115,14 @@ def _check_serve_args(args: argparse.Namespace) -> None:
     for flag, value in (("--max-message", args.max_message), ("--max-garbage", args.max_garbage)):
         if value < 0:
             raise _error(f"{flag} must not be negative, got {value}")
+    if args.max_open_tensors < 1:
+        raise _error(f"--max-open-tensors must be at least 1, got {args.max_open_tensors}")
+    from lwfc_host.codec.conceal import METHODS
+
+    if args.concealment is not None and args.concealment not in METHODS:
+        raise _error(f"--concealment must be one of {', '.join(METHODS)}, got {args.concealment!r}")
     for flag, value in (("--hello-timeout", args.hello_timeout), ("--message-timeout", args.message_timeout),
-                        ("--idle-timeout", args.idle_timeout)):
+                        ("--idle-timeout", args.idle_timeout), ("--slice-deadline-ms", args.slice_deadline_ms)):
         if not value > 0:
             raise _error(f"{flag} must be positive, got {value}")
 
@@ -114,7 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _check_serve_args(args)
     try:
-        model = CloudModel(args.bundle, args.tables, top=args.top or 5)
+        model = CloudModel(args.bundle, args.tables, top=args.top or 5, conceal_params=args.conceal_params,
+                           **({"concealment": args.concealment} if args.concealment else {}))
         keys = load_keys(args.keys) if args.keys else {}
     except ServerError as exc:
         raise _error(str(exc)) from exc
@@ -128,8 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           idle_timeout_s=args.idle_timeout, max_connections=args.max_connections,
                           max_per_address=args.max_per_address, max_pending=args.max_pending,
                           max_seq_gap=args.max_seq_gap, workers=args.workers, pipeline=args.pipeline, keys=keys,
-                          require_auth=args.require_auth, log=json_log_sink(args.log) if args.log else None)
-    tcp = args.tcp or ([] if args.serial else ["127.0.0.1:5005"])
+                          require_auth=args.require_auth, log=json_log_sink(args.log) if args.log else None,
+                          slice_deadline_s=args.slice_deadline_ms / 1000.0, max_open_tensors=args.max_open_tensors)
+    tcp = args.tcp or ([] if args.serial or args.udp else ["127.0.0.1:5005"])
 
     def ready(server) -> None:
         for a in server.addresses:
@@ -138,7 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{', '.join(model.table_ids())}, max message {server.max_message} bytes", flush=True)
 
     try:
-        final = asyncio.run(serve(model, config, tcp, args.serial, args.baud or 115200, args.status, ready))
+        final = asyncio.run(serve(model, config, tcp, args.serial, args.baud or 115200, args.status, ready,
+                                  udp=args.udp))
     except ServerError as exc:
         raise _error(str(exc)) from exc
     print(json.dumps(final), file=sys.stderr, flush=True)

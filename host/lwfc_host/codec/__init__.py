@@ -1,2 +1,3 @@
 """Host codec: the vectorised decoder, the numpy/constriction encoder and vectorised context rule (``fast``),
-the MicroPython bridge. Conformance and benchmarks are in ``lwfc_host.checks``."""
+concealment of the parts of a sliced tensor that never arrived (``conceal``), the MicroPython bridge.
+Conformance and benchmarks are in ``lwfc_host.checks``."""

@@ -5,7 +5,9 @@ Modules, in the order data flows through them:
     config      ServerConfig (limits, timeouts, keys), ServerError, address / key-file / log-sink parsing
     cloud       CloudModel: a bundle's tables, decoders and cloud half (frame bytes -> result), top_k
     streams     the byte streams a connection runs on: TCP, serial
+    slices      PendingTensor: the slices of one tensor while they arrive (PROTOCOL.md 10)
     connection  Connection: one stream's protocol state machine (handshake, seqs, answers in order)
+    datagram    DatagramServer: datagram sessions over UDP, slices assembled by deadline, concealment
     metrics     Metrics: running totals and latency percentiles
     server      Server: accepting streams, the worker pool, the status endpoint
     runner      serve() until a signal, run_in_thread() for the demo, benchmark and tests

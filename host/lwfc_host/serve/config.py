@@ -46,6 +46,10 @@ class ServerConfig:
     keys: dict[str, bytes] = field(default_factory=dict)
     require_auth: bool = False  # also refuse devices that have no key (a keyed device must always authenticate)
     log: Callable[[dict[str, Any]], None] | None = None  # structured per-frame log sink
+    # Slices (PROTOCOL.md 10): a tensor is answered when its slices tile it or this long after its first slice
+    # arrived, whichever comes first; what is missing then is concealed.
+    slice_deadline_s: float = 0.05
+    max_open_tensors: int = 8  # tensors of one session being assembled at once (a new one closes the oldest)
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:

@@ -2,7 +2,9 @@
 
 States: *no session* (HELLO, PING, PONG and BYE are taken; DATA is answered NO_SESSION, other types
 BAD_TYPE) -> HELLO checked -> WELCOME -> *session* (each DATA is decoded and answered RESULT or ERROR, in
-seq order) -> BYE, REFUSE, a timeout, a fatal error or the end of the stream. A new HELLO restarts the
+seq order; a tensor sent as SLICE messages, a serial line in datagram mode, is answered once its slices tile it
+or its slice deadline has passed, the rest concealed: PROTOCOL.md 10.6) -> BYE, REFUSE, a timeout, a fatal
+error or the end of the stream. A new HELLO restarts the
 session. On a stream that cannot be closed (a serial line) every "close" becomes "forget the session and go
 on reading".
 
@@ -25,6 +27,7 @@ from lwfc import protocol as P
 from lwfc.errors import FrameError
 from lwfc_host.serve.config import MAX_PRE_SESSION_MESSAGE, ServerConfig
 from lwfc_host.serve.metrics import Metrics
+from lwfc_host.serve.slices import ADDED, DUPLICATE, REJECTED, PendingTensor
 from lwfc_host.serve.streams import Stream
 
 if TYPE_CHECKING:
@@ -45,6 +48,8 @@ class Host(Protocol):
 
     def work(self, frame: bytes, session_table: bytes | None) -> tuple[str, Any]: ...
 
+    def work_slices(self, frames: list[bytes], session_table: bytes | None) -> tuple[str, Any]: ...
+
     def admitted(self, conn: Connection) -> None: ...
 
 
@@ -54,6 +59,45 @@ def table_id_of(text: str) -> bytes:
         return bytes.fromhex(text)
     except ValueError:
         return b""
+
+
+def check_hello(model: CloudModel, cfg: ServerConfig, hello: dict[str, Any]) -> tuple[int, str] | None:
+    """Why a HELLO (PROTOCOL.md 5.1) must be refused by a host serving ``model`` with ``cfg``, as (REFUSE code,
+    reason), or None. The first failing check names it. Byte streams and datagram hosts share it."""
+    dev = hello.get("device")
+    if hello.get("protocol") != P.PROTOCOL_VERSION:
+        return P.R_PROTOCOL, (f"protocol {hello.get('protocol')!r} unsupported; this host speaks "
+                              f"{P.PROTOCOL_VERSION}")
+    if not isinstance(dev, str) or not 1 <= len(dev) <= 64 or not all(32 < ord(ch) < 127 for ch in dev):
+        return P.R_BAD_HELLO, "device must be 1-64 printable ASCII characters without spaces"
+    if not isinstance(hello.get("table"), str) or not isinstance(hello.get("model", ""), str):
+        return P.R_BAD_HELLO, "table and model must be strings"
+    if hello.get("model") and hello["model"] != model.model_name:
+        return P.R_MODEL, f"this host serves model {model.model_name!r}, not {hello['model']!r}"
+    if hello.get("bundle") and hello["bundle"] != model.bundle_id:
+        return P.R_MODEL, f"this host serves bundle {model.bundle_id}, not {hello['bundle']}"
+    if table_id_of(hello["table"]) not in model.tables:
+        return P.R_TABLE, f"unknown table {hello['table']!r}; this host has {', '.join(model.table_ids())}"
+    wants_auth = bool(hello.get("auth"))
+    if not wants_auth and dev in cfg.keys:
+        return P.R_AUTH, f"device {dev!r} has a key: it must authenticate"
+    if cfg.require_auth and not wants_auth:
+        return P.R_AUTH, "this host requires authenticated sessions"
+    if wants_auth and cfg.keys.get(dev) is None:
+        return P.R_AUTH, f"no key for device {dev!r}"
+    return None
+
+
+def _settle(answer: asyncio.Future[bytes | None], task: asyncio.Task[bytes]) -> None:
+    """Give ``answer`` the outcome of the task that computed it."""
+    if answer.done():
+        return
+    if task.cancelled():
+        answer.cancel()
+    elif task.exception() is not None:
+        answer.set_exception(task.exception())
+    else:
+        answer.set_result(task.result())
 
 
 class Connection:
@@ -82,6 +126,9 @@ class Connection:
         # full, so a connection holds at most ``pipeline`` frames in work (memory and fairness).
         self.outq: asyncio.Queue[asyncio.Future[bytes | None] | None] = asyncio.Queue(maxsize=max(1, self.cfg.pipeline))
         self.sender: asyncio.Task[None] | None = None
+        # tensors arriving as SLICE messages (PROTOCOL.md 10.6), by seq, and the events that close them early
+        self.open: dict[int, PendingTensor] = {}
+        self.open_done: dict[int, asyncio.Event] = {}
 
     # --- answers, in order ---------------------------------------------------------------------------
 
@@ -149,29 +196,7 @@ class Connection:
 
     def check_hello(self, hello: dict[str, Any]) -> tuple[int, str] | None:
         """Why a HELLO must be refused, as (REFUSE code, reason), or None. The first failing check names it."""
-        model = self.server.model
-        dev = hello.get("device")
-        if hello.get("protocol") != P.PROTOCOL_VERSION:
-            return P.R_PROTOCOL, (f"protocol {hello.get('protocol')!r} unsupported; this host speaks "
-                                  f"{P.PROTOCOL_VERSION}")
-        if not isinstance(dev, str) or not 1 <= len(dev) <= 64 or not all(32 < ord(ch) < 127 for ch in dev):
-            return P.R_BAD_HELLO, "device must be 1-64 printable ASCII characters without spaces"
-        if not isinstance(hello.get("table"), str) or not isinstance(hello.get("model", ""), str):
-            return P.R_BAD_HELLO, "table and model must be strings"
-        if hello.get("model") and hello["model"] != model.model_name:
-            return P.R_MODEL, f"this host serves model {model.model_name!r}, not {hello['model']!r}"
-        if hello.get("bundle") and hello["bundle"] != model.bundle_id:
-            return P.R_MODEL, f"this host serves bundle {model.bundle_id}, not {hello['bundle']}"
-        if table_id_of(hello["table"]) not in model.tables:
-            return P.R_TABLE, f"unknown table {hello['table']!r}; this host has {', '.join(model.table_ids())}"
-        wants_auth = bool(hello.get("auth"))
-        if not wants_auth and dev in self.cfg.keys:
-            return P.R_AUTH, f"device {dev!r} has a key: it must authenticate"
-        if self.cfg.require_auth and not wants_auth:
-            return P.R_AUTH, "this host requires authenticated sessions"
-        if wants_auth and self.cfg.keys.get(dev) is None:
-            return P.R_AUTH, f"no key for device {dev!r}"
-        return None
+        return check_hello(self.server.model, self.cfg, hello)
 
     async def on_hello(self, msg: P.Message) -> None:
         """Check HELLO (5.1) and answer WELCOME or REFUSE. A new HELLO restarts the session."""
@@ -269,23 +294,122 @@ class Connection:
             code, text = payload
             self._count_error(seq, code, text)
             return P.pack_error(seq, code, text, 1, auth)
+        return self._result(seq, payload, len(frame), t0, auth)
+
+    def _result(self, seq: int, payload: Any, nbytes: int, t0: float, auth: P.Auth | None) -> bytes:
+        """Count and log a frame's (or a sliced tensor's) result; its RESULT message."""
+        srv = self.server
         result, n_el, dec_ms, inf_ms = payload
         total_ms = (time.perf_counter() - t0) * 1000
         m = srv.metrics
         with m.lock:
             m.frames += 1
-            m.bytes += len(frame)
+            m.bytes += nbytes
             m.elements += n_el
             m.decode_ms.append(dec_ms)
             m.infer_ms.append(inf_ms)
             m.total_ms.append(total_ms)
+            if "concealed" in result:
+                m.sliced_tensors += 1
+                m.concealed_sum += result["concealed"]
+                m.concealed_tensors += result["concealed"] > 0
         self.frames += 1
         srv.emit({"event": "frame", "peer": self.stream.name, "device": self._device(), "seq": seq,
-                  "bytes": len(frame), "elements": n_el, "bits_per_element": result["bits_per_element"],
+                  "bytes": nbytes, "elements": n_el, "bits_per_element": result["bits_per_element"],
                   "decode_ms": round(dec_ms, 3), "infer_ms": round(inf_ms, 3), "server_ms": round(total_ms, 3),
                   "top1": result.get("top", [[None]])[0] if result.get("top") else None,
-                  **({"detections": len(result["detections"])} if "detections" in result else {})})
+                  **({"detections": len(result["detections"])} if "detections" in result else {}),
+                  **({"concealed": result["concealed"], "slices": result["slices"]} if "concealed" in result
+                     else {})})
         return P.pack_message(P.RESULT, seq, json.dumps(result).encode(), auth)
+
+    # --- SLICE: a serial line in datagram mode (PROTOCOL.md 10.6) ----------------------------------------
+
+    async def on_slice(self, msg: P.Message) -> None:
+        """One slice of the tensor ``msg.seq``: the first one of a new seq opens the tensor (answering MISSING for
+        any seqs it skipped) and takes its place in the answer queue; the answer waits until the slices tile the
+        tensor or the slice deadline has passed, then the rest is concealed. A slice of a tensor already closed is
+        dropped (late): every seq is answered once."""
+        seq = msg.seq
+        srv = self.server
+        with srv.metrics.lock:
+            srv.metrics.slices += 1
+        pt = self.open.get(seq)
+        if pt is None:
+            ahead = P.seq_ahead(seq, self.expected)
+            if ahead < 0:
+                with srv.metrics.lock:
+                    srv.metrics.slices_late += 1
+                return
+            if ahead > self.cfg.max_seq_gap:
+                await self.error(seq, P.E_BAD_MESSAGE, f"seq {seq} is {ahead} ahead of the expected {self.expected} "
+                                                       f"(the limit is {self.cfg.max_seq_gap})")
+                return
+            if ahead > 0:
+                await self.on_data_skipped(seq)
+            self.expected = P.next_seq(seq)
+            pt = PendingTensor(seq, srv.model.bundle.feature_shape, self.table_id)
+            self.open[seq] = pt
+            self._offer(pt, msg)
+            # its place in the answer queue first (this waits while ``pipeline`` answers are due: no slices are
+            # read meanwhile), then the deadline starts
+            loop = asyncio.get_running_loop()
+            answer: asyncio.Future[bytes | None] = loop.create_future()
+            try:
+                await self._enqueue(answer)
+            except BaseException:
+                self.open.pop(seq, None)
+                raise
+            done = self.open_done[seq] = asyncio.Event()
+            if pt.complete:
+                done.set()
+            task = loop.create_task(self._slice_work(seq, pt, done, self.table_id, self.auth))
+            task.add_done_callback(lambda t, answer=answer: _settle(answer, t))
+            answer.add_done_callback(lambda a, task=task: task.cancel() if a.cancelled() else None)
+            return
+        self._offer(pt, msg)
+        if pt.complete and seq in self.open_done:
+            self.open_done[seq].set()
+
+    def _offer(self, pt: PendingTensor, msg: P.Message) -> None:
+        srv = self.server
+        outcome = pt.offer(bytes(msg.body), srv.model.check_slice_header)
+        if outcome != ADDED:
+            with srv.metrics.lock:
+                if outcome == DUPLICATE:
+                    srv.metrics.slices_duplicate += 1
+                elif outcome == REJECTED:
+                    srv.metrics.slices_rejected += 1
+
+    async def _slice_work(self, seq: int, pt: PendingTensor, done: asyncio.Event, table_id: bytes | None,
+                          auth: P.Auth | None) -> bytes:
+        """The answer to tensor ``seq``: after its slices tile it or its deadline, decoded, concealed, inferred."""
+        try:
+            await asyncio.wait_for(done.wait(), self.cfg.slice_deadline_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self.open.pop(seq, None)
+            self.open_done.pop(seq, None)
+        srv = self.server
+        t0 = time.perf_counter()
+        if not pt.frames:
+            why = pt.rejected[0] if pt.rejected else "no slice"
+            code = P.E_TABLE_MISMATCH if why.startswith("TableMismatch") else P.E_BAD_FRAME
+            text = f"no slice of tensor {seq} fits this host ({pt.rejected_count} rejected): {why}"
+            self._count_error(seq, code, text)
+            return P.pack_error(seq, code, text, 1, auth)
+        try:
+            kind, payload = await srv.scheduler.run(self, srv.work_slices, pt.frames, table_id)
+        except Exception as exc:  # noqa: BLE001 - a bug in a worker must not take the server down
+            kind, payload = "error", (P.E_INFERENCE, f"internal error: {type(exc).__name__}: {exc}")
+        if kind == "error":
+            code, text = payload
+            self._count_error(seq, code, text)
+            return P.pack_error(seq, code, text, 1, auth)
+        if pt.rejected_count:
+            payload[0]["slices_rejected"] = pt.rejected_count
+        return self._result(seq, payload, pt.bytes, t0, auth)
 
     # --- dispatch ---------------------------------------------------------------------------------------
 
@@ -311,6 +435,8 @@ class Connection:
             await self.error(msg.seq, P.E_BAD_MESSAGE, f"reserved flag bits set: 0x{msg.flags:02x}")
         elif t == P.DATA:
             await self.on_data(msg)
+        elif t == P.SLICE:
+            await self.on_slice(msg)
         else:
             await self.error(msg.seq, P.E_BAD_TYPE, f"unexpected message type {t} from a device")
 

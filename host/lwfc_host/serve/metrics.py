@@ -27,6 +27,16 @@ class Metrics:
         self.connections_open = 0
         self.refused = 0
         self.max_buffered = 0
+        # slices (PROTOCOL.md 10): received, turned away, arriving after their tensor was answered; tensors
+        # answered from slices, those with a concealed part, and the concealed fractions summed
+        self.slices = 0
+        self.slices_rejected = 0
+        self.slices_duplicate = 0
+        self.slices_late = 0
+        self.sliced_tensors = 0
+        self.concealed_tensors = 0
+        self.concealed_sum = 0.0
+        self.datagrams_ignored = 0  # datagrams that were not one valid, verifiable message
         self.decode_ms: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
         self.infer_ms: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
         self.total_ms: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
@@ -59,6 +69,12 @@ class Metrics:
                 "connections_total": self.connections_total,
                 "refused": self.refused,
                 "max_buffered_bytes": self.max_buffered,
+                "slices": {"received": self.slices, "rejected": self.slices_rejected,
+                           "duplicate": self.slices_duplicate, "late": self.slices_late,
+                           "tensors": self.sliced_tensors, "concealed_tensors": self.concealed_tensors,
+                           "concealed_mean": (self.concealed_sum / self.sliced_tensors) if self.sliced_tensors
+                           else None},
+                "datagrams_ignored": self.datagrams_ignored,
                 "decode_ms": self._pct(self.decode_ms),
                 "infer_ms": self._pct(self.infer_ms),
                 "server_ms": self._pct(self.total_ms),

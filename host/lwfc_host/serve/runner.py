@@ -17,16 +17,20 @@ from lwfc_host.serve.server import Server
 
 async def serve(model: CloudModel, config: ServerConfig, tcp: list[str], serial: list[str], baud: int,
                 status: str | None = None, ready: Callable[[Server], None] | None = None,
-                stop: asyncio.Event | None = None) -> dict[str, Any]:
+                stop: asyncio.Event | None = None, udp: list[str] | None = None) -> dict[str, Any]:
     """Run a server until SIGINT/SIGTERM (or ``stop``); SIGUSR1 prints the running totals. Returns them.
 
-    ``tcp``: HOST:PORT addresses to listen on; ``serial``: serial devices at ``baud``; ``status``: HOST:PORT
-    of the HTTP status endpoint; ``ready``: called with the server once it listens. Signals are handled
-    only in the main thread (elsewhere ``stop`` ends it)."""
+    ``tcp``: HOST:PORT addresses to listen on; ``udp``: HOST:PORT addresses for datagram sessions
+    (PROTOCOL.md 10); ``serial``: serial devices at ``baud``; ``status``: HOST:PORT of the HTTP status
+    endpoint; ``ready``: called with the server once it listens. Signals are handled only in the main thread
+    (elsewhere ``stop`` ends it)."""
     server = Server(model, config)
     for addr in tcp:
         host, port = parse_hostport(addr, "--tcp")
         await server.start_tcp(host, port)
+    for addr in udp or []:
+        host, port = parse_hostport(addr, "--udp")
+        await server.start_udp(host, port)
     for dev in serial:
         server.start_serial(dev, baud)
     if status:
@@ -58,7 +62,8 @@ async def serve(model: CloudModel, config: ServerConfig, tcp: list[str], serial:
 
 def run_in_thread(model: CloudModel, config: ServerConfig, tcp: list[str] | None = None,
                   serial: list[str] | None = None, baud: int = 115200,
-                  status: str | None = None) -> tuple[Server, Callable[[], dict[str, Any]]]:
+                  status: str | None = None,
+                  udp: list[str] | None = None) -> tuple[Server, Callable[[], dict[str, Any]]]:
     """Start a server in a background thread (for the demo, benchmark and tests); returns the server once it
     listens and a function that stops it and returns its final status."""
     started = threading.Event()
@@ -75,7 +80,7 @@ def run_in_thread(model: CloudModel, config: ServerConfig, tcp: list[str] | None
 
             try:
                 box["status"] = await serve(model, config, tcp or [], serial or [], baud, status, ready,
-                                            box["stop"])
+                                            box["stop"], udp)
             except BaseException as exc:
                 box["error"] = exc
                 started.set()

@@ -19,11 +19,14 @@ import json
 import time
 from typing import Any
 
+import numpy as np
+
 from lwfc import protocol as P
 from lwfc.errors import FrameError
 from lwfc_host.serve.cloud import CloudModel
 from lwfc_host.serve.config import READ_CHUNK, ServerConfig, ServerError
 from lwfc_host.serve.connection import Connection
+from lwfc_host.serve.datagram import DatagramServer
 from lwfc_host.serve.metrics import Metrics
 from lwfc_host.serve.scheduler import FairScheduler
 from lwfc_host.serve.streams import SerialStream, Stream, TcpStream
@@ -46,6 +49,7 @@ class Server:
         self.addresses: list[str] = []
         self.per_address: collections.Counter[str] = collections.Counter()  # open connections by peer IP
         self.pending = 0  # open connections that have not completed HELLO
+        self.datagram_endpoints: list[DatagramServer] = []
 
     def emit(self, record: dict[str, Any]) -> None:
         """Write one structured log record (stamped with the time), if a log sink is configured."""
@@ -73,6 +77,37 @@ class Server:
         result.update({"ok": True, "bits_per_element": round(decoded.bits_per_element, 6),
                        "decode_ms": round(dec_ms, 3), "infer_ms": round(inf_ms, 3)})
         return "ok", (result, decoded.header.element_count, dec_ms, inf_ms)
+
+    def work_slices(self, frames: list[bytes], session_table: bytes | None) -> tuple[str, Any]:
+        """Decode the slices of one tensor, conceal what is missing and infer (in a worker thread): ("ok",
+        (result, elements, decode_ms, infer_ms)) with ``concealed`` (the fraction of the tensor's elements no
+        slice covered), ``slices`` and ``concealment`` in the result; ("error", (code, message)) when no slice
+        decoded (PROTOCOL.md 10.4)."""
+        assembly, table_id, errors, dec_ms = self.model.decode_slices(frames)
+        if table_id is None:
+            why = errors[0] if errors else "no slice"
+            code = P.E_TABLE_MISMATCH if why.startswith("TableMismatch") else P.E_BAD_FRAME
+            return "error", (code, f"no slice of the tensor decoded ({len(frames)} received): {why}")
+        if session_table is not None and table_id != session_table:
+            return "error", (P.E_TABLE_MISMATCH, f"slices use table {table_id.hex()}, the session announced "
+                                                 f"{session_table.hex()}")
+        t0 = time.perf_counter()
+        concealed = self.model.conceal(assembly, table_id)
+        dec_ms += (time.perf_counter() - t0) * 1000
+        try:
+            result, inf_ms = self.model.infer(concealed.tensor)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            return "error", (P.E_INFERENCE, f"cloud half failed: {type(exc).__name__}: {exc}")
+        nbytes = sum(len(f) for f in frames)
+        n_el = int(np.prod(assembly.shape))
+        received = n_el * (1.0 - concealed.concealed)
+        result.update({"ok": True, "bits_per_element": round(8.0 * nbytes / max(received, 1.0), 6),
+                       "decode_ms": round(dec_ms, 3), "infer_ms": round(inf_ms, 3),
+                       "concealed": round(concealed.concealed, 6), "slices": assembly.slices,
+                       "concealment": concealed.method})
+        if errors:
+            result["slice_errors"] = errors[:8]
+        return "ok", (result, int(round(received)), dec_ms, inf_ms)
 
     # --- accepting streams ------------------------------------------------------------------------------
 
@@ -148,6 +183,20 @@ class Server:
         self.addresses.append(f"tcp://{addr[0]}:{addr[1]}")
         return addr[0], addr[1]
 
+    async def start_udp(self, host: str, port: int) -> tuple[str, int]:
+        """Serve datagram sessions on a UDP host:port (port 0: any free port; PROTOCOL.md 10); returns the bound
+        address."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, endpoint = await loop.create_datagram_endpoint(lambda: DatagramServer(self),
+                                                                      local_addr=(host, port))
+        except OSError as exc:
+            raise ServerError(f"cannot listen for datagrams on {host}:{port}: {exc.strerror}") from exc
+        self.datagram_endpoints.append(endpoint)
+        addr = transport.get_extra_info("sockname")[:2]
+        self.addresses.append(f"udp://{addr[0]}:{addr[1]}")
+        return addr[0], addr[1]
+
     def start_serial(self, device: str, baud: int) -> None:
         """Serve the serial line ``device`` (one connection for as long as the server runs)."""
         stream = SerialStream(device, baud, asyncio.get_running_loop())
@@ -193,12 +242,16 @@ class Server:
         s = self.metrics.snapshot()
         s.update({"model": self.model.model_name, "bundle": self.model.bundle_id, "tables": self.model.table_ids(),
                   "listening": self.addresses, "max_message": self.max_message})
+        if self.datagram_endpoints:
+            s["datagram"] = [e.status() for e in self.datagram_endpoints]
         return s
 
     async def close(self) -> None:
         """Stop listening, cancel every connection and drop the work not started."""
         for srv in self.tcp_servers:
             srv.close()
+        for endpoint in self.datagram_endpoints:
+            await endpoint.close()
         tasks = [t for t in self.tasks if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()

@@ -1,0 +1,482 @@
+"""The device side of a datagram link (codec_spec/PROTOCOL.md 10): each tensor goes out as slices that fit one
+datagram each, all under the tensor's seq; the host assembles what arrives within its deadline, conceals the
+rest and answers once per tensor. Nothing is retransmitted: a lost slice costs the part of the tensor it
+held, never the whole answer.
+
+- ``DatagramSession``: ``Session`` (lwfc.protocol) over a datagram transport (``UdpTransport``): one message per
+  datagram, a HELLO retried with backoff until the host's WELCOME (the one that echoes this HELLO's ``client``
+  value) arrives, answers read datagram by datagram.
+- ``DatagramLink``: what the runner uses, like ``lwfc.link.Link``: ``submit(frames, tag)`` sends one tensor's
+  slices (at most ``window`` tensors unanswered), ``pump``/``drain`` collect Answers (RESULT, ERROR, or LOST
+  after the answer timeout), a new handshake when the host has forgotten the session.
+- ``send_order``: the order in which a tensor's slices go out. Interleaved, a burst of lost datagrams takes
+  slices that lie far apart, which the host's interpolation conceals better than one wide gap.
+- ``max_frame_bytes``: the largest slice frame that fits a datagram of ``mtu`` bytes.
+- ``encode_slices`` / ``encode_int8_slices``: a tensor's slice frames, cut by one of ``PLANS``: ``rows`` (the codec's
+  own plan, ``lwfc.slices``: row bands first), ``channels`` (channel blocks over all rows first, the rows cut only
+  when there are more slices than channels) or ``auto`` (channels, unless the table has reference channels,
+  whose contexts a channel cut would break). Measured on EfficientNet-Lite0 block 5 at MTU 1200 (results/
+  lossy_links/): channel blocks cost about 3% more bits than the whole frame where row bands cost 9-16% (every
+  band's first row loses its above neighbours), and a lost channel block is concealed far better (from the
+  channels that arrived, ``lwfc_host.codec.conceal``) than a lost row band.
+
+MicroPython-compatible Python 3.7.
+"""
+
+import json
+
+from .auth import TAG_SIZE, Auth
+from .protocol import (
+    E_NO_SESSION,
+    ENVELOPE_SIZE,
+    HELLO,
+    PROTOCOL_VERSION,
+    REFUSE,
+    WELCOME,
+    ConnectionClosed,
+    Message,
+    ProtocolError,
+    Refused,
+    Session,
+    elapsed_ms,
+    now_ms,
+    pack_message,
+    parse_datagram,
+    parse_json,
+)
+
+MIN_HELLO_DATAGRAM = 512  # a host answers no shorter HELLO datagram (no reflection amplification: 10.2)
+HELLO_ATTEMPTS = 6
+HELLO_FIRST_WAIT_S = 0.25  # doubled after each unanswered HELLO: 0.25, 0.5, 1, 2, 4, 8 s
+
+
+def max_frame_bytes(mtu, auth=True):
+    """The largest lwfc frame that travels in one datagram of ``mtu`` bytes: the envelope (20 bytes) and,
+    with ``auth``, the tag (16) come off. Reserving the tag always keeps a slice plan valid with and without
+    keys."""
+    return mtu - ENVELOPE_SIZE - (TAG_SIZE if auth else 0)
+
+
+PLANS = ("auto", "rows", "channels")
+
+
+def _even_cuts(total, parts):
+    """(first, count) of ``parts`` nearly equal runs covering 0 .. total - 1."""
+    return [(total * i // parts, total * (i + 1) // parts - total * i // parts) for i in range(parts)]
+
+
+def _weighted_cuts(weights, parts):
+    """(first, count) of ``parts`` runs covering 0 .. len(weights) - 1, each at least one long, whose summed
+    weights are as equal as the cut points allow."""
+    n = len(weights)
+    total = 0.0
+    for x in weights:
+        total += x
+    if total <= 0:
+        return _even_cuts(n, parts)
+    cuts = []
+    first = 0
+    acc = 0.0
+    for k in range(1, parts):
+        target = total * k / parts
+        end = first + 1  # at least one channel per run
+        acc_end = acc + weights[first]
+        while end < n - (parts - k) and acc_end + weights[end] / 2.0 <= target:
+            acc_end += weights[end]
+            end += 1
+        cuts.append((first, end - first))
+        first, acc = end, acc_end
+    cuts.append((first, n - first))
+    return cuts
+
+
+def plan_channel_regions(height, channels, slices, weights=None):
+    """At least ``slices`` regions (row_first, row_count, channel_first, channel_count) tiling an H x W x C tensor:
+    channel blocks over all rows, each cut into the same number of row bands only when there are more slices
+    than channels; as few regions as can be and, among those, as few row bands. With ``weights`` (C numbers, e.g.
+    the bytes each channel took) the channel blocks carry about equal weight instead of equal channel counts."""
+    best = None
+    for bands in range(1, height + 1):
+        blocks = (slices + bands - 1) // bands
+        if blocks > channels:
+            continue
+        if best is None or bands * blocks < best[0] * best[1]:
+            best = (bands, blocks)
+        if bands * blocks == slices:
+            break
+    bands, blocks = best if best is not None else (height, channels)
+    cuts = _even_cuts(channels, blocks) if weights is None else _weighted_cuts(weights, blocks)
+    return [(r0, rn, c0, cn) for r0, rn in _even_cuts(height, bands) for c0, cn in cuts]
+
+
+def _banded_regions(height, weights, row_weights, max_frame, factor):
+    """Regions from the bytes measured per channel (``weights``) and per channel and row (``row_weights``), scaled
+    by ``factor``: a channel that needs more than one slice is cut into ceil(bytes / ``max_frame``) row bands of
+    about equal bytes; runs of consecutive channels that fit one slice together share one, over all rows."""
+    out = []
+    c = 0
+    n = len(weights)
+    while c < n:
+        w = weights[c] * factor
+        if w > max_frame:
+            bands = min(height, int(w / max_frame) + 1)
+            out.extend((r0, rn, c, 1) for r0, rn in _weighted_cuts(row_weights[c], bands))
+            c += 1
+            continue
+        first, acc = c, 0.0
+        while c < n and acc + weights[c] * factor <= max_frame:
+            acc += weights[c] * factor
+            c += 1
+        out.append((0, height, first, c - first))
+    return out
+
+
+def _halves(region):
+    """A region cut in two: its channels first, then (one channel) its rows."""
+    r0, rn, c0, cn = region
+    if cn > 1:
+        left = cn // 2
+        return [(r0, rn, c0, left), (r0, rn, c0 + left, cn - left)]
+    top = rn // 2
+    return [(r0, top, c0, cn), (r0 + top, rn - top, c0, cn)]
+
+
+def choose_plan(tables, plan="auto"):
+    """``rows`` or ``channels`` for a table: ``auto`` cuts channels unless the table has reference channels."""
+    if plan not in PLANS:
+        raise ValueError("slice plan must be one of %s, got %r" % (", ".join(PLANS), plan))
+    if plan != "auto":
+        return plan
+    for r in tables.reference_channel:
+        if r >= 0:
+            return "rows"
+    return "channels"
+
+
+def encode_slices(encoder, indices, height, width, max_frame, plan="auto", attempts=4):
+    """Frames of at most ``max_frame`` bytes whose slices tile the tensor (``indices``: the whole tensor's index
+    bytes, NHWC), in raster order of their regions; a tensor whose whole frame fits is one unsliced frame.
+    ``rows``: ``Encoder.encode_sliced``. ``channels``: channel blocks, as few as fit: the whole frame's size
+    gives a first count of equal blocks; while a block does not fit (at most ``attempts`` encodes of the
+    tensor), the blocks are cut again to carry equal bytes as the last attempt measured them, one more block
+    each time after the first re-cut (with more slices than channels: each channel cut into as many row bands
+    as its measured bytes need, a little more room each time); then blocks that still do not fit are halved.
+    Raises EncodeError when a one-row, one-channel slice does not fit."""
+    if choose_plan(encoder.tables, plan) == "rows":
+        return encoder.encode_sliced(indices, height, width, max_frame)
+    from .errors import EncodeError
+
+    whole = encoder.encode_indices(indices, height, width)
+    if len(whole) <= max_frame:
+        return [whole]
+    channels = encoder.tables.channels
+    count = (len(whole) + max_frame - 1) // max_frame
+    weights = None
+    done = []
+    rows = None
+    for attempt in range(attempts):
+        if weights is not None and count > channels:
+            todo = _banded_regions(height, weights, rows, max_frame, 1.0 + 0.04 * (attempt - 1))
+        else:
+            todo = plan_channel_regions(height, channels, count, weights)
+        done = []
+        failed = []
+        measured = [0.0] * channels
+        rows = [[0.0] * height for _ in range(channels)]
+        for region in todo:
+            frame = encoder.encode_indices(indices, height, width, region)
+            if len(frame) <= max_frame:
+                done.append((region, frame))
+            else:
+                failed.append(region)
+            r0, rn, c0, cn = region
+            share = float(len(frame)) / cn
+            per_row = share / rn
+            for ch in range(c0, c0 + cn):
+                measured[ch] += share
+                row = rows[ch]
+                for r in range(r0, r0 + rn):
+                    row[r] += per_row
+        if not failed:
+            break
+        if attempt + 1 < attempts and len(todo) < height * channels:
+            if weights is not None:
+                count = len(todo) + 1
+            weights = measured
+            continue
+        while failed:  # the last attempt: halve what does not fit
+            region = failed.pop(0)
+            if region[1] == 1 and region[3] == 1:
+                raise EncodeError("a one-row, one-channel slice takes more than the %d bytes allowed" % max_frame)
+            for half in _halves(region):
+                frame = encoder.encode_indices(indices, height, width, half)
+                if len(frame) <= max_frame:
+                    done.append((half, frame))
+                else:
+                    failed.append(half)
+        break
+    done.sort(key=lambda item: (item[0][0], item[0][2]))
+    return [frame for _, frame in done]
+
+
+def encode_int8_slices(encoder, data, height, width, max_frame, plan="auto"):
+    """``encode_slices`` for an int8 tensor given as bytes-like (two's complement), NHWC."""
+    from .quantize import indices_from_int8
+
+    return encode_slices(encoder, indices_from_int8(data, encoder.tables), height, width, max_frame, plan)
+
+
+def _bit_reverse(i, bits):
+    r = 0
+    for _ in range(bits):
+        r = (r << 1) | (i & 1)
+        i >>= 1
+    return r
+
+
+def send_order(n, interleave=True):
+    """The order in which ``n`` slices (in raster order of their regions) are sent: 0 .. n-1, or interleaved by
+    bit reversal (0, n/2, n/4, 3n/4, ...), so that consecutive datagrams carry slices far apart."""
+    if not interleave or n <= 2:
+        return list(range(n))
+    bits = 0
+    while (1 << bits) < n:
+        bits += 1
+    return [j for j in (_bit_reverse(i, bits) for i in range(1 << bits)) if j < n]
+
+
+def _client_token():
+    """16 random hex digits naming one handshake attempt sequence (its WELCOME echoes them)."""
+    try:
+        import os
+        raw = os.urandom(8)
+    except (ImportError, AttributeError, NotImplementedError):
+        import random
+        raw = bytes([random.getrandbits(8) for _ in range(8)])
+    return "".join("%02x" % b for b in raw)
+
+
+class DatagramSession(Session):
+    """A device session over a datagram transport (``send``, ``recv``, ``close``; PROTOCOL.md 10)."""
+
+    def __init__(self, transport, hello, key=None, answer_timeout_s=10.0, hello_attempts=HELLO_ATTEMPTS,
+                 hello_first_wait_s=HELLO_FIRST_WAIT_S):
+        Session.__init__(self, transport, hello, key, answer_timeout_s)
+        self.hello_attempts = hello_attempts
+        self.hello_first_wait_s = hello_first_wait_s
+        self.hello_sent = 0
+        self.garbage = 0  # datagrams that were not one valid message
+
+    def _send(self, data):
+        self.transport.send(data)
+
+    def _hello_datagram(self, client):
+        hello = dict(self.hello)
+        hello["protocol"] = PROTOCOL_VERSION
+        hello["auth"] = self.key is not None
+        hello["transport"] = "datagram"
+        hello["client"] = client
+        hello["pad"] = ""
+        msg = pack_message(HELLO, 0, json.dumps(hello).encode("utf-8"))
+        if len(msg) < MIN_HELLO_DATAGRAM:
+            hello["pad"] = " " * (MIN_HELLO_DATAGRAM - len(msg))
+            msg = pack_message(HELLO, 0, json.dumps(hello).encode("utf-8"))
+        return msg
+
+    def handshake(self, timeout_s=None):
+        """Send HELLO until the host's WELCOME for it arrives (``hello_attempts`` tries, the wait doubling from
+        ``hello_first_wait_s``); raises Refused, or ProtocolError when no answer came."""
+        client = _client_token()
+        msg = self._hello_datagram(client)
+        wait_s = self.hello_first_wait_s
+        for _ in range(self.hello_attempts):
+            self._send(msg)
+            self.hello_sent += 1
+            t0 = now_ms()
+            while elapsed_ms(t0) < wait_s * 1000.0:
+                data = self.transport.recv(max(0.01, wait_s - elapsed_ms(t0) / 1000.0))
+                if data is None:
+                    continue
+                ev = parse_datagram(data)
+                if not isinstance(ev, Message):
+                    self.garbage += 1
+                    continue
+                if ev.type == WELCOME:
+                    w = parse_json(ev.body, "WELCOME")
+                    if w.get("client") != client:
+                        continue  # the answer to an older HELLO
+                    self._welcomed(w)
+                    return w
+                if ev.type == REFUSE:
+                    r = parse_json(ev.body, "REFUSE")
+                    if r.get("client") in (None, client):
+                        raise Refused(r.get("code", 0), r.get("reason", ""))
+            wait_s *= 2
+        raise ProtocolError("no WELCOME from the host after %d HELLO datagrams" % self.hello_attempts)
+
+    def _welcomed(self, w):
+        self.welcome = w
+        if self.key is not None:
+            nonce = w.get("nonce")
+            if not isinstance(nonce, str) or len(nonce) != 32:
+                raise ProtocolError("host sent no nonce for an authenticated session")
+            self.auth = Auth(self.key, bytes([int(nonce[i:i + 2], 16) for i in range(0, 32, 2)]))
+        self.last_rx_ms = now_ms()
+
+    def poll(self, timeout_s=0.0):
+        """Read the datagrams that have arrived (waiting up to ``timeout_s`` for the first); returns Answers.
+        A datagram that is not one valid message (or, with a key, one this session cannot verify) is ignored."""
+        out = []
+        wait = timeout_s
+        while True:
+            data = self.transport.recv(wait)
+            if data is None:
+                return out
+            wait = 0.0
+            ev = parse_datagram(data, self.auth)
+            if not isinstance(ev, Message):
+                self.garbage += 1
+                continue
+            if ev.type == WELCOME:
+                continue  # a repeated WELCOME for the handshake already done
+            try:
+                out.extend(self.handle(ev))
+            except ConnectionClosed as exc:
+                exc.answers = out + getattr(exc, "answers", [])
+                raise
+
+
+class DatagramLink(object):
+    """The device side of a datagram host (UDP, or a serial line in datagram mode), with the interface of
+    ``lwfc.link.Link`` that the runner uses: ``connect``, ``submit(frames, tag)``, ``pump``, ``drain``,
+    ``pending``, ``close``; every submitted tensor comes back exactly once as an Answer (RESULT, a host ERROR,
+    or LOST when no answer came within ``answer_timeout_s``: a lost RESULT datagram is not resent)."""
+
+    def __init__(self, url, hello, key=None, window=4, answer_timeout_s=10.0, keepalive_s=10.0,
+                 interleave=True, log=None, transport_factory=None, hello_attempts=HELLO_ATTEMPTS):
+        self.url = url
+        self.hello = hello
+        self.key = key
+        self.window = window
+        self.answer_timeout_s = answer_timeout_s
+        self.keepalive_ms = keepalive_s * 1000.0
+        self.interleave = interleave
+        self.log = log
+        self.transport_factory = transport_factory
+        self.hello_attempts = hello_attempts
+        self.transport = None
+        self.session = None
+        self.reconnects = 0
+        self.datagrams = 0
+        self.last_tx_ms = now_ms()
+
+    def _open(self):
+        if self.transport_factory is not None:
+            return self.transport_factory()
+        from .transport import open_transport
+
+        return open_transport(self.url)
+
+    def connect(self):
+        """Open the transport and complete the handshake (raises Refused, ProtocolError, OSError)."""
+        if self.transport is None:
+            self.transport = self._open()
+        self.session = DatagramSession(self.transport, self.hello, self.key, self.answer_timeout_s,
+                                       self.hello_attempts)
+        try:
+            return self.session.handshake()
+        except BaseException:
+            self.session = None
+            raise
+
+    def _rehandshake(self, why):
+        """The host has forgotten the session (NO_SESSION, or silence for its idle timeout): the tensors it did not
+        answer are LOST; say HELLO again."""
+        answers = self.session.fail_all(why) if self.session else []
+        if self.log is not None:
+            self.log("session lost (%s): %d tensors lost; new handshake" % (why, len(answers)))
+        try:
+            self.connect()
+            self.reconnects += 1
+        except (OSError, Refused, ProtocolError) as exc:
+            err = ConnectionClosed("cannot restart the session with %s: %s" % (self.url, exc))
+            err.answers = answers
+            raise err from None
+        return answers
+
+    def _take(self, answers):
+        """Answers, and a new handshake when one of them says the host has no session for us."""
+        out = []
+        forgotten = False
+        for a in answers:
+            out.append(a)
+            if a.kind == "error" and a.code == E_NO_SESSION:
+                forgotten = True
+        if forgotten:
+            out.extend(self._rehandshake("the host answered NO_SESSION"))
+        return out
+
+    def pump(self, timeout_s=0.0):
+        """Read answers (waiting up to ``timeout_s``), expire old tensors, keep the session alive."""
+        s = self.session
+        if s is None:
+            return self._rehandshake("not connected")
+        answers = s.poll(timeout_s)
+        answers.extend(s.expire())
+        silent_ms = elapsed_ms(s.last_rx_ms)
+        limit_ms = 1000.0 * float((s.welcome or {}).get("timeout_s", 30.0))
+        if silent_ms > limit_ms and silent_ms > self.keepalive_ms:
+            # nothing verifiable from the host for its idle timeout, keep-alives included: it has forgotten the
+            # session (a restart; in an authenticated session its NO_SESSION cannot be verified) or is gone
+            answers.extend(self._rehandshake("no answer from the host for %.0f s" % (silent_ms / 1000.0)))
+            return self._take(answers)
+        if elapsed_ms(self.last_tx_ms) > self.keepalive_ms:
+            s.ping()
+            self.last_tx_ms = now_ms()
+        return self._take(answers)
+
+    def submit(self, frames, tag=None):
+        """Send one tensor's frames (``Encoder.encode_sliced``), waiting while ``window`` tensors are unanswered;
+        returns the Answers that became known meanwhile."""
+        answers = []
+        try:
+            if self.session is None:
+                answers.extend(self._rehandshake("not connected"))
+            while len(self.session.outstanding) >= self.window:
+                answers.extend(self.pump(0.05))
+            order = send_order(len(frames), self.interleave)
+            self.session.send_slices([frames[i] for i in order], tag)
+            self.datagrams += len(frames)
+            self.last_tx_ms = now_ms()
+            answers.extend(self.pump(0.0))
+        except ConnectionClosed as exc:
+            exc.answers = answers + getattr(exc, "answers", [])
+            raise
+        return answers
+
+    def pending(self):
+        return len(self.session.outstanding) if self.session else 0
+
+    def drain(self, timeout_s=None):
+        """Pump until every tensor is answered or LOST."""
+        answers = []
+        t0 = now_ms()
+        limit = (timeout_s if timeout_s is not None else self.answer_timeout_s + 1.0) * 1000.0
+        try:
+            while self.pending() and elapsed_ms(t0) < limit:
+                answers.extend(self.pump(0.05))
+        except ConnectionClosed as exc:
+            exc.answers = answers + getattr(exc, "answers", [])
+            raise
+        if self.pending():
+            answers.extend(self.session.fail_all("no answer before the end of the run"))
+        return answers
+
+    def close(self, reason="done"):
+        if self.session is not None:
+            self.session.bye(reason)
+        if self.transport is not None:
+            self.transport.close()
+        self.session = None
+        self.transport = None
+
