@@ -25,7 +25,7 @@ MicroPython-compatible Python 3.7.
 
 import json
 
-from .auth import TAG_SIZE, Auth
+from .auth import TAG_SIZE
 from .protocol import (
     E_NO_SESSION,
     ENVELOPE_SIZE,
@@ -43,7 +43,9 @@ from .protocol import (
     pack_message,
     parse_datagram,
     parse_json,
+    welcome_auth,
 )
+from .slices import even_cuts, grid
 
 MIN_HELLO_DATAGRAM = 512  # a host answers no shorter HELLO datagram (no reflection amplification: 10.2)
 HELLO_ATTEMPTS = 6
@@ -60,11 +62,6 @@ def max_frame_bytes(mtu, auth=True):
 PLANS = ("auto", "rows", "channels")
 
 
-def _even_cuts(total, parts):
-    """(first, count) of ``parts`` nearly equal runs covering 0 .. total - 1."""
-    return [(total * i // parts, total * (i + 1) // parts - total * i // parts) for i in range(parts)]
-
-
 def _weighted_cuts(weights, parts):
     """(first, count) of ``parts`` runs covering 0 .. len(weights) - 1, each at least one long, whose summed
     weights are as equal as the cut points allow."""
@@ -73,7 +70,7 @@ def _weighted_cuts(weights, parts):
     for x in weights:
         total += x
     if total <= 0:
-        return _even_cuts(n, parts)
+        return even_cuts(n, parts)
     cuts = []
     first = 0
     acc = 0.0
@@ -95,18 +92,9 @@ def plan_channel_regions(height, channels, slices, weights=None):
     channel blocks over all rows, each cut into the same number of row bands only when there are more slices
     than channels; as few regions as can be and, among those, as few row bands. With ``weights`` (C numbers, e.g.
     the bytes each channel took) the channel blocks carry about equal weight instead of equal channel counts."""
-    best = None
-    for bands in range(1, height + 1):
-        blocks = (slices + bands - 1) // bands
-        if blocks > channels:
-            continue
-        if best is None or bands * blocks < best[0] * best[1]:
-            best = (bands, blocks)
-        if bands * blocks == slices:
-            break
-    bands, blocks = best if best is not None else (height, channels)
-    cuts = _even_cuts(channels, blocks) if weights is None else _weighted_cuts(weights, blocks)
-    return [(r0, rn, c0, cn) for r0, rn in _even_cuts(height, bands) for c0, cn in cuts]
+    bands, blocks = grid(slices, height, channels)
+    cuts = even_cuts(channels, blocks) if weights is None else _weighted_cuts(weights, blocks)
+    return [(r0, rn, c0, cn) for r0, rn in even_cuts(height, bands) for c0, cn in cuts]
 
 
 def _banded_regions(height, weights, row_weights, max_frame, factor):
@@ -317,10 +305,7 @@ class DatagramSession(Session):
     def _welcomed(self, w):
         self.welcome = w
         if self.key is not None:
-            nonce = w.get("nonce")
-            if not isinstance(nonce, str) or len(nonce) != 32:
-                raise ProtocolError("host sent no nonce for an authenticated session")
-            self.auth = Auth(self.key, bytes([int(nonce[i:i + 2], 16) for i in range(0, 32, 2)]))
+            self.auth = welcome_auth(self.key, w)
         self.last_rx_ms = now_ms()
 
     def poll(self, timeout_s=0.0):

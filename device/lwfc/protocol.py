@@ -157,6 +157,17 @@ def unpack_error(body):
     return code, max(count, 1), text
 
 
+def welcome_auth(key, welcome):
+    """The Auth of a session the host WELCOMEd (section 8): None without a device key; ProtocolError when the
+    host sent no 32-hex-digit nonce for a keyed device."""
+    if key is None:
+        return None
+    nonce = welcome.get("nonce")
+    if not isinstance(nonce, str) or len(nonce) != 32:
+        raise ProtocolError("host sent no nonce for an authenticated session")
+    return Auth(key, bytes([int(nonce[i:i + 2], 16) for i in range(0, 32, 2)]))
+
+
 def parse_json(body, what):
     try:
         obj = json.loads(bytes(body).decode("utf-8"))
@@ -385,10 +396,7 @@ class Session(object):
                     w = parse_json(ev.body, "WELCOME")
                     self.welcome = w
                     if self.key is not None:
-                        nonce = w.get("nonce")
-                        if not isinstance(nonce, str) or len(nonce) != 32:
-                            raise ProtocolError("host sent no nonce for an authenticated session")
-                        self.auth = Auth(self.key, bytes([int(nonce[i:i + 2], 16) for i in range(0, 32, 2)]))
+                        self.auth = welcome_auth(self.key, w)
                         self.parser.auth = self.auth
                     self.last_rx_ms = now_ms()
                     return w

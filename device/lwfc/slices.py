@@ -11,26 +11,32 @@ from .errors import EncodeError
 from .frame import CRC_SIZE, SLICE_HEADER_SIZE
 
 
-def _even_cuts(total, parts):
+def even_cuts(total, parts):
     """(first, count) of ``parts`` nearly equal runs covering 0 .. total - 1."""
     return [(total * i // parts, total * (i + 1) // parts - total * i // parts) for i in range(parts)]
+
+
+def grid(slices, outer_max, inner_max):
+    """(outer, inner) with outer <= outer_max and inner <= inner_max: the fewest cells outer * inner that reach
+    ``slices`` and, among those, the fewest ``outer`` (``slices`` more than both allow: every cell)."""
+    best = None
+    for outer in range(1, outer_max + 1):
+        inner = (slices + outer - 1) // outer
+        if inner > inner_max:
+            continue
+        if best is None or outer * inner < best[0] * best[1]:
+            best = (outer, inner)
+        if outer * inner == slices:
+            break
+    return best if best is not None else (outer_max, inner_max)
 
 
 def plan_regions(height, channels, slices):
     """At least ``slices`` regions (row_first, row_count, channel_first, channel_count) tiling an H x W x C
     tensor: row bands, each cut into the same number of channel blocks, as few regions as can be and, among
     those, as few channel blocks (whole rows keep more context)."""
-    best = None
-    for blocks in range(1, channels + 1):
-        bands = (slices + blocks - 1) // blocks
-        if bands > height:
-            continue
-        if best is None or bands * blocks < best[0] * best[1]:
-            best = (bands, blocks)
-        if bands * blocks == slices:
-            break
-    bands, blocks = best if best is not None else (height, channels)
-    return [(r0, rn, c0, cn) for r0, rn in _even_cuts(height, bands) for c0, cn in _even_cuts(channels, blocks)]
+    blocks, bands = grid(slices, channels, height)
+    return [(r0, rn, c0, cn) for r0, rn in even_cuts(height, bands) for c0, cn in even_cuts(channels, blocks)]
 
 
 def _halves(region):
