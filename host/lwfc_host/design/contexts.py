@@ -255,12 +255,17 @@ def class_maps(group_joint: np.ndarray, kmax: int) -> dict[int, list[int]]:
         t[:, i] += t[:, j]
         t[:, :, i] += t[:, :, j]
         t = np.delete(np.delete(t, j, axis=1), j, axis=2)
-        cmap = np.where(cmap == j, i, cmap)
-        cmap = np.where(cmap > j, cmap - 1, cmap)
+        cmap = _merge_labels(cmap, i, j)
         k -= 1
         if k <= kmax:
             maps[k] = cmap.tolist()
     return maps
+
+
+def _merge_labels(cmap: np.ndarray, i: int, j: int) -> np.ndarray:
+    """A class map after class j (> i) merges into class i: later classes move down by one."""
+    cmap = np.where(cmap == j, i, cmap)
+    return np.where(cmap > j, cmap - 1, cmap)
 
 
 def value_class_maps(counts: np.ndarray, kmax: int) -> dict[int, list[int]]:
@@ -283,8 +288,7 @@ def value_class_maps(counts: np.ndarray, kmax: int) -> dict[int, list[int]]:
         t = t.copy()
         t[:, i] += t[:, j]
         t = np.delete(t, j, axis=1)
-        cmap = np.where(cmap == j, i, cmap)
-        cmap = np.where(cmap > j, cmap - 1, cmap)
+        cmap = _merge_labels(cmap, i, j)
         k -= 1
         if k <= kmax:
             maps[k] = cmap.tolist()
