@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from lwfc import errors as E
 from lwfc.crc32 import crc32
 from lwfc.encoder import Encoder, scan_keys
-from lwfc.frame import HEADER_SIZE, SLICE_HEADER_SIZE, pack_frame, parse_header
+from lwfc.frame import HEADER_SIZE, pack_frame, parse_header
 from lwfc.tables import MAX_KEYS, TOTAL, Tables, context_number
 from lwfc_host.codec.decoder import Decoder
 from lwfc_host.codec.fast import FastEncoder, context_map, model_ids, scan_order, slice_channels
@@ -112,7 +112,7 @@ def test_encoders_agree_and_decoder_inverts(case):
     header = parse_header(frame)
     assert header.version == (2 if region is not None or tables.version == 2 else 1)
     assert header.sliced == (region is not None)
-    assert header.header_size == (SLICE_HEADER_SIZE if region is not None else HEADER_SIZE)
+    assert len(frame) == HEADER_SIZE + header.payload_length + 4  # 22-byte header, sliced or not
     r0, rn, c0, cn = region if region is not None else (0, h, 0, c)
     out = Decoder(tables).decode(frame)
     assert out.header.shape == (h, w, c)
@@ -200,9 +200,8 @@ def test_v2_table_with_dependents_decodes_bigger_tensor():
             assert FastEncoder(tables).frame_indices(idx, region) == frame
             r0, rn, c0, cn = region or (0, 24, 0, 16)
             np.testing.assert_array_equal(dec.decode(frame).indices, idx[r0:r0 + rn, :, c0:c0 + cn])
-            hs = parse_header(frame).header_size
             bad = bytearray(frame[:-4])
-            bad[hs + 5] ^= 0x10
+            bad[HEADER_SIZE + 5] ^= 0x10
             bad = bytes(bad) + struct.pack("<I", crc32(bytes(bad)))
             with pytest.raises(E.PayloadError):
                 dec.decode(bad)
@@ -282,7 +281,7 @@ def test_mutated_sliced_frames_decode_right_or_are_rejected():
                 for _ in range(rng.integers(1, 4)):
                     b[rng.integers(0, len(b))] ^= 1 << int(rng.integers(0, 8))
             elif kind == 1:
-                b[rng.integers(0, SLICE_HEADER_SIZE)] = rng.integers(0, 256)
+                b[rng.integers(0, HEADER_SIZE)] = rng.integers(0, 256)
             elif kind == 2:
                 b = b[:rng.integers(0, len(b))]
             else:

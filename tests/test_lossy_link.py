@@ -25,16 +25,13 @@ from lwfc.datagram import (
     MIN_HELLO_DATAGRAM,
     DatagramLink,
     DatagramSession,
-    choose_plan,
-    encode_int8_slices,
-    encode_slices,
     max_frame_bytes,
-    plan_channel_regions,
     send_order,
 )
 from lwfc.encoder import Encoder
 from lwfc.frame import parse_header
 from lwfc.link import Slices
+from lwfc.slices import choose_plan, encode_sliced, plan_channel_regions
 from lwfc.tables import load_tables
 from lwfc.transport import SerialTransport, TransportError, UdpTransport, parse_address
 from lwfc_host.serve import CloudModel, ServerConfig, run_in_thread
@@ -358,7 +355,7 @@ def test_channel_slice_plan_tiles_and_fits(bundle):
     idx = np.asarray(tables.index_of_q, dtype=np.uint8)[idx].reshape(SHAPE)
     dec = Decoder(tables)
     for limit in (100, 200, 600, 5000):
-        frames = encode_slices(enc, idx.tobytes(), h, w, limit, "channels")
+        frames = encode_sliced(enc, idx.tobytes(), h, w, limit, "channels")
         assert all(len(f) <= limit for f in frames)
         got = np.zeros(SHAPE, dtype=np.uint8)
         covered = 0
@@ -372,7 +369,7 @@ def test_channel_slice_plan_tiles_and_fits(bundle):
         if limit == 5000:
             assert len(frames) == 1 and not parse_header(frames[0]).sliced
     with pytest.raises(EncodeError, match="one-row, one-channel"):
-        encode_slices(enc, idx.tobytes(), h, w, 40, "channels")
+        encode_sliced(enc, idx.tobytes(), h, w, 30, "channels")  # one payload word: no row fits
     with pytest.raises(ValueError, match="slice plan"):
         choose_plan(tables, "diagonal")
     assert choose_plan(tables, "auto") == "channels"  # no reference channels in this table
@@ -457,7 +454,7 @@ def test_stream_link_sends_slices_over_tcp(bundle, tensors):
 
 _MPY_SCRIPT = """
 import json
-from lwfc.datagram import DatagramSession, send_order, max_frame_bytes, MIN_HELLO_DATAGRAM, encode_int8_slices
+from lwfc.datagram import DatagramSession, send_order, max_frame_bytes, MIN_HELLO_DATAGRAM
 from lwfc import protocol as P
 from lwfc.tables import parse_tables
 from lwfc.encoder import Encoder
@@ -488,7 +485,7 @@ tr = FakeHost()
 s = DatagramSession(tr, {"device": "d", "model": "m", "bundle": "", "table": tables.table_id_hex()},
                     key=open("/in/key.bin", "rb").read(), hello_first_wait_s=0.05)
 welcome = s.handshake()
-frames = encode_int8_slices(Encoder(tables), open("/in/q.bin", "rb").read(), h, w, max_frame_bytes(300), "channels")
+frames = Encoder(tables).encode_int8_sliced(open("/in/q.bin", "rb").read(), h, w, max_frame_bytes(300), "channels")
 order = send_order(len(frames))
 n0 = len(tr.sent)
 seq = s.send_slices([frames[i] for i in order], tag="t")
@@ -501,7 +498,7 @@ print(tr.hellos, len(tr.sent[0]) >= MIN_HELLO_DATAGRAM, welcome["session"], seq,
       answers[0].result["concealed"], answers[0].tag, s.garbage)
 # a tall tensor with few channels: more slices than channels, each channel cut into its own row bands
 t2 = parse_tables(open("/in/t2.json").read())
-for k, f in enumerate(encode_int8_slices(Encoder(t2), open("/in/q2.bin", "rb").read(), 32, 16, 120, "channels")):
+for k, f in enumerate(Encoder(t2).encode_int8_sliced(open("/in/q2.bin", "rb").read(), 32, 16, 120, "channels")):
     open("/out/b%03d.lwfc" % k, "wb").write(f)
 """
 
@@ -520,7 +517,7 @@ def test_datagram_session_under_micropython(bundle, tensors):
                   "/in/job.txt": f"{SHAPE[0]} {SHAPE[1]}".encode(), "/in/t2.json": json.dumps(table2).encode(),
                   "/in/q2.bin": q2.tobytes()})
     out, written = run_micropython_files(_MPY_SCRIPT, files)
-    banded = encode_int8_slices(Encoder(tables2), q2.tobytes(), 32, 16, 120, "channels")
+    banded = Encoder(tables2).encode_int8_sliced(q2.tobytes(), 32, 16, 120, "channels")
     assert [written[k] for k in sorted(written) if k.startswith("b")] == banded
     regions = [parse_header(f).region for f in banded]
     assert len(banded) > 4 and any(r[1] < 32 for r in regions)  # more slices than channels: row bands too
@@ -533,8 +530,8 @@ def test_datagram_session_under_micropython(bundle, tensors):
     written = {k: v for k, v in written.items() if not k.startswith("b")}
     assert out.split() == ["2", "True", "s", "1", "1", "0.25", "t", "1"]
     auth = P.Auth(KEY, bytes.fromhex("00112233445566778899aabbccddeeff"))
-    frames = encode_int8_slices(Encoder(load_tables(b.tables_path)), data, SHAPE[0], SHAPE[1], max_frame_bytes(MTU),
-                                "channels")
+    frames = Encoder(load_tables(b.tables_path)).encode_int8_sliced(data, SHAPE[0], SHAPE[1], max_frame_bytes(MTU),
+                                                                    "channels")
     assert len(frames) > 2 and all(parse_header(f).region[1] == SHAPE[0] for f in frames)
     want = [P.pack_message(P.SLICE, 1, frames[i], auth) for i in send_order(len(frames))]
     assert [written[k] for k in sorted(written)] == want
@@ -606,7 +603,7 @@ def test_channel_plan_at_every_packet_size():
     fitted = 0
     for limit in range(40, whole + 60, 5):
         try:
-            frames = encode_slices(enc, idx.tobytes(), 6, 20, limit, "channels")
+            frames = encode_sliced(enc, idx.tobytes(), 6, 20, limit, "channels")
         except EncodeError:
             continue
         fitted += 1

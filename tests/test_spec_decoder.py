@@ -62,21 +62,26 @@ def spec_decode(frame: bytes, table: dict, table_id: bytes) -> list[list[list[in
         raise SpecError("ReservedBits", "flags")
     sliced = flags & 0x01
     if sliced and len(b) < 30:
-        raise SpecError("TruncatedFrame", "truncated slice header")
-    e = 22 if sliced else 14
-    r0, hs, c0, cs = struct.unpack("<HHHH", b[14:22]) if sliced else (0, h, 0, c)
-    n, plen = struct.unpack("<II", b[e:e + 8])
+        raise SpecError("TruncatedFrame", "truncated slice")
     if h == 0 or w == 0 or c == 0 or h * w * c > 1 << 26:  # step 3
         raise SpecError("BadShape", "header shape")
-    if hs == 0 or cs == 0 or r0 + hs > h or c0 + cs > c or n != hs * w * cs:
-        raise SpecError("BadShape", "slice or element count")
+    if sliced:  # a slice has no counts: its region and the frame's length give them
+        r0, hs, c0, cs = struct.unpack("<HHHH", b[14:22])
+        n, plen = hs * w * cs, len(b) - 26
+        if hs == 0 or cs == 0 or r0 + hs > h or c0 + cs > c:
+            raise SpecError("BadShape", "slice region")
+    else:
+        r0, hs, c0, cs = 0, h, 0, c
+        n, plen = struct.unpack("<II", b[14:22])
+        if n != h * w * c:
+            raise SpecError("BadShape", "element count")
     if plen % 4 or plen == 0 or plen > _max_payload(n):
         raise SpecError("PayloadError", "payload length")
-    if len(b) < e + 12 + plen:  # step 4
+    if len(b) < 26 + plen:  # step 4 (a slice's length always matches)
         raise SpecError("TruncatedFrame", "truncated frame")
-    if len(b) > e + 12 + plen:
+    if len(b) > 26 + plen:
         raise SpecError("TrailingData", "trailing data")
-    if zlib.crc32(b[:e + 8 + plen]) != struct.unpack("<I", b[e + 8 + plen:e + 12 + plen])[0]:  # step 5
+    if zlib.crc32(b[:22 + plen]) != struct.unpack("<I", b[22 + plen:26 + plen])[0]:  # step 5
         raise SpecError("CrcMismatch", "crc")
     if tid != table_id:  # step 6
         raise SpecError("TableMismatch", "table id")
@@ -84,7 +89,7 @@ def spec_decode(frame: bytes, table: dict, table_id: bytes) -> list[list[list[in
         raise SpecError("TableMismatch", "version 1 frame, version 2 table")
     if c != table["channels"]:
         raise SpecError("BadShape", "channels")
-    words = _unpack_words(b[e + 8:e + 8 + plen])
+    words = _unpack_words(b[22:22 + plen])
     return _decode_indices(words, hs, w, c0, cs, table)  # step 7
 
 
@@ -177,14 +182,10 @@ def test_spec_decoder_decodes_every_vector(name, vectors):
     assert np.array_equal(np.asarray(got, dtype=np.uint8), indices)
 
 
-def _header_size(frame: bytes) -> int:
-    return parse_header(frame).header_size  # 22, or 30 for a slice
-
-
 def _reseal(frame: bytes, payload: bytes) -> bytes:
-    size = _header_size(frame)
-    head = bytearray(frame[:size])
-    head[size - 4:size] = struct.pack("<I", len(payload))
+    head = bytearray(frame[:HEADER_SIZE])
+    if not parse_header(frame).sliced:  # a slice has no payload_length: its frame's length says it
+        head[HEADER_SIZE - 4:HEADER_SIZE] = struct.pack("<I", len(payload))
     body = bytes(head) + payload
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -231,7 +232,7 @@ def test_spec_decoder_rejects_what_the_reference_rejects(name, vectors):
     dec = Decoder(tables)
     rng = np.random.default_rng(sum(map(ord, name)))
     seen = set()
-    payload = expected[_header_size(expected):-4]
+    payload = expected[HEADER_SIZE:-4]
     for words in _payload_mutations(payload, rng):
         if not words:
             continue
@@ -290,7 +291,7 @@ def test_frame_checks_come_in_the_spec_order(vectors):
         (_header(frame, version=3, flags=1), "UnsupportedVersion"),
         (_header(frame, flags=1, h=0), "ReservedBits"),  # version 1 reserves every flag bit
         (_header(frame, version=2, flags=2, h=0), "ReservedBits"),  # version 2 all but SLICE
-        (_header(frame, version=2, flags=1)[:29], "TruncatedFrame"),  # a slice header needs 30 bytes
+        (_header(frame, version=2, flags=1)[:29], "TruncatedFrame"),  # a slice has at least 30 bytes
         (_header(frame, version=2, flags=1), "BadShape"),  # read as a slice: its fields do not fit
         (_header(frame, h=0, plen=3), "BadShape"),
         (_header(frame, plen=3)[:30], "PayloadError"),   # header checks before the frame length

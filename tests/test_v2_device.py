@@ -15,8 +15,8 @@ import pytest
 
 from lwfc import errors as E
 from lwfc.encoder import Encoder
-from lwfc.frame import SLICE_HEADER_SIZE, parse_frame, parse_header
-from lwfc.slices import plan_regions
+from lwfc.frame import HEADER_SIZE, MIN_SLICE_FRAME, max_payload_length, parse_frame, parse_header
+from lwfc.slices import plan_row_regions
 from lwfc.tables import Tables
 from lwfc_host.design.tablefile import finalize
 
@@ -153,17 +153,21 @@ def test_slice_header_errors(case_contexts):
     h, w, c = q.shape
     frame = _slice_frame(table, q, (2, 3, 4, 5))
     header = parse_header(frame)
-    assert header.version == 2 and header.sliced and header.header_size == SLICE_HEADER_SIZE
+    assert header.version == 2 and header.sliced and len(frame) == HEADER_SIZE + header.payload_length + 4
     assert header.region == (2, 3, 4, 5) and header.element_count == 3 * w * 5 and header.shape == (h, w, c)
     cases = [
-        (E.TruncatedFrame, "slice header", frame[:SLICE_HEADER_SIZE - 1]),
+        (E.TruncatedFrame, "truncated slice", frame[:MIN_SLICE_FRAME - 1]),
         (E.ReservedBits, "reserved", _patched(frame, 3, "<B", 0x03)),
         (E.ReservedBits, "reserved", _patched(_slice_frame(table, q, None), 3, "<B", 0x01)),  # version 1
         (E.BadShape, "do not lie", _patched(frame, 16, "<H", 0)),  # row_count 0
         (E.BadShape, "do not lie", _patched(frame, 14, "<H", h - 2)),  # rows past H
         (E.BadShape, "do not lie", _patched(frame, 20, "<H", c)),  # channels past C
-        (E.BadShape, "disagrees", _patched(frame, 22, "<I", 3 * w * 5 + 1)),
-        (E.PayloadError, "exceeds the maximum", _patched(frame, 26, "<I", 1 << 20)),
+        # a slice's payload length is its frame's length less 26: cut or extended, it fails there or at the CRC
+        (E.PayloadError, "not a positive multiple", frame[:-1]),
+        (E.PayloadError, "not a positive multiple", frame + b"\0"),
+        (E.CrcMismatch, "CRC", frame[:-4]),
+        (E.CrcMismatch, "CRC", frame + b"\0" * 4),
+        (E.PayloadError, "exceeds the maximum", frame + b"\0" * max_payload_length(3 * w * 5)),
     ]
     for exc, needle, bad in cases:
         with pytest.raises(exc, match=needle):
@@ -179,10 +183,10 @@ def test_encoder_rejects_a_region_outside_the_tensor(case_contexts):
             enc.encode_int8(q.tobytes(), h, w, region)
 
 
-def test_plan_regions_tile_the_tensor():
+def test_plan_row_regions_tile_the_tensor():
     for height, channels, slices in [(64, 256, 131), (3, 5, 100), (10, 1, 3), (7, 9, 1), (1, 1, 5)]:
         cover = np.zeros((height, channels), dtype=int)
-        regions = plan_regions(height, channels, slices)
+        regions = plan_row_regions(height, channels, slices)
         for r0, rn, c0, cn in regions:
             cover[r0:r0 + rn, c0:c0 + cn] += 1
         assert (cover == 1).all()
@@ -215,5 +219,5 @@ def test_slicing_a_packet_too_small_for_one_row_is_an_encode_error():
     from conftest import make_case
 
     _, tables, q = make_case(shape=(24, 20, 32), levels=8, groups=4, classes=3)
-    with pytest.raises(E.EncodeError, match="one-row, one-channel"):  # 38 bytes leave one payload word
-        Encoder(tables).encode_int8_sliced(q.tobytes(), q.shape[0], q.shape[1], SLICE_HEADER_SIZE + 8)
+    with pytest.raises(E.EncodeError, match="one-row, one-channel"):  # 34 bytes leave one payload word
+        Encoder(tables).encode_int8_sliced(q.tobytes(), q.shape[0], q.shape[1], MIN_SLICE_FRAME + 4)

@@ -11,14 +11,8 @@ held, never the whole answer.
   after the answer timeout), a new handshake when the host has forgotten the session.
 - ``send_order``: the order in which a tensor's slices go out. Interleaved, a burst of lost datagrams takes
   slices that lie far apart, which the host's interpolation conceals better than one wide gap.
-- ``max_frame_bytes``: the largest slice frame that fits a datagram of ``mtu`` bytes.
-- ``encode_slices`` / ``encode_int8_slices``: a tensor's slice frames, cut by one of ``PLANS``: ``rows`` (the codec's
-  own plan, ``lwfc.slices``: row bands first), ``channels`` (channel blocks over all rows first, the rows cut only
-  when there are more slices than channels) or ``auto`` (channels, unless the table has reference channels,
-  whose contexts a channel cut would break). Measured on EfficientNet-Lite0 block 5 at MTU 1200 (results/
-  lossy_links/): channel blocks cost about 3% more bits than the whole frame where row bands cost 9-16% (every
-  band's first row loses its above neighbours), and a lost channel block is concealed far better (from the
-  channels that arrived, ``lwfc_host.codec.conceal``) than a lost row band.
+- ``max_frame_bytes``: the largest slice frame that fits a datagram of ``mtu`` bytes (the slices themselves are
+  cut by ``lwfc.slices``).
 
 MicroPython-compatible Python 3.7.
 """
@@ -45,7 +39,6 @@ from .protocol import (
     parse_json,
     welcome_auth,
 )
-from .slices import even_cuts, grid
 
 MIN_HELLO_DATAGRAM = 512  # a host answers no shorter HELLO datagram (no reflection amplification: 10.2)
 HELLO_ATTEMPTS = 6
@@ -57,161 +50,6 @@ def max_frame_bytes(mtu, auth=True):
     with ``auth``, the tag (16) come off. Reserving the tag always keeps a slice plan valid with and without
     keys."""
     return mtu - ENVELOPE_SIZE - (TAG_SIZE if auth else 0)
-
-
-PLANS = ("auto", "rows", "channels")
-
-
-def _weighted_cuts(weights, parts):
-    """(first, count) of ``parts`` runs covering 0 .. len(weights) - 1, each at least one long, whose summed
-    weights are as equal as the cut points allow."""
-    n = len(weights)
-    total = 0.0
-    for x in weights:
-        total += x
-    if total <= 0:
-        return even_cuts(n, parts)
-    cuts = []
-    first = 0
-    acc = 0.0
-    for k in range(1, parts):
-        target = total * k / parts
-        end = first + 1  # at least one channel per run
-        acc_end = acc + weights[first]
-        while end < n - (parts - k) and acc_end + weights[end] / 2.0 <= target:
-            acc_end += weights[end]
-            end += 1
-        cuts.append((first, end - first))
-        first, acc = end, acc_end
-    cuts.append((first, n - first))
-    return cuts
-
-
-def plan_channel_regions(height, channels, slices, weights=None):
-    """At least ``slices`` regions (row_first, row_count, channel_first, channel_count) tiling an H x W x C tensor:
-    channel blocks over all rows, each cut into the same number of row bands only when there are more slices
-    than channels; as few regions as can be and, among those, as few row bands. With ``weights`` (C numbers, e.g.
-    the bytes each channel took) the channel blocks carry about equal weight instead of equal channel counts."""
-    bands, blocks = grid(slices, height, channels)
-    cuts = even_cuts(channels, blocks) if weights is None else _weighted_cuts(weights, blocks)
-    return [(r0, rn, c0, cn) for r0, rn in even_cuts(height, bands) for c0, cn in cuts]
-
-
-def _banded_regions(height, weights, row_weights, max_frame, factor):
-    """Regions from the bytes measured per channel (``weights``) and per channel and row (``row_weights``), scaled
-    by ``factor``: a channel that needs more than one slice is cut into ceil(bytes / ``max_frame``) row bands of
-    about equal bytes; runs of consecutive channels that fit one slice together share one, over all rows."""
-    out = []
-    c = 0
-    n = len(weights)
-    while c < n:
-        w = weights[c] * factor
-        if w > max_frame:
-            bands = min(height, int(w / max_frame) + 1)
-            out.extend((r0, rn, c, 1) for r0, rn in _weighted_cuts(row_weights[c], bands))
-            c += 1
-            continue
-        first, acc = c, 0.0
-        while c < n and acc + weights[c] * factor <= max_frame:
-            acc += weights[c] * factor
-            c += 1
-        out.append((0, height, first, c - first))
-    return out
-
-
-def _halves(region):
-    """A region cut in two: its channels first, then (one channel) its rows."""
-    r0, rn, c0, cn = region
-    if cn > 1:
-        left = cn // 2
-        return [(r0, rn, c0, left), (r0, rn, c0 + left, cn - left)]
-    top = rn // 2
-    return [(r0, top, c0, cn), (r0 + top, rn - top, c0, cn)]
-
-
-def choose_plan(tables, plan="auto"):
-    """``rows`` or ``channels`` for a table: ``auto`` cuts channels unless the table has reference channels."""
-    if plan not in PLANS:
-        raise ValueError("slice plan must be one of %s, got %r" % (", ".join(PLANS), plan))
-    if plan != "auto":
-        return plan
-    for r in tables.reference_channel:
-        if r >= 0:
-            return "rows"
-    return "channels"
-
-
-def encode_slices(encoder, indices, height, width, max_frame, plan="auto", attempts=4):
-    """Frames of at most ``max_frame`` bytes whose slices tile the tensor (``indices``: the whole tensor's index
-    bytes, NHWC), in raster order of their regions; a tensor whose whole frame fits is one unsliced frame.
-    ``rows``: ``Encoder.encode_sliced``. ``channels``: channel blocks, as few as fit: the whole frame's size
-    gives a first count of equal blocks; while a block does not fit (at most ``attempts`` encodes of the
-    tensor), the blocks are cut again to carry equal bytes as the last attempt measured them, one more block
-    each time after the first re-cut (with more slices than channels: each channel cut into as many row bands
-    as its measured bytes need, a little more room each time); then blocks that still do not fit are halved.
-    Raises EncodeError when a one-row, one-channel slice does not fit."""
-    if choose_plan(encoder.tables, plan) == "rows":
-        return encoder.encode_sliced(indices, height, width, max_frame)
-    from .errors import EncodeError
-
-    whole = encoder.encode_indices(indices, height, width)
-    if len(whole) <= max_frame:
-        return [whole]
-    channels = encoder.tables.channels
-    count = (len(whole) + max_frame - 1) // max_frame
-    weights = None
-    done = []
-    rows = None
-    for attempt in range(attempts):
-        if weights is not None and count > channels:
-            todo = _banded_regions(height, weights, rows, max_frame, 1.0 + 0.04 * (attempt - 1))
-        else:
-            todo = plan_channel_regions(height, channels, count, weights)
-        done = []
-        failed = []
-        measured = [0.0] * channels
-        rows = [[0.0] * height for _ in range(channels)]
-        for region in todo:
-            frame = encoder.encode_indices(indices, height, width, region)
-            if len(frame) <= max_frame:
-                done.append((region, frame))
-            else:
-                failed.append(region)
-            r0, rn, c0, cn = region
-            share = float(len(frame)) / cn
-            per_row = share / rn
-            for ch in range(c0, c0 + cn):
-                measured[ch] += share
-                row = rows[ch]
-                for r in range(r0, r0 + rn):
-                    row[r] += per_row
-        if not failed:
-            break
-        if attempt + 1 < attempts and len(todo) < height * channels:
-            if weights is not None:
-                count = len(todo) + 1
-            weights = measured
-            continue
-        while failed:  # the last attempt: halve what does not fit
-            region = failed.pop(0)
-            if region[1] == 1 and region[3] == 1:
-                raise EncodeError("a one-row, one-channel slice takes more than the %d bytes allowed" % max_frame)
-            for half in _halves(region):
-                frame = encoder.encode_indices(indices, height, width, half)
-                if len(frame) <= max_frame:
-                    done.append((half, frame))
-                else:
-                    failed.append(half)
-        break
-    done.sort(key=lambda item: (item[0][0], item[0][2]))
-    return [frame for _, frame in done]
-
-
-def encode_int8_slices(encoder, data, height, width, max_frame, plan="auto"):
-    """``encode_slices`` for an int8 tensor given as bytes-like (two's complement), NHWC."""
-    from .quantize import indices_from_int8
-
-    return encode_slices(encoder, indices_from_int8(data, encoder.tables), height, width, max_frame, plan)
 
 
 def _bit_reverse(i, bits):

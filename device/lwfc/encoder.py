@@ -303,12 +303,13 @@ class Encoder(object):
         """Frame for a float tensor given as an iterable of floats in NHWC order."""
         return self.encode_indices(indices_from_float(values, self.tables), height, width, region)
 
-    def encode_sliced(self, indices, height, width, max_frame_bytes):
-        """Frames of at most ``max_frame_bytes`` each whose slices tile the tensor (``lwfc.slices``)."""
+    def encode_sliced(self, indices, height, width, max_frame_bytes, plan="auto"):
+        """Frames of at most ``max_frame_bytes`` each whose slices tile the tensor, cut by ``plan``
+        (``lwfc.slices.PLANS``)."""
         from .slices import encode_sliced
-        return encode_sliced(self, indices, height, width, max_frame_bytes)
+        return encode_sliced(self, indices, height, width, max_frame_bytes, plan)
 
-    def encode_int8_sliced(self, data, height, width, max_frame_bytes):
+    def encode_int8_sliced(self, data, height, width, max_frame_bytes, plan="auto"):
         """``encode_sliced`` for an int8 tensor given as bytes-like (two's complement), NHWC."""
         return self.encode_sliced(indices_from_int8(data, self.tables, self._byte_table), height, width,
-                                  max_frame_bytes)
+                                  max_frame_bytes, plan)

@@ -1,6 +1,6 @@
 """The lwfc frame: header, payload, CRC-32 (codec_spec/SPEC.md, section 5).
 
-All multi-byte fields are little-endian. Layout::
+All multi-byte fields are little-endian. An unsliced frame::
 
     offset size field
        0    2  magic            b"LW"
@@ -10,18 +10,23 @@ All multi-byte fields are little-endian. Layout::
        8    2  height           H >= 1    \\
       10    2  width            W >= 1     } the whole tensor
       12    2  channels         C >= 1    /
-     (SLICE only: 4 more fields, 8 bytes)
+      14    4  element_count    H * W * C
+      18    4  payload_length   bytes, a multiple of 4, at least 4, at most max_payload_length(element_count)
+      22    -  payload          the range coder's 32-bit words, each little-endian
+    22+L    4  crc32            CRC-32 of every byte before it
+
+A slice (SLICE set) has the same 22-byte header size, with the region in place of the two counts: both
+follow from it and from the frame's length, which the transport delimits (a slice travels in one datagram
+or message), so a slice costs no more header than a whole frame::
+
       14    2  row_first        the slice's rows are row_first .. row_first + row_count - 1
       16    2  row_count
       18    2  channel_first    its channels channel_first .. channel_first + channel_count - 1
       20    2  channel_count
-       E    4  element_count    of the frame (the slice): row_count * W * channel_count; H * W * C unsliced
-     E+4    4  payload_length   bytes, a multiple of 4, at least 4, at most max_payload_length(element_count)
-     E+8    -  payload          the range coder's 32-bit words, each little-endian
-     E+8+L  4  crc32            CRC-32 of every byte before it
+      22    -  payload          len(frame) - 26 bytes
+    22+L    4  crc32
 
-E = 14 (header 22 bytes) without SLICE, 22 (header 30 bytes) with it. A version 1 frame is an unsliced
-version 2 frame with the version byte 1.
+A version 1 frame is an unsliced version 2 frame with the version byte 1.
 """
 
 import struct
@@ -42,9 +47,9 @@ MAGIC = b"LW"
 VERSION = 2  # the newest frame version; this module reads VERSIONS
 VERSIONS = (1, 2)
 FLAG_SLICE = 0x01
-HEADER_SIZE = 22  # without SLICE; the smallest header
-SLICE_HEADER_SIZE = 30
+HEADER_SIZE = 22  # with or without SLICE
 CRC_SIZE = 4
+MIN_SLICE_FRAME = HEADER_SIZE + 4 + CRC_SIZE  # a slice's payload is at least one word
 MAX_ELEMENTS = 1 << 26
 _FIXED = "<2sBB4sHHH"  # the first 14 bytes
 _SLICE = "<HHHH"
@@ -95,12 +100,8 @@ class FrameHeader(object):
         return (self.row_count, self.shape[1], self.channel_count)
 
     @property
-    def header_size(self):
-        return SLICE_HEADER_SIZE if self.sliced else HEADER_SIZE
-
-    @property
     def frame_length(self):
-        return self.header_size + self.payload_length + CRC_SIZE
+        return HEADER_SIZE + self.payload_length + CRC_SIZE
 
     def __repr__(self):
         extra = ", region=%r" % (self.region,) if self.sliced else ""
@@ -121,22 +122,21 @@ def pack_frame(table_id, shape, payload, version=1, region=None):
     if version not in VERSIONS:
         raise ValueError("frame version must be one of %r" % (VERSIONS,))
     if region is None:
-        head = struct.pack(_FIXED, MAGIC, version, 0, bytes(table_id), h, w, c)
-        n = h * w * c
+        head = struct.pack(_FIXED, MAGIC, version, 0, bytes(table_id), h, w, c) + struct.pack(
+            _COUNTS, h * w * c, len(payload))
     else:
         if version < 2:
             raise ValueError("slices need frame version 2")
         r0, rn, c0, cn = region
         head = struct.pack(_FIXED, MAGIC, version, FLAG_SLICE, bytes(table_id), h, w, c) + struct.pack(
             _SLICE, r0, rn, c0, cn)
-        n = rn * w * cn
-    head += struct.pack(_COUNTS, n, len(payload))
     crc = crc32(payload, crc32(head))
     return b"".join((head, payload, struct.pack("<I", crc)))
 
 
 def parse_header(buf):
-    """Parse and check the header at the start of ``buf`` (needs only its first 22 bytes, or 30 for a slice).
+    """Parse and check the header at the start of ``buf``: the first 22 bytes of an unsliced frame suffice; a
+    slice's ``buf`` must be the whole frame, whose length gives its payload length.
 
     Checks everything the header alone can tell (SPEC.md 6, steps 1-3): magic, version, reserved flags,
     shape and slice region, element count and payload length limits. Raises a FrameError subclass naming
@@ -155,34 +155,31 @@ def parse_header(buf):
     if flags & ~allowed:
         raise ReservedBits("reserved flag bits set: 0x%02x" % (flags & ~allowed))
     sliced = flags & FLAG_SLICE
-    if sliced and len(buf) < SLICE_HEADER_SIZE:
-        raise TruncatedFrame("truncated slice header: %d bytes, need %d" % (len(buf), SLICE_HEADER_SIZE))
-    at = 14
-    region = None
-    if sliced:
-        region = struct.unpack(_SLICE, bytes(buf[14:22]))
-        at = 22
-    n, plen = struct.unpack(_COUNTS, bytes(buf[at:at + 8]))
+    if sliced and len(buf) < MIN_SLICE_FRAME:
+        raise TruncatedFrame("truncated slice: %d bytes, a slice has at least %d" % (len(buf), MIN_SLICE_FRAME))
     if h == 0 or w == 0 or c == 0:
         raise BadShape("shape %dx%dx%d has a zero dimension" % (h, w, c))
     if h * w * c > MAX_ELEMENTS:
         raise BadShape("shape %dx%dx%d: %d elements exceeds the limit %d" % (h, w, c, h * w * c, MAX_ELEMENTS))
-    if region is not None:
+    region = None
+    if sliced:
+        region = struct.unpack(_SLICE, bytes(buf[14:22]))
         r0, rn, c0, cn = region
         if rn == 0 or cn == 0 or r0 + rn > h or c0 + cn > c:
             raise BadShape("slice rows %d+%d, channels %d+%d do not lie within the %dx%dx%d tensor"
                            % (r0, rn, c0, cn, h, w, c))
-        count = rn * w * cn
+        n = rn * w * cn
+        plen = len(buf) - HEADER_SIZE - CRC_SIZE
+        what = "a %d-byte slice's payload" % len(buf)
     else:
-        count = h * w * c
-    if count != n:
-        raise BadShape("element_count %d disagrees with the %s (%d elements)"
-                       % (n, "slice" if region else "shape %dx%dx%d" % (h, w, c), count))
+        n, plen = struct.unpack(_COUNTS, bytes(buf[14:22]))
+        if n != h * w * c:
+            raise BadShape("element_count %d disagrees with the shape %dx%dx%d (%d elements)" % (n, h, w, c, h * w * c))
+        what = "payload_length"
     if plen % 4 != 0 or plen < 4:
-        raise PayloadError("payload_length %d is not a positive multiple of 4" % plen)
+        raise PayloadError("%s %d is not a positive multiple of 4" % (what, plen))
     if plen > max_payload_length(n):
-        raise PayloadError("payload_length %d exceeds the maximum %d for %d elements"
-                           % (plen, max_payload_length(n), n))
+        raise PayloadError("%s %d exceeds the maximum %d for %d elements" % (what, plen, max_payload_length(n), n))
     return FrameHeader(table_id, (h, w, c), plen, version, flags, region)
 
 
@@ -197,12 +194,12 @@ def parse_frame(buf):
     if len(buf) > total:
         raise TrailingData("%d bytes of trailing data after a %d-byte frame" % (len(buf) - total, total))
     mv = memoryview(buf)
-    body_end = header.header_size + header.payload_length
+    body_end = HEADER_SIZE + header.payload_length
     (stored,) = struct.unpack("<I", bytes(mv[body_end:total]))
     actual = crc32(mv[:body_end])
     if stored != actual:
         raise CrcMismatch("CRC-32 mismatch: frame says %08x, content gives %08x" % (stored, actual))
-    return header, bytes(mv[header.header_size:body_end])
+    return header, bytes(mv[HEADER_SIZE:body_end])
 
 
 def check_table_version(header, tables_version):

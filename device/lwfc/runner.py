@@ -185,16 +185,14 @@ def _take(records, answers, quiet, out):
 
 def _encode_one(i, path, model, pre, enc, save_frames, max_frame=None, plan="auto"):
     """Image ``path`` -> (lwfc frame, its record without an answer yet); with ``max_frame``, the list of slice
-    frames (each at most ``max_frame`` bytes, cut by ``plan``: ``lwfc.datagram.PLANS``) instead of one frame."""
+    frames (each at most ``max_frame`` bytes, cut by ``plan``: ``lwfc.slices.PLANS``) instead of one frame."""
     img = load_image(path)
     t0 = time.perf_counter()
     q = model.run(preprocess(img, pre))
     t1 = time.perf_counter()
     h, w, c = q.shape
     if max_frame:
-        from .datagram import encode_int8_slices
-
-        frames = encode_int8_slices(enc, q.tobytes(), h, w, max_frame, plan)
+        frames = enc.encode_int8_sliced(q.tobytes(), h, w, max_frame, plan)
     else:
         frames = [enc.encode_int8(q.tobytes(), h, w)]
     t2 = time.perf_counter()
@@ -237,7 +235,7 @@ def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=Non
         quiet=False, out=sys.stdout, threads=None, interleave=True, slice_plan="auto"):
     """Run the edge half on the images and stream the frames; returns (summary, per-frame records). Over
     udp:// (or a serial line with ``?mtu=N``) every tensor goes out as slices that fit one datagram, sent in
-    interleaved order unless ``interleave`` is false, cut by ``slice_plan`` (``lwfc.datagram.PLANS``)."""
+    interleaved order unless ``interleave`` is false, cut by ``slice_plan`` (``lwfc.slices.PLANS``)."""
     b, tables, model, pre = open_bundle(bundle, tables_path, edgetpu, threads)
     enc = Encoder(tables)
     paths = list_images(images) * max(1, repeat)
@@ -250,7 +248,8 @@ def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=Non
     kind, mtu = link_kind(connect)
     max_frame = None
     if mtu is not None:
-        from .datagram import choose_plan, max_frame_bytes
+        from .datagram import max_frame_bytes
+        from .slices import choose_plan
 
         max_frame = max_frame_bytes(mtu)
         slice_plan = choose_plan(tables, slice_plan)

@@ -165,7 +165,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"slice            rows {r0}..{r0 + rn - 1}, channels {c0}..{c0 + cn - 1}")
     print(f"element_count    {n}")
     print(f"payload_length   {header.payload_length} bytes ({header.payload_length // 4} words)")
-    print(f"frame_length     {header.frame_length} bytes (header {header.header_size}, CRC 4)")
+    print(f"frame_length     {header.frame_length} bytes (header 22, CRC 4)")
     print(f"bits/element     {8 * header.frame_length / n:.4f} (payload only: {8 * header.payload_length / n:.4f})")
     print("crc32            ok")
     if args.tables:

@@ -3,7 +3,7 @@
 Pipeline: the bundle's int8 edge outputs of the evaluation set (``edge_cache``, shared with ``lwfc eval``) ->
 one lwfc table (given, or designed on the calibration edge outputs at a chosen operating point) -> every tensor
 coded whole (``FastEncoder``) and cut into slices that each fit one datagram of ``mtu`` bytes by the device's
-own slice plans (``lwfc.datagram.encode_slices``: channel blocks, or the codec's row bands; frames byte-identical
+own slice plans (``lwfc.slices.encode_sliced``: channel blocks, or the codec's row bands; frames byte-identical
 to the device's) -> a packet channel that
 drops datagrams (i.i.d., or Gilbert-Elliott bursts), seeded -> per tensor:
 
@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from lwfc.datagram import choose_plan, encode_slices, max_frame_bytes, send_order
+from lwfc.datagram import max_frame_bytes, send_order
 from lwfc.frame import parse_header
 from lwfc.protocol import ENVELOPE_SIZE
+from lwfc.slices import choose_plan, encode_sliced
 from lwfc.tables import Tables
 from lwfc_host.codec.conceal import DEFAULT_METHOD, METHODS, Concealer, ConcealParams, fit_conceal_params
 
@@ -72,8 +73,8 @@ def packet_losses(n: int, rate: float, model: str, rng: np.random.Generator, bur
 
 
 class _DeviceSlicer:
-    """What the device's slice plans (``lwfc.datagram.encode_slices``, ``lwfc.slices.encode_sliced``) need of an
-    encoder (``tables``, ``encode_indices``, ``encode_sliced``), backed by the numpy/constriction ``FastEncoder``
+    """What the device's slice plans (``lwfc.slices.encode_sliced``) need of an encoder (``tables``,
+    ``encode_indices``), backed by the numpy/constriction ``FastEncoder``
     (byte-identical frames), so the slices are exactly the device's."""
 
     def __init__(self, tables: Tables):
@@ -86,15 +87,11 @@ class _DeviceSlicer:
     def slices(self, idx: np.ndarray, max_frame: int, plan: str = "auto") -> list[bytes]:
         self._idx = idx
         h, w, _ = idx.shape
-        return encode_slices(self, b"", h, w, max_frame, plan)
+        return encode_sliced(self, b"", h, w, max_frame, plan)
 
     def encode_indices(self, indices: bytes, height: int, width: int, region=None) -> bytes:
         return self.fast.frame_indices(self._idx, region)
 
-    def encode_sliced(self, indices: bytes, height: int, width: int, max_frame: int) -> list[bytes]:
-        from lwfc.slices import encode_sliced
-
-        return encode_sliced(self, indices, height, width, max_frame)
 
 
 @dataclass
@@ -103,7 +100,7 @@ class Sliced:
 
     mtu: int
     max_frame: int
-    plan: str  # "rows" or "channels" (lwfc.datagram.PLANS)
+    plan: str  # "rows" or "channels" (lwfc.slices.PLANS)
     whole_bytes: np.ndarray  # (N,)
     regions: list[list[tuple[int, int, int, int]]]  # per tensor, its slices' regions in raster order
     slice_bytes: list[np.ndarray]  # per tensor, its slices' frame lengths (same order)
@@ -467,7 +464,7 @@ def summary_lines(ev: LossEvaluation) -> list[str]:
                      f"{o['bpe_sliced']:.4f} | {o['overhead_pct']:.2f}% | {o['wire_overhead_pct']:.2f}% |")
     lines += ["", "Codec overhead: the slices' frame bytes against the whole frame's. Wire overhead: with the "
               "link envelope and tag (36 bytes) on every datagram, against the whole frame cut into datagrams of "
-              "the same size. Plans (`lwfc.datagram.encode_slices`): `channels` cuts channel blocks over all rows "
+              "the same size. Plans (`lwfc.slices.PLANS`): `channels` cuts channel blocks over all rows "
               "(rows too only when there are more slices than channels); `rows` is the codec's own plan "
               "(`lwfc.slices`), row bands first.", ""]
     return lines
@@ -501,7 +498,7 @@ def evaluate_loss(bundle_dir: str | Path, tables_path: str | None = None, levels
                   overhead_tensors: int = 1000, plans: list[str] | None = None,
                   other_concealments: list[str] | None = None) -> LossEvaluation:
     """Run the whole evaluation (see the module docstring); ``out``: where the designed table and the concealment
-    parameters are written. ``plans``: slice plans (``lwfc.datagram.PLANS``; default auto, then rows), the first
+    parameters are written. ``plans``: slice plans (``lwfc.slices.PLANS``; default auto, then rows), the first
     with every method of ``concealments``, the others with ``other_concealments`` (default zero and the default
     method). The overhead at MTUs other than ``mtu`` is measured on the first ``overhead_tensors`` tensors."""
     from lwfc.bundle import load_bundle
