@@ -180,34 +180,52 @@ def keys_slow(sl, tables):
     kk = k * k  # context_number(0, 0, 0, K, rho, R) = rho * K^2
     model_key = [tables.model_key[g] for g in sl.group]
     reference = sl.reference
-    no_ref = rcls[n_lv] * kk
+    rkk = [v * kk for v in rcls]  # the reference's part of the context: reference_class[b] * K^2
+    no_ref = rkk[n_lv]
     indices = sl.indices
     row = sl.width * c
     width = sl.width
     if k == 1:  # channel-planar; neighbours do not count
-        for j in sl.independent + sl.dependent:
+        n_el = len(indices)
+        for j in sl.independent:  # one model per plane
+            key0 = model_key[j][no_ref]
+            for at in range(j, n_el, c):
+                yield key0 + indices[at]
+        for j in sl.dependent:
             mk = model_key[j]
-            r = reference[j]
-            for p in range(sl.rows * width):
-                base = p * c
-                ctx = rcls[indices[base + r]] * kk if r >= 0 else no_ref
-                yield mk[ctx] + indices[base + j]
+            dr = reference[j] - j
+            for at in range(j, n_el, c):
+                yield mk[rkk[indices[at + dr]]] + indices[at]
         return
+    # The indices padded with one row above and one position to the left holding N ("outside"), so that
+    # every element reads its neighbours without a test: row h, column w of the slice sits at padded
+    # position (h + 1) * (W + 1) + w + 1.
+    prow = (width + 1) * c
+    padded = bytearray(bytes([n_lv]) * ((sl.rows + 1) * prow))
+    for h in range(sl.rows):
+        at = (h + 1) * prow + c
+        padded[at:at + row] = indices[h * row:(h + 1) * row]
+    # per channel, the model keys from its reference's part of the context on: an independent channel's
+    # is fixed (no_ref), a dependent channel's adds rkk[reference index]
+    independent = [(j, model_key[j][no_ref:]) for j in sl.independent]
+    dependent = [(j, reference[j] - j, model_key[j]) for j in sl.dependent]
     for d in range(sl.rows + width - 1):
         h0 = d - width + 1 if d >= width else 0
         h1 = d if d < sl.rows else sl.rows - 1
-        for chans in (sl.independent, sl.dependent):
+        for h in range(h0, h1 + 1):
+            base = (h + 1) * prow + (d - h + 1) * c
+            above = base - prow
+            left = base - c
+            for j, mk in independent:
+                yield mk[pair[padded[above + j] * span + padded[left + j]]] + padded[base + j]
+        if dependent:
             for h in range(h0, h1 + 1):
-                p = h * width + d - h
-                base = p * c
-                has_above = h > 0
-                has_left = d - h > 0
-                for j in chans:
-                    a = indices[base - row + j] if has_above else n_lv
-                    b = indices[base - c + j] if has_left else n_lv
-                    r = reference[j]
-                    ctx = pair[a * span + b] + (rcls[indices[base + r]] * kk if r >= 0 else no_ref)
-                    yield model_key[j][ctx] + indices[base + j]
+                base = (h + 1) * prow + (d - h + 1) * c
+                above = base - prow
+                left = base - c
+                for j, dr, mk in dependent:
+                    at = base + j
+                    yield mk[pair[padded[above + j] * span + padded[left + j]] + rkk[padded[at + dr]]] + padded[at]
 
 
 def scan_keys(tables, indices, height, width, region=None):

@@ -32,6 +32,7 @@ class RangeEncoder(object):
         rng = self.rng
         inv = self.inverted
         invw = self.first_inverted
+        t32, t64, m32 = _T32, _T64, _M32  # locals: a global lookup per use costs on MicroPython
         for k in keys:
             scale = rng >> 24
             rng = scale * freq[k]
@@ -39,23 +40,23 @@ class RangeEncoder(object):
             if inv:
                 # Held-back words are settled once low + rng no longer wraps past 2^64; a carry out of
                 # low turns them from (first, FFFF...) into (first + 1, 0000...).
-                if low >= _T64:
-                    low -= _T64
+                if low >= t64:
+                    low -= t64
                     words.append(invw + 1)
                     words.extend([0] * (inv - 1))
                     inv = 0
                     self.carries += 1
-                elif low + rng < _T64:
+                elif low + rng < t64:
                     words.append(invw)
-                    words.extend([_M32] * (inv - 1))
+                    words.extend([m32] * (inv - 1))
                     inv = 0
-            if rng < _T32:
+            if rng < t32:
                 rng <<= 32
                 w = low >> 32
-                low = (low & _M32) << 32
+                low = (low & m32) << 32
                 if inv:
                     inv += 1
-                elif low + rng < _T64:
+                elif low + rng < t64:
                     emit(w)
                 else:
                     inv = 1
