@@ -223,6 +223,8 @@ def test_loss_evaluation_pipeline_on_small_tensors(tmp_path):
         LossRun,
         calibration_params,
         code_tensors,
+        load_loss_evaluation,
+        measure_overhead,
         overhead_row,
         write_outputs,
     )
@@ -271,6 +273,14 @@ def test_loss_evaluation_pipeline_on_small_tensors(tmp_path):
     assert all(p.exists() and p.stat().st_size > 0 for p in paths.values())
     text = paths["summary"].read_text()
     assert WHOLE in text and "Slicing overhead" in text and "(raster order)" in text
+    # --overhead-only: the overhead measured again (the same encoder gives the same rows), the points kept
+    again = measure_overhead(tables, idx, ["channels"], 300, [300, 600], 20)
+    assert again[0] == {**row, "tensors": 40} and again[1]["mtu"] == 600 and again[1]["tensors"] == 20
+    ev.overhead, ev.overhead_command = again, "lwfc eval-loss --overhead-only"
+    write_outputs(ev, tmp_path / "out")
+    back = load_loss_evaluation(tmp_path / "out" / "loss.json")
+    assert repr(back.points) == repr(ev.points) and back.overhead == again  # repr: NaN == NaN
+    assert "Measured again after the accuracy runs" in paths["summary"].read_text()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -287,6 +297,13 @@ def test_eval_loss_cli_refuses_bad_flags(flags, message, tmp_path, capsys):
 
     assert main(["eval-loss", "--bundle", str(tmp_path), "--output", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_loss_overhead_only_needs_an_evaluation(tmp_path, capsys):
+    from lwfc_host.cli import main
+
+    assert main(["eval-loss", "--bundle", str(tmp_path), "--output", str(tmp_path / "out"), "--overhead-only"]) == 2
+    assert "loss.json" in capsys.readouterr().err
 
 
 def test_conditional_conceals_lost_channels_from_the_channels_that_arrived(tmp_path):

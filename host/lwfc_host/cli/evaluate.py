@@ -106,6 +106,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lo.add_argument("--decode-check", type=int, default=200,
                     help="tensors whose slices are decoded by the host decoder and checked (default 200)")
     lo.add_argument("--cache", default="cache/eval", help="where edge-half outputs are cached (shared with eval)")
+    lo.add_argument("--overhead-only", action="store_true",
+                    help="measure the slicing overhead again for the evaluation already in OUTPUT (its table, "
+                         "tensors, plans and MTUs; e.g. after a change to the slice header or plans) and rewrite "
+                         "its report, keeping its loss results")
     lo.add_argument("--output", required=True, help="report directory")
     lo.add_argument("--no-progress", action="store_true", help="no progress bars")
     lo.set_defaults(func=run_loss)
@@ -249,12 +253,34 @@ def run_modes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remeasure_overhead(args: argparse.Namespace) -> int:
+    """``lwfc eval-loss --overhead-only``: the overhead of the evaluation in --output, measured again."""
+    from lwfc_host.cli import CommandError
+    from lwfc_host.evaluate.loss import remeasure_overhead, write_outputs
+
+    t0 = time.time()
+    try:
+        ev = remeasure_overhead(args.output, args.bundle, args.cache, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    ev.overhead_command = "lwfc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    ev.seconds["overhead_again"] = time.time() - t0
+    write_outputs(ev, args.output)
+    for o in ev.overhead:
+        print(f"{o['plan']:<9} MTU {o['mtu']:>5}: {o['slices_per_tensor']:7.2f} slices/tensor, codec overhead "
+              f"{o['overhead_pct']:.2f}%, wire {o['wire_overhead_pct']:.2f}% ({o['tensors']} tensors)")
+    print(f"rewrote the report in {args.output} in {time.time() - t0:.0f} s")
+    return 0
+
+
 def run_loss(args: argparse.Namespace) -> int:
     """``lwfc eval-loss``: accuracy under packet loss, whole frames against slices with concealment."""
     from lwfc_host.cli import CommandError
     from lwfc_host.codec.conceal import METHODS
     from lwfc_host.evaluate.loss import LOSS_MODELS, evaluate_loss, headline, write_outputs
 
+    if args.overhead_only:
+        return _remeasure_overhead(args)
     rates = _values(args, "rates", float)
     if rates is not None and any(not 0 <= r < 1 for r in rates):
         raise CommandError(f"--rates must lie in [0, 1), got {rates}")

@@ -195,6 +195,7 @@ class LossEvaluation:
     seconds: dict[str, float] = field(default_factory=dict)
     command: str = ""
     description: str = ""
+    overhead_command: str = ""  # set when the overhead was measured again (``remeasure_overhead``)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -342,6 +343,68 @@ def channel_means(tables: Tables, q_calib: np.ndarray) -> np.ndarray:
     return (total / (len(q_calib) * q_calib.shape[1] * q_calib.shape[2])).astype(np.float32)
 
 
+def _edge_outputs(bundle_dir: str | Path, limit: int | None, cache_dir: str | Path, progress: bool):
+    """(bundle, is it a detector, cloud-half session, edge data) of ``lwfc eval``'s plan for ``limit`` images, so
+    that the edge-output cache is shared with ``lwfc eval``; a detector evaluated on fewer than
+    MIN_DETECTION_VIEWS views takes the quick plan's calibration views."""
+    from lwfc.bundle import load_bundle
+    from lwfc_convert.cloud_runtime import onnx_session
+    from lwfc_host.evaluate.edge_cache import edge_data
+    from lwfc_host.evaluate.metrics import bundle_task
+    from lwfc_host.evaluate.plans import MIN_DETECTION_VIEWS, make_plan
+    from lwfc_host.evaluate.run import SESSION_THREADS, resolve_dataset
+
+    bundle = load_bundle(bundle_dir)
+    detection = bundle_task(bundle.info) == "detection"
+    ds = resolve_dataset(bundle.info, "auto")
+    quick = detection and limit is not None and limit < MIN_DETECTION_VIEWS
+    plan = make_plan(detection, ds, quick, limit, {}, {"lwfc"})
+    session = onnx_session(bundle.cloud_path, threads=SESSION_THREADS)
+    return bundle, detection, session, edge_data(bundle, ds, plan, cache_dir, session, progress)
+
+
+def measure_overhead(tables: Tables, idx: np.ndarray, plans: list[str], mtu: int, mtus: list[int],
+                     overhead_tensors: int, progress: bool = False,
+                     sliced: dict[str, Sliced] | None = None) -> list[dict[str, float]]:
+    """The slicing overhead rows (``overhead_row`` and the tensor count) per plan and MTU: at ``mtu`` on every
+    tensor of ``idx`` (or from ``sliced``, already coded there), at the other MTUs on the first
+    ``overhead_tensors``."""
+    n, h, w, c = idx.shape
+    rows = []
+    for p in plans:
+        for m in sorted(set(mtus) | {mtu}):
+            if m == mtu and sliced is not None:
+                s = sliced[p]
+            else:
+                s = code_tensors(tables, idx if m == mtu else idx[:overhead_tensors], m, progress=progress, plan=p)
+            rows.append({**overhead_row(s, h * w * c), "tensors": len(s.whole_bytes)})
+    return rows
+
+
+def remeasure_overhead(out: str | Path, bundle_dir: str | Path, cache_dir: str | Path = "cache/eval",
+                       progress: bool = True) -> LossEvaluation:
+    """The evaluation saved in ``out`` (loss.json, tables.json) with its slicing overhead measured again by the
+    encoder as it is now, on the same tensors, plans and MTUs (e.g. after a change to the slice header or the
+    slice plans that leaves the loss results in place). Its accuracy points are kept as they were."""
+    from lwfc_host.design.tablefile import load_verified
+
+    out = Path(out)
+    ev = load_loss_evaluation(out / "loss.json")
+    tables = load_verified(out / "tables.json")
+    if tables.table_id_hex() != ev.table.get("table_id"):
+        raise ValueError(f"{out / 'tables.json'} is not the table of {out / 'loss.json'}")
+    _, _, _, data = _edge_outputs(bundle_dir, ev.tensors, cache_dir, progress)
+    lut = np.asarray(tables.index_of_q, dtype=np.int64)
+    idx = lut[data.q_eval.astype(np.int64) + 128].astype(np.uint8)
+    if len(idx) != ev.tensors:
+        raise ValueError(f"the evaluation had {ev.tensors} tensors, the bundle's plan gives {len(idx)}")
+    others = [int(o["tensors"]) for o in ev.overhead if int(o["mtu"]) != ev.mtu]
+    mtus = sorted({int(o["mtu"]) for o in ev.overhead})
+    ev.overhead = measure_overhead(tables, idx, list(ev.table["plans"]), ev.mtu, mtus,
+                                   max(others) if others else ev.tensors, progress)
+    return ev
+
+
 def load_loss_evaluation(path: str | Path) -> LossEvaluation:
     """A ``LossEvaluation`` read back from its loss.json (e.g. to write its report again)."""
     d = json.loads(Path(path).read_text())
@@ -455,8 +518,11 @@ def summary_lines(ev: LossEvaluation) -> list[str]:
             lines += ["", f"Concealment MSE at {100 * max(rates):g}% loss (concealed elements against the lossless "
                           "decode): " + ", ".join(f"{p.method} {p.conceal_mse:.4g}" for p in mse)]
         lines.append("")
-    lines += ["## Slicing overhead", "",
-              "| plan | MTU | slice frame ≤ | tensors | slices/tensor | datagrams/whole frame | bits/el whole | "
+    lines += ["## Slicing overhead", ""]
+    if ev.overhead_command:
+        lines += [f"Measured again after the accuracy runs, with the same table and tensors: `{ev.overhead_command}`",
+                  ""]
+    lines += ["| plan | MTU | slice frame ≤ | tensors | slices/tensor | datagrams/whole frame | bits/el whole | "
               "bits/el sliced | codec overhead | wire overhead |", "|---|---|---|---|---|---|---|---|---|---|"]
     for o in ev.overhead:
         lines.append(f"| {o.get('plan', '')} | {o['mtu']} | {o['max_frame']} | {o.get('tensors', ev.tensors)} | "
@@ -501,28 +567,15 @@ def evaluate_loss(bundle_dir: str | Path, tables_path: str | None = None, levels
     parameters are written. ``plans``: slice plans (``lwfc.slices.PLANS``; default auto, then rows), the first
     with every method of ``concealments``, the others with ``other_concealments`` (default zero and the default
     method). The overhead at MTUs other than ``mtu`` is measured on the first ``overhead_tensors`` tensors."""
-    from lwfc.bundle import load_bundle
-    from lwfc_convert.cloud_runtime import onnx_session
     from lwfc_host.design.tablefile import load_verified
-    from lwfc_host.evaluate.edge_cache import edge_data
     from lwfc_host.evaluate.lwfc_points import lwfc_stats
-    from lwfc_host.evaluate.metrics import METRICS, bundle_task, resolve_metric
-    from lwfc_host.evaluate.plans import MIN_DETECTION_VIEWS, make_plan
-    from lwfc_host.evaluate.run import SESSION_THREADS, resolve_dataset
+    from lwfc_host.evaluate.metrics import METRICS, resolve_metric
 
     times: dict[str, float] = {}
     t0 = time.time()
-    bundle = load_bundle(bundle_dir)
-    detection = bundle_task(bundle.info) == "detection"
-    ds = resolve_dataset(bundle.info, "auto")
-    # the image counts of ``lwfc eval``'s plans (so the edge-output cache is shared); a detector evaluated on fewer
-    # than MIN_DETECTION_VIEWS views takes the quick plan's calibration views
-    quick = detection and limit is not None and limit < MIN_DETECTION_VIEWS
-    plan = make_plan(detection, ds, quick, limit, {}, {"lwfc"})
-    session = onnx_session(bundle.cloud_path, threads=SESSION_THREADS)
+    bundle, detection, session, data = _edge_outputs(bundle_dir, limit, cache_dir, progress)
     metric_name = resolve_metric(bundle.info, "auto")
     metric = METRICS[metric_name]()
-    data = edge_data(bundle, ds, plan, cache_dir, session, progress)
     times["edge_outputs"] = time.time() - t0
     t0 = time.time()
     if tables_path:
@@ -548,11 +601,8 @@ def evaluate_loss(bundle_dir: str | Path, tables_path: str | None = None, levels
             chosen.append(p)
     t0 = time.time()
     sliced = {p: code_tensors(tables, idx, mtu, decode_check=decode_check, progress=progress, plan=p) for p in chosen}
-    overhead = []
-    for p in chosen:
-        for m in sorted(set(overhead_mtus or DEFAULT_MTUS) | {mtu}):
-            s = sliced[p] if m == mtu else code_tensors(tables, idx[:overhead_tensors], m, progress=progress, plan=p)
-            overhead.append({**overhead_row(s, h * w * c), "tensors": len(s.whole_bytes)})
+    overhead = measure_overhead(tables, idx, chosen, mtu, list(overhead_mtus or DEFAULT_MTUS), overhead_tensors,
+                                progress, sliced)
     times["coding"] = time.time() - t0
     t0 = time.time()
     params = calibration_params(tables, data.q_calib)
