@@ -30,8 +30,6 @@ from lwfc_host.codec.fast import (
     class_context_ids,
     plane_models,
     probability_rows,
-    scan_order,
-    scan_permutation,
     slice_channels,
 )
 
@@ -91,9 +89,7 @@ class Decoder:
         self._family = constriction.stream.model.Categorical(perfect=False)
         self._plane_models = plane_models(tables) if tables.classes == 1 else None
         self._probs_of_context = None  # rows per context number, built on first use
-        self._scan = {}  # (rows, W) -> scan_permutation
         self._channels = {}  # (channel_first, channel_count) -> _Channels
-        self._orders = {}  # (rows, W, channel_first, channel_count) -> scan_order
 
     def decode(self, frame: bytes) -> Decoded:
         """Decode one complete frame. Raises a FrameError subclass for any malformed frame."""
@@ -135,23 +131,6 @@ class Decoder:
                 self._channels.clear()
             got = self._channels[key] = _Channels(self.tables, channel_first, channel_count)
         return got
-
-    def _scan_permutation(self, rows: int, w: int) -> np.ndarray:
-        perm = self._scan.get((rows, w))
-        if perm is None:
-            if len(self._scan) >= _CACHE_LIMIT:
-                self._scan.clear()
-            perm = self._scan[(rows, w)] = scan_permutation(rows, w)
-        return perm
-
-    def _scan_order(self, rows: int, w: int, ch: _Channels) -> np.ndarray:
-        key = (rows, w, ch.first, ch.count)
-        order = self._orders.get(key)
-        if order is None:
-            if len(self._orders) >= _CACHE_LIMIT:
-                self._orders.clear()
-            order = self._orders[key] = scan_order(rows, w, ch.independent, ch.dependent, self.tables.classes)
-        return order
 
     def _context_rows(self) -> np.ndarray:
         """Probability rows per context number (G * R * K * K rows of N float32, at most 16 MiB)."""
@@ -214,8 +193,8 @@ class Decoder:
         last = np.full((h + 1, c), ncls[self.tables.levels], dtype=np.int64)
         group = ch.base_independent  # group * R + reference_class[N]: the context's leading digit
         probs_of_context = self._context_rows()
-        symbols = np.empty(h * w * c, dtype=np.int32)
-        done = 0
+        idx = np.empty((h * w, c), dtype=np.uint8)
+        step = max(w - 1, 1)  # a diagonal's positions first, first + W - 1, ...: a strided run of rows
         for first, count in diagonal_runs(h, w):
             r0 = first // w
             ctx = class_context_ids(last[r0:r0 + count], last[r0 + 1:r0 + count + 1], group, k)
@@ -223,18 +202,17 @@ class Decoder:
             sym = decoder.decode(self._family, rows)
             if encoder is not None:
                 encoder.encode(sym, self._family, rows)
-            last[r0 + 1:r0 + count + 1] = np.take(ncls, sym).reshape(count, c)
-            symbols[done:done + count * c] = sym
-            done += count * c
-        idx = np.empty((h * w, c), dtype=np.uint8)
-        idx[self._scan_permutation(h, w)] = symbols.reshape(h * w, c)
+            sym = sym.reshape(count, c)
+            last[r0 + 1:r0 + count + 1] = np.take(ncls, sym)
+            idx[first:first + (count - 1) * step + 1:step] = sym
         return idx.reshape(h, w, c), None if encoder is None else encoder.get_compressed()
 
     def _decode_by_diagonals_dependent(self, words, h, w, ch):
         """K > 1 with dependent channels: per anti-diagonal, one call for the independent channels of its
         positions, then one for the dependent channels, whose reference classes are those of the independent
         symbols just decoded at the same positions. As ``_decode_by_diagonals``, with one ``last`` array per
-        kind of channel; the symbols, in scan order, go to their places through ``scan_order`` at the end."""
+        kind of channel; each call's symbols go to their positions by a strided copy, and the channels to their
+        places once, at the end."""
         t = self.tables
         k = t.classes
         ncls = self._ncls
@@ -251,32 +229,33 @@ class Decoder:
         ref_pos = ch.reference_position
         probs_of_context = self._context_rows()
         family = self._family
-        symbols = np.empty(h * w * c, dtype=np.int32)  # in scan order
-        done = 0
+        # positions in raster order, channels in scan order (independent, then dependent): a diagonal's
+        # positions first, first + W - 1, ... are a strided run of rows, so each call's symbols land by a
+        # strided copy; the channels go back to their places once, at the end
+        scanned = np.empty((h * w, c), dtype=np.uint8)
+        step = max(w - 1, 1)  # W = 1: every diagonal has one position
         for first, count in diagonal_runs(h, w):
             r0 = first // w
+            at = slice(first, first + (count - 1) * step + 1, step)
             # the independent channels (there is one at least: every reference channel is one)
             ctx = class_context_ids(last_ind[r0:r0 + count], last_ind[r0 + 1:r0 + count + 1], base_ind, k)
             rows = np.take(probs_of_context, ctx.reshape(-1), axis=0)
             sym = decoder.decode(family, rows)
             if encoder is not None:
                 encoder.encode(sym, family, rows)
-            symbols[done:done + count * n_ind] = sym
-            done += count * n_ind
             sym = sym.reshape(count, n_ind)
+            scanned[at, :n_ind] = sym
             last_ind[r0 + 1:r0 + count + 1] = np.take(ncls, sym)
             # the dependent channels: their reference classes from the symbols just decoded
             lead = base_dep + np.take(rcls, np.take(sym, ref_pos, axis=1))
             ctx = class_context_ids(last_dep[r0:r0 + count], last_dep[r0 + 1:r0 + count + 1], lead, k)
             rows = np.take(probs_of_context, ctx.reshape(-1), axis=0)
-            sym = decoder.decode(family, rows)
+            sym = decoder.decode(family, rows).reshape(count, n_dep)
             if encoder is not None:
-                encoder.encode(sym, family, rows)
-            symbols[done:done + count * n_dep] = sym
-            done += count * n_dep
-            last_dep[r0 + 1:r0 + count + 1] = np.take(ncls, sym).reshape(count, n_dep)
-        idx = np.empty(h * w * c, dtype=np.uint8)
-        idx[self._scan_order(h, w, ch)] = symbols
+                encoder.encode(sym.reshape(-1), family, rows)
+            scanned[at, n_ind:] = sym
+            last_dep[r0 + 1:r0 + count + 1] = np.take(ncls, sym)
+        idx = np.take(scanned, ch.inverse, axis=1)
         return idx.reshape(h, w, c), None if encoder is None else encoder.get_compressed()
 
 
