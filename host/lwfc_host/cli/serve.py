@@ -11,8 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve many devices at once over TCP, UDP and/or serial lines (codec_spec/PROTOCOL.md): decode "
                     "their lwfc frames, run the bundle's cloud half with onnxruntime, answer each frame with its "
                     "top-k classes or an error code. With --udp, devices send each tensor as slices in datagrams "
-                    "and the answer says which fraction was concealed. SIGUSR1 prints the running totals; they are "
-                    "printed at exit.")
+                    "and the answer says which fraction was concealed. With --mqtt, this process is one worker of a "
+                    "pool that shares the frames a fleet publishes to an MQTT broker. SIGUSR1 prints the running "
+                    "totals; they are printed at exit.")
     s.add_argument("--bundle", required=True, help="bundle directory (bundle.json, cloud.onnx, tables.json)")
     s.add_argument("--tables", action="append", help="table file(s) to accept (default: the bundle's tables.json)")
     s.add_argument("--tcp", action="append", default=[], metavar="ADDR:PORT",
@@ -20,6 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--udp", action="append", default=[], metavar="ADDR:PORT",
                    help="serve datagram sessions on this UDP address (repeatable; PROTOCOL.md 10): each tensor "
                         "arrives as slices, one per datagram; what is missing at the deadline is concealed")
+    s.add_argument("--mqtt", action="append", default=[], metavar="mqtt://HOST:PORT/PREFIX",
+                   help="be one worker of a pool on an MQTT broker (PROTOCOL.md 11): take a share of the frames the "
+                        "devices publish to PREFIX/DEVICE/data (shared subscription $share/GROUP/PREFIX/+/data), "
+                        "answer on PREFIX/DEVICE/result. mqtts://HOST:PORT/PREFIX[?ca=FILE] for TLS. Start as many "
+                        "workers as cores, on any machines, each with --workers 1")
+    s.add_argument("--mqtt-group", default="lwfc", metavar="NAME",
+                   help="the pool's shared-subscription group: workers of one group split the frames (default lwfc)")
+    s.add_argument("--mqtt-login", metavar="FILE",
+                   help="file holding the broker login as one line USERNAME:PASSWORD (mode 600); never on the "
+                        "command line")
     s.add_argument("--serial", action="append", default=[], metavar="DEV", help="serve a serial line (repeatable)")
     s.add_argument("--baud", type=int, help="baud rate of the --serial lines (default 115200)")
     s.add_argument("--status", metavar="ADDR:PORT", help="HTTP status endpoint answering the running totals as JSON")
@@ -105,6 +116,8 @@ def _check_serve_args(args: argparse.Namespace) -> None:
     """Refuse values the server would not honour as given (no flag is silently ignored or changed)."""
     if args.baud is not None and not args.serial:
         raise _error("--baud applies to --serial lines; no --serial given")
+    if (args.mqtt_login or args.mqtt_group != "lwfc") and not args.mqtt:
+        raise _error("--mqtt-group and --mqtt-login apply to --mqtt; no --mqtt given")
     if args.baud is not None and args.baud <= 0:
         raise _error(f"--baud must be positive, got {args.baud}")
     for flag, value in (("--top", args.top), ("--workers", args.workers), ("--pipeline", args.pipeline),
@@ -127,6 +140,20 @@ def _check_serve_args(args: argparse.Namespace) -> None:
             raise _error(f"{flag} must be positive, got {value}")
 
 
+def _load_login(path: str | None) -> tuple[str, str] | None:
+    """The broker login of --mqtt-login (the device's reader: one implementation), as a ServerError when bad."""
+    if path is None:
+        return None
+    from lwfc.errors import KeyFileError
+    from lwfc.keys import load_login
+    from lwfc_host.serve import ServerError
+
+    try:
+        return load_login(path)
+    except KeyFileError as exc:
+        raise ServerError(str(exc)) from exc
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -139,6 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = CloudModel(args.bundle, args.tables, top=args.top or 5, conceal_params=args.conceal_params,
                            **({"concealment": args.concealment} if args.concealment else {}))
         keys = load_keys(args.keys) if args.keys else {}
+        login = _load_login(args.mqtt_login)
     except ServerError as exc:
         raise _error(str(exc)) from exc
     if args.top is not None and model.bundle.task == "detection":
@@ -153,7 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_seq_gap=args.max_seq_gap, workers=args.workers, pipeline=args.pipeline, keys=keys,
                           require_auth=args.require_auth, log=json_log_sink(args.log) if args.log else None,
                           slice_deadline_s=args.slice_deadline_ms / 1000.0, max_open_tensors=args.max_open_tensors)
-    tcp = args.tcp or ([] if args.serial or args.udp else ["127.0.0.1:5005"])
+    tcp = args.tcp or ([] if args.serial or args.udp or args.mqtt else ["127.0.0.1:5005"])
 
     def ready(server) -> None:
         for a in server.addresses:
@@ -163,7 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         final = asyncio.run(serve(model, config, tcp, args.serial, args.baud or 115200, args.status, ready,
-                                  udp=args.udp))
+                                  udp=args.udp, mqtt=args.mqtt, mqtt_group=args.mqtt_group, mqtt_login=login))
     except ServerError as exc:
         raise _error(str(exc)) from exc
     print(json.dumps(final), file=sys.stderr, flush=True)
