@@ -6,6 +6,7 @@ service manager with its own configuration (see the README's fleet section for t
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -56,7 +57,9 @@ class Mosquitto:
         lines = [f"listener {self.port} 127.0.0.1", "set_tcp_nodelay true", "persistence false",
                  f"log_dest file {self.dir / 'broker.log'}", "log_type error", "log_type warning", "log_type notice",
                  "connection_messages true",
-                 f"max_queued_messages {self.max_queued}", f"max_inflight_messages {self.max_inflight}"]
+                 f"max_queued_messages {self.max_queued}", f"max_inflight_messages {self.max_inflight}",
+                 # started by root, mosquitto would become the user "mosquitto", who cannot read our private files
+                 f"user {pwd.getpwuid(os.getuid()).pw_name}"]
         if self.users:
             pw = self.dir / "passwords"
             pw.write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
@@ -89,8 +92,8 @@ class Mosquitto:
                     return self
                 except OSError:
                     time.sleep(0.05)
-            self.stop()
-        raise BrokerError(f"mosquitto did not start: {self.log()[-2000:]}")
+            err = self.stop()
+        raise BrokerError(f"mosquitto did not start: {err[-1000:]} {self.log()[-1000:]}")
 
     def url(self, prefix: str = "lwfc") -> str:
         return f"mqtt://127.0.0.1:{self.port}/{prefix}"
@@ -103,16 +106,18 @@ class Mosquitto:
         """User + system CPU the broker has used so far."""
         return process_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+    def stop(self) -> str:
+        """Stop the broker; returns what it wrote to stderr."""
+        if self.proc is None:
+            return ""
+        if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
+        try:
+            _out, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _out, err = self.proc.communicate(timeout=10)
+        return err.decode(errors="replace") if err else ""
 
     def close(self) -> None:
         self.stop()

@@ -121,8 +121,12 @@ class MqttWorker:
                                 f"payload of {len(payload)} bytes: too short for a session id and a message", None)]
         if key is None and self.require_auth:
             self._count("unverified")
-            return [self._error(device, session, _seq_of(payload), P.E_AUTH,
-                                f"no key for device {device!r}: this worker takes authenticated devices only", None)]
+            why = f"no key for device {device!r}: this worker takes authenticated devices only"
+            _, plain = M.unpack(payload, None, self.server.max_message)
+            if isinstance(plain, P.Message) and plain.type == P.HELLO:  # an answer the device can act on
+                return [(M.result_topic(self.prefix, device),
+                         M.pack(session, P.REFUSE, 0, json.dumps({"code": P.R_AUTH, "reason": why}).encode()))]
+            return [self._error(device, session, _seq_of(payload), P.E_AUTH, why, None)]
         auth = M.session_auth(key, session)
         _, ev = M.unpack(payload, auth, self.server.max_message)
         if not isinstance(ev, P.Message):
