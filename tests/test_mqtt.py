@@ -155,7 +155,7 @@ def test_retry_window_hands_each_seq_over_once(monkeypatch):
     now = [0.0]
     monkeypatch.setattr("lwfc.retry.now_ms", lambda: now[0])
     monkeypatch.setattr("lwfc.retry.elapsed_ms", lambda t0: now[0] - t0)
-    w = RetryWindow(deadline_s=10.0, first_timeout_s=1.0)
+    w = RetryWindow(deadline_s=10.0, first_timeout_s=1.0, min_timeout_s=0.5)
     w.add(1, b"one", "a")
     w.add(2, b"two", "b")
     assert w.due() == []
@@ -171,7 +171,7 @@ def test_retry_window_hands_each_seq_over_once(monkeypatch):
     w.add(3, b"three", "c")
     now[0] = 3200.0
     w.answer(3, "result")
-    assert w.srtt == 200.0 and w.timeout_ms == 600.0  # srtt + 4 * rttvar
+    assert w.srtt == 200.0 and w.timeout_ms == 800.0  # 2 * srtt + 4 * rttvar
     now[0] = 10000.0
     lost = w.expire()
     assert [(x.seq, x.code, x.tag) for x in lost] == [(2, P.E_LOST, "b")] and "3 times" in lost[0].message

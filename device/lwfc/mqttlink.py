@@ -56,7 +56,7 @@ HELLO_FIRST_WAIT_S = 1.0  # doubled after each unanswered HELLO: 1, 2, 4, 8, 16 
 class MqttLink(object):
     """A device's link through an MQTT broker to a pool of workers (PROTOCOL.md 11)."""
 
-    def __init__(self, url, hello, key=None, window=4, answer_timeout_s=30.0, first_timeout_s=3.0, login=None,
+    def __init__(self, url, hello, key=None, window=4, answer_timeout_s=30.0, first_timeout_s=5.0, login=None,
                  keepalive_s=30, log=None, client_factory=None, hello_attempts=HELLO_ATTEMPTS,
                  hello_first_wait_s=HELLO_FIRST_WAIT_S, reconnect_attempts=8):
         _scheme, target, _opts = parse_address(url)

@@ -6,7 +6,11 @@ first answer, or as LOST when its deadline passes first. Answers for a seq alrea
 When a frame is overdue follows TCP's retransmission timer (RFC 6298): a smoothed round trip and its variation
 from the answers to frames published once (Karn: a re-published frame's answer says nothing about either copy's
 round trip), the timeout doubling for each re-publish of the same frame. A worker pool that is busy therefore
-makes devices wait longer before they publish again, instead of doubling its work.
+makes devices wait longer before they publish again, instead of doubling its work. Unlike TCP's, the timeout is
+twice the smoothed round trip plus four variations (at least 1 s): a busy pool's round trip is mostly time in the
+broker's queue, which grows while a fleet starts up, and a frame published again too early is decoded twice
+(by another worker) exactly when the pool has no time to spare; a late re-publish costs only the latency of a
+frame that really was lost, which is rare.
 
 MicroPython-compatible Python 3.7.
 """
@@ -22,7 +26,7 @@ class RetryWindow(object):
     ``answer`` takes an answer (an Answer the first time, None for a duplicate); ``expire`` gives those past
     ``deadline_s`` as LOST."""
 
-    def __init__(self, deadline_s=30.0, first_timeout_s=3.0, min_timeout_s=0.5, max_timeout_s=30.0):
+    def __init__(self, deadline_s=30.0, first_timeout_s=5.0, min_timeout_s=1.0, max_timeout_s=60.0):
         self.deadline_ms = deadline_s * 1000.0
         self.min_ms = min_timeout_s * 1000.0
         self.max_ms = max_timeout_s * 1000.0
@@ -62,7 +66,7 @@ class RetryWindow(object):
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.timeout_ms = min(max(self.min_ms, self.srtt + max(10.0, 4.0 * self.rttvar)), self.max_ms)
+        self.timeout_ms = min(max(self.min_ms, 2.0 * self.srtt + 4.0 * self.rttvar), self.max_ms)
 
     def answer(self, seq, kind, code=0, message="", result=None):
         """The Answer for ``seq`` the first time an answer for it arrives; None (counted) after that."""

@@ -74,6 +74,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="tensors of one session assembled at once; a new one closes the oldest (default 8)")
     s.set_defaults(func=cmd_serve)
 
+    b = subparsers.add_parser(
+        "serve-bench", help="server benchmarks: TCP devices, or (--mqtt) a fleet over a broker with a worker pool",
+        description="Without --mqtt: the TCP server's benchmark (python -m lwfc_host.serve.bench): device processes "
+                    "over loopback TCP, frames per second and latency for each device count. With --mqtt: a fleet "
+                    "of simulated devices publishing through one Mosquitto (started on a free loopback port) to "
+                    "a pool of `lwfc serve --mqtt` worker processes, one run per pool size, then one with a worker "
+                    "killed (SIGKILL) halfway: frames per second, p50/p99 round trip, CPU per frame of the "
+                    "workers, the broker and the devices, lost and duplicate answers. The frames are the demo "
+                    "bundle's (its edge half on the demo photos), the cloud half its real one.")
+    b.add_argument("--mqtt", action="store_true", help="the fleet benchmark over MQTT (PROTOCOL.md 11)")
+    b.add_argument("--devices", type=int, nargs="+",
+                   help="TCP: one run per device count (default 1 5 20); --mqtt: the fleet's size (default 200)")
+    b.add_argument("--frames", type=int,
+                   help="TCP: frames per run, split over the devices (default 2000); --mqtt: frames per device "
+                        "(default 500)")
+    b.add_argument("--workers", type=int, nargs="+",
+                   help="TCP: the server's decode threads (one value, default 2); --mqtt: one run per worker pool "
+                        "size (processes, default 1 2 4)")
+    b.add_argument("--window", type=int, help="unanswered frames per device (default: TCP 4, --mqtt 2)")
+    b.add_argument("--no-kill", action="store_true", help="--mqtt: skip the run with a worker killed halfway")
+    b.add_argument("--kill-workers", type=int, default=2, help="--mqtt: pool size of the kill run (default 2)")
+    b.add_argument("--simulators", type=int, default=2,
+                   help="--mqtt: processes that simulate the devices, each over one MQTT connection (default 2)")
+    b.add_argument("--auth", action="store_true", help="--mqtt: a key per device, HMAC on every message")
+    b.add_argument("--quick", action="store_true",
+                   help="--mqtt: a short run for a test: 20 devices x 20 frames, pools of 1 and 2")
+    b.add_argument("--json", metavar="FILE", help="--mqtt: write every run's figures to this file")
+    b.add_argument("--bundle", help="bundle directory with tables.json (default: the demo's, made once in the cache)")
+    b.add_argument("--images", help="images whose features make the frames (default: the demo's photos)")
+    b.set_defaults(func=cmd_serve_bench)
+
     f = subparsers.add_parser(
         "flash", help="write what a board needs: device package, tables, edge model, config",
         description="Copy the device package (compiled to .mpy with mpy-cross for MicroPython targets), the table "
@@ -196,6 +227,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _error(str(exc)) from exc
     print(json.dumps(final), file=sys.stderr, flush=True)
     return 0
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    for flag, values in (("--devices", args.devices), ("--frames", [args.frames] if args.frames else None),
+                         ("--workers", args.workers), ("--window", [args.window] if args.window else None),
+                         ("--kill-workers", [args.kill_workers]), ("--simulators", [args.simulators])):
+        if values is not None and min(values) < 1:
+            raise _error(f"{flag} must be at least 1")
+    if not args.mqtt:
+        mqtt_only = [f for f, v in (("--no-kill", args.no_kill), ("--auth", args.auth), ("--quick", args.quick),
+                                    ("--json", args.json)) if v]
+        if mqtt_only or args.kill_workers != 2 or args.simulators != 2:
+            raise _error(f"{', '.join(mqtt_only) or '--kill-workers/--simulators'} apply to --mqtt")
+        if args.workers is not None and len(args.workers) > 1:
+            raise _error("--workers takes one value for the TCP benchmark (the server's threads)")
+        from lwfc_host.serve.bench import main
+
+        argv = []
+        for flag, value in (("--devices", args.devices), ("--frames", args.frames), ("--workers", args.workers),
+                            ("--window", args.window), ("--bundle", args.bundle), ("--images", args.images)):
+            if value is not None:
+                argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+        return main(argv)
+    if args.devices is not None and len(args.devices) > 1:
+        raise _error("--devices takes one value with --mqtt (the fleet's size)")
+    from lwfc_host.serve.fleet_bench import bench
+
+    devices, frames, workers = (20, 20, [1, 2]) if args.quick else (200, 500, [1, 2, 4])
+    runs = bench(args.devices[0] if args.devices else devices, args.frames or frames, args.workers or workers,
+                 kill=not args.no_kill, window=args.window or 2, simulators=args.simulators, auth=args.auth,
+                 bundle=args.bundle, images=args.images, json_path=args.json, kill_workers=args.kill_workers)
+    bad = [r for r in runs if r["lost"] or r["handed_twice"] or r["answered_seqs"] != r["sent"]]
+    return 1 if bad else 0
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
