@@ -518,3 +518,64 @@ def test_mqtt_link_under_micropython(bundle, frames):
     assert hello_msg.type == P.HELLO and json.loads(hello_msg.body)["transport"] == "mqtt"
     data = M.pack(session, P.DATA, 1, frames[0], auth)
     assert published[1:] == [data, data]  # published again with the same seq and bytes
+
+
+def test_command_line_checks(broker, bundle, capsys):
+    """Flags that would be ignored or cannot work are refused with one clear line."""
+    from lwfc_host.cli import main
+
+    for argv, why in [
+        (["serve", "--bundle", str(bundle), "--mqtt-login", "x"], "apply to --mqtt"),
+        (["serve", "--bundle", str(bundle), "--mqtt", broker.url("p"), "--mqtt-group", "a/b"], "one topic level"),
+        (["serve", "--bundle", str(bundle), "--mqtt", "mqtt://127.0.0.1:1/p"], "cannot reach the MQTT broker"),
+        (["serve-bench", "--mqtt", "--devices", "1", "2"], "one value with --mqtt"),
+        (["serve-bench", "--quick"], "apply to --mqtt"),
+        (["serve-bench", "--mqtt", "--frames", "0"], "at least 1"),
+    ]:
+        assert main(argv) == 2
+        assert why in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fleet_benchmark_quick_mode_loses_nothing(tmp_path):
+    """`lwfc serve-bench --mqtt --quick` on the demo bundle: pools of 1 and 2 workers, then one worker killed
+    halfway; every run answers every frame, none lost, none handed over twice."""
+    out = tmp_path / "runs.json"
+    proc = subprocess.run([sys.executable, "-m", "lwfc_host", "serve-bench", "--mqtt", "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    assert [(r["workers"], r["killed"]) for r in runs] == [(1, False), (2, False), (2, True)]
+    for r in runs:
+        assert r["results"] == r["sent"] == r["answered_seqs"] == 400
+        assert r["lost"] == 0 and r["handed_twice"] == 0 and r["errors"] == {}
+    assert "killed worker pid" in proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a test CA")
+def test_tls_to_the_broker(bundle, frames, model, tmp_path):
+    """mqtts://: the broker's certificate is verified against the CA given in the address (?ca=FILE), by the device
+    and the worker alike; without the CA the connection fails."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=lwfc test CA", "-keyout",
+        "ca.key", "-out", "ca.crt")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "broker.key", "-out",
+        "broker.csr")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-extfile", "san.ext", "-out", "broker.crt")
+    with Mosquitto(tmp_path / "broker", tls=(str(tmp_path / "broker.crt"), str(tmp_path / "broker.key"))) as broker:
+        url = broker.url(prefix()) + f"?ca={tmp_path / 'ca.crt'}"
+        _srv, stop = run_in_thread(model, ServerConfig(workers=1), mqtt=[url])
+        link = MqttLink(url, hello(bundle))
+        try:
+            link.connect()
+            answers = link.submit(frames[0], tag=0) + link.drain(10)
+        finally:
+            link.close()
+            stop()
+        assert [a.kind for a in answers] == ["result"]
+        with pytest.raises(OSError):  # the system's CAs do not know this broker
+            MqttLink(url.split("?")[0], hello(bundle)).connect()

@@ -5,7 +5,8 @@ first answer, or as LOST when its deadline passes first. Answers for a seq alrea
 
 When a frame is overdue follows TCP's retransmission timer (RFC 6298): a smoothed round trip and its variation
 from the answers to frames published once (Karn: a re-published frame's answer says nothing about either copy's
-round trip), the timeout doubling for each re-publish of the same frame. A worker pool that is busy therefore
+round trip), the timeout doubling for each re-publish of the same frame and new frames starting from the doubled
+timeout until a frame published once is answered (RFC 6298 5.5). A worker pool that is busy therefore
 makes devices wait longer before they publish again, instead of doubling its work. Unlike TCP's, the timeout is
 twice the smoothed round trip plus four variations (at least 1 s): a busy pool's round trip is mostly time in the
 broker's queue, which grows while a fleet starts up, and a frame published again too early is decoded twice
@@ -55,6 +56,10 @@ class RetryWindow(object):
                 e[_SENT] = now_ms()
                 e[_TIMEOUT] = min(e[_TIMEOUT] * 2, self.max_ms)
                 e[_SENDS] += 1
+                # RFC 6298 5.5: new frames start from the backed-off timeout too, until an answer to a frame
+                # published once gives a round trip again (while the pool's queue grows, every answer is late)
+                if e[_TIMEOUT] > self.timeout_ms:
+                    self.timeout_ms = e[_TIMEOUT]
                 self.republished += 1
                 out.append((seq, e[_PAYLOAD]))
         return out

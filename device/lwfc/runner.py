@@ -334,6 +334,11 @@ def run_from_args(args):
     for flag, value in (("--repeat", args.repeat), ("--limit", args.limit), ("--threads", args.threads)):
         if value is not None and value < 1:  # run() would quietly treat these as "no limit" / "default"
             raise RunnerError("%s must be at least 1, got %d" % (flag, value))
+    from .transport import parse_address
+
+    scheme = parse_address(args.connect)[0]  # a malformed address fails before the bundle is read
+    if args.mqtt_login and scheme not in ("mqtt", "mqtts"):
+        raise RunnerError("--mqtt-login applies to mqtt:// and mqtts:// addresses, not %s" % args.connect)
     key = load_key(args.key_file)
     login = load_login(args.mqtt_login) if args.mqtt_login else None
     summary, records = run(args.bundle, args.connect, args.images, args.tables, args.device, key, args.window,

@@ -230,8 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
-    for flag, values in (("--devices", args.devices), ("--frames", [args.frames] if args.frames else None),
-                         ("--workers", args.workers), ("--window", [args.window] if args.window else None),
+    for flag, values in (("--devices", args.devices), ("--frames", [args.frames] if args.frames is not None else None),
+                         ("--workers", args.workers), ("--window", [args.window] if args.window is not None else None),
                          ("--kill-workers", [args.kill_workers]), ("--simulators", [args.simulators])):
         if values is not None and min(values) < 1:
             raise _error(f"{flag} must be at least 1")

@@ -34,10 +34,11 @@ class Mosquitto:
     ``mosquitto_passwd -U``, so no password reaches a command line). ``acl``: the text of an ACL file.
     ``max_queued``: QoS 1 messages the broker holds per client beyond those in flight; past it, it drops them
     (Mosquitto's default is 1000: a pool that falls far behind a large fleet loses frames to it, which devices then
-    publish again). ``max_inflight``: QoS 1 messages in flight to one client at once (Mosquitto's default 20)."""
+    publish again). ``max_inflight``: QoS 1 messages in flight to one client at once (Mosquitto's default 20).
+    ``tls``: (certificate file, key file): the listener speaks TLS only (``url`` gives mqtts://)."""
 
     def __init__(self, workdir: str | Path | None = None, users: dict[str, str] | None = None, acl: str | None = None,
-                 max_queued: int = 100_000, max_inflight: int = 20):
+                 max_queued: int = 100_000, max_inflight: int = 20, tls: tuple[str, str] | None = None):
         exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
         if exe is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
@@ -49,6 +50,7 @@ class Mosquitto:
         self.acl = acl
         self.max_queued = max_queued
         self.max_inflight = max_inflight
+        self.tls = tls
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -60,6 +62,8 @@ class Mosquitto:
                  f"max_queued_messages {self.max_queued}", f"max_inflight_messages {self.max_inflight}",
                  # started by root, mosquitto would become the user "mosquitto", who cannot read our private files
                  f"user {pwd.getpwuid(os.getuid()).pw_name}"]
+        if self.tls is not None:  # the listener speaks TLS only: mqtts://
+            lines += [f"certfile {self.tls[0]}", f"keyfile {self.tls[1]}"]
         if self.users:
             pw = self.dir / "passwords"
             pw.write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
@@ -96,7 +100,7 @@ class Mosquitto:
         raise BrokerError(f"mosquitto did not start: {err[-1000:]} {self.log()[-1000:]}")
 
     def url(self, prefix: str = "lwfc") -> str:
-        return f"mqtt://127.0.0.1:{self.port}/{prefix}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}/{prefix}"
 
     def log(self) -> str:
         p = self.dir / "broker.log"

@@ -231,43 +231,63 @@ def run_fleet(bundle: Path, frames: list[bytes], devices: int, per_device: int, 
             keys_file.write_text(json.dumps({n: k.hex() for n, k in keys.items()}))
             keys_file.chmod(0o600)
         url = broker.url("fleet")
-        pool = [_Worker(bundle, url, keys_file) for _ in range(workers)]
-        for w in pool:
-            w.wait_ready()
-        ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
-        progress = ctx.Value("l", 0)
-        sims = []
-        for s in range(simulators):
-            mine = names[s::simulators]
-            if not mine:
-                continue
-            p = ctx.Process(target=_simulate, args=(url, mine, {n: keys[n] for n in mine if n in keys}, frames,
-                                                    per_device, window, first_timeout_s, deadline_s, ready, start,
-                                                    progress, out))
-            p.start()
-            sims.append(p)
-        _collect(ready, sims, 120)
-        cpu0 = [w.cpu() for w in pool]
-        broker0 = broker.cpu_seconds()
-        load0 = os.getloadavg()[0]
-        start.set()
-        total = devices * per_device
-        killed: dict[str, Any] | None = None
-        if kill:
-            while progress.value < total // 2:
-                time.sleep(0.01)
-            victim = pool[0]
-            killed = {"cpu_s": victim.cpu() - cpu0[0], "at_answers": progress.value}
-            os.kill(victim.proc.pid, signal.SIGKILL)
-            killed["t"] = time.perf_counter()
-            log(f"  killed worker pid {victim.proc.pid} (SIGKILL) after {killed['at_answers']} of {total} answers")
-        reports = _collect(out, sims, deadline_s + 600)
-        for p in sims:
-            p.join(30)
-        cpu1 = [w.cpu() for w in pool]
-        broker_cpu = broker.cpu_seconds() - broker0
-        load1 = os.getloadavg()[0]
-        finals = [w.stop() for w in pool]
+        pool: list[_Worker] = []
+        sims: list[Any] = []
+        try:
+            return _measure(pool, sims, broker, bundle, url, keys_file, keys, names, frames, devices, per_device,
+                            workers, kill, window, simulators, first_timeout_s, deadline_s, ctx, log)
+        finally:  # however the run ends (an error, ^C), nothing it started outlives it
+            for p in sims:
+                if p.is_alive():
+                    p.kill()
+            for w in pool:
+                if w.proc.poll() is None:
+                    w.proc.kill()
+                    w.proc.wait(10)
+
+
+def _measure(pool: list[_Worker], sims: list[Any], broker: Any, bundle: Path, url: str, keys_file: Path | None,
+             keys: dict[str, bytes], names: list[str], frames: list[bytes], devices: int, per_device: int,
+             workers: int, kill: bool, window: int, simulators: int, first_timeout_s: float, deadline_s: float,
+             ctx: Any, log: Any) -> dict[str, Any]:
+    """The body of ``run_fleet``: starts the workers and simulators into ``pool`` and ``sims``, runs, measures."""
+    for _ in range(workers):
+        pool.append(_Worker(bundle, url, keys_file))
+    for w in pool:
+        w.wait_ready()
+    ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    progress = ctx.Value("l", 0)
+    for s in range(simulators):
+        mine = names[s::simulators]
+        if not mine:
+            continue
+        p = ctx.Process(target=_simulate, args=(url, mine, {n: keys[n] for n in mine if n in keys}, frames,
+                                                per_device, window, first_timeout_s, deadline_s, ready, start,
+                                                progress, out))
+        p.start()
+        sims.append(p)
+    _collect(ready, sims, 120)
+    cpu0 = [w.cpu() for w in pool]
+    broker0 = broker.cpu_seconds()
+    load0 = os.getloadavg()[0]
+    start.set()
+    total = devices * per_device
+    killed: dict[str, Any] | None = None
+    if kill:
+        while progress.value < total // 2:
+            time.sleep(0.01)
+        victim = pool[0]
+        killed = {"cpu_s": victim.cpu() - cpu0[0], "at_answers": progress.value}
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        killed["t"] = time.perf_counter()
+        log(f"  killed worker pid {victim.proc.pid} (SIGKILL) after {killed['at_answers']} of {total} answers")
+    reports = _collect(out, sims, deadline_s + 600)
+    for p in sims:
+        p.join(30)
+    cpu1 = [w.cpu() for w in pool]
+    broker_cpu = broker.cpu_seconds() - broker0
+    load1 = os.getloadavg()[0]
+    finals = [w.stop() for w in pool]
     worker_cpu = sum(b - a for a, b in zip(cpu0, cpu1))
     if killed is not None:
         worker_cpu += killed["cpu_s"]  # the killed worker's CPU, read just before the kill
@@ -283,7 +303,7 @@ def run_fleet(bundle: Path, frames: list[bytes], devices: int, per_device: int, 
     decoded = sum(f.get("frames", 0) for f in finals)
     return {
         "workers": workers, "killed": killed is not None, "devices": devices, "frames_per_device": per_device,
-        "window": window, "auth": auth, "sent": sum(r["sent"] for r in reports), "results": results,
+        "window": window, "auth": bool(keys), "sent": sum(r["sent"] for r in reports), "results": results,
         "errors": errors, "lost": errors.get("LOST", 0), "answered_seqs": sum(r["answered_seqs"] for r in reports),
         "handed_twice": sum(r["handed_twice"] for r in reports),
         "duplicates_dropped": sum(r["duplicates_dropped"] for r in reports),

@@ -254,6 +254,7 @@ class MqttWorker:
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
         c.on_socket_open = no_delay
+        c.reconnect_delay_set(1, 5)  # a broker that restarts gets its workers back within seconds
         self.client = c
         try:
             c.connect(self.host, self.port, keepalive=30, clean_start=True)
