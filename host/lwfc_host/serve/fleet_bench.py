@@ -281,7 +281,7 @@ def _measure(pool: list[_Worker], sims: list[Any], broker: Any, bundle: Path, ur
         os.kill(victim.proc.pid, signal.SIGKILL)
         killed["t"] = time.perf_counter()
         log(f"  killed worker pid {victim.proc.pid} (SIGKILL) after {killed['at_answers']} of {total} answers")
-    reports = _collect(out, sims, deadline_s + 600)
+    reports = _collect(out, sims, deadline_s + 60, progress)
     for p in sims:
         p.join(30)
     cpu1 = [w.cpu() for w in pool]
@@ -318,19 +318,25 @@ def _measure(pool: list[_Worker], sims: list[Any], broker: Any, bundle: Path, ur
     }
 
 
-def _collect(q: Any, procs: list[Any], timeout_s: float) -> list[Any]:
-    """One item from ``q`` per process in ``procs``; RuntimeError as soon as one of them has died without its."""
+def _collect(q: Any, procs: list[Any], stall_s: float, progress: Any = None) -> list[Any]:
+    """One item from ``q`` per process in ``procs``; RuntimeError as soon as one of them has died without its, or
+    when ``progress`` (a shared counter of answers; None: the time since the call) has not moved for ``stall_s``:
+    a run's length grows with the fleet, a stall does not."""
     items: list[Any] = []
-    t0 = time.monotonic()
+    last, since = (progress.value if progress is not None else None), time.monotonic()
     while len(items) < len(procs):
         try:
             items.append(q.get(timeout=1.0))
         except queue.Empty:
+            now = progress.value if progress is not None else None
+            if now != last:
+                last, since = now, time.monotonic()
             dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead or time.monotonic() - t0 > timeout_s:
+            if dead or time.monotonic() - since > stall_s:
                 for p in procs:
                     p.kill()
-                raise RuntimeError(f"device simulator failed (exit codes {[p.exitcode for p in procs]})") from None
+                why = "died" if dead else f"made no progress for {stall_s:.0f} s"
+                raise RuntimeError(f"device simulator {why} (exit codes {[p.exitcode for p in procs]})") from None
     return items
 
 
