@@ -579,3 +579,28 @@ def test_tls_to_the_broker(bundle, frames, model, tmp_path):
         assert [a.kind for a in answers] == ["result"]
         with pytest.raises(OSError):  # the system's CAs do not know this broker
             MqttLink(url.split("?")[0], hello(bundle)).connect()
+
+
+def test_the_readme_acl_confines_each_device_to_its_own_topics(bundle, frames, model):
+    """The broker ACL of the README's fleet section, on Mosquitto 2.0: the workers' user shares every device's data
+    topic through $share, a device reaches the pool on its own topic, and a device that publishes on another's
+    topic reaches no worker (the broker drops it)."""
+    acl = ("pattern write lwfc/%u/data\npattern read lwfc/%u/result\n\n"
+           "user workers\ntopic read lwfc/+/data\ntopic write lwfc/+/result\n")
+    with Mosquitto(users={"workers": "w", "cam1": "c1", "cam2": "c2"}, acl=acl) as broker:
+        url = broker.url("lwfc")
+        _srv, stop = run_in_thread(model, ServerConfig(workers=1), mqtt=[url], mqtt_login=("workers", "w"))
+        link = MqttLink(url, hello(bundle, "cam1"), login=("cam1", "c1"))
+        impostor = MqttLink(url, hello(bundle, "cam1"), login=("cam2", "c2"), hello_attempts=2,
+                            hello_first_wait_s=0.3)
+        try:
+            link.connect()
+            answers = link.submit(frames[0], tag=0) + link.drain(10)
+            with pytest.raises(ProtocolError, match="no WELCOME"):
+                impostor.connect()
+        finally:
+            link.close()
+            impostor.close()
+            final = stop()
+    assert [a.kind for a in answers] == ["result"]
+    assert final["mqtt"][0]["received"] == 2  # cam1's HELLO and frame; nothing of cam2's
