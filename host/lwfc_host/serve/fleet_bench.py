@@ -314,7 +314,7 @@ def _measure(pool: list[_Worker], sims: list[Any], broker: Any, bundle: Path, ur
         "broker_cpu_ms_per_frame": 1000.0 * broker_cpu / max(results, 1),
         "devices_cpu_ms_per_frame": 1000.0 * sum(r["cpu_s"] for r in reports) / max(results, 1),
         "load_before": load0, "load_after": load1,
-        "recovery_s": (t1 - killed["t"]) if killed is not None else None,
+        "after_kill_s": (t1 - killed["t"]) if killed is not None else None,  # the kill to the last answer
     }
 
 
