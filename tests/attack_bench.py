@@ -166,10 +166,10 @@ def _row(name: str, facts: dict[str, Any], legit: dict[str, Any], after: dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    from lwfc_host.serve.bench import _bundle_and_images, bundle_frames
+    from lwfc_host.serve.bench import bundle_and_images, bundle_frames
     from lwfc_host.serve.cloud import CloudModel
 
-    bundle, images = _bundle_and_images(args)
+    bundle, images = bundle_and_images(args.bundle, args.images)
     model = CloudModel(bundle)
     frames = bundle_frames(bundle, images)
     key = os.urandom(32)

@@ -130,6 +130,38 @@ def test_udp_end_to_end_in_slices(bundle, images, tmp_path):
     assert final["frames"] == N_IMAGES and final["slices"]["received"] == sum(r["slices"] for r in run["frames"])
 
 
+@pytest.mark.skipif(shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"),
+                    reason="needs the Debian package mosquitto")
+def test_mqtt_end_to_end_pool_of_two_with_keys_and_broker_login(bundle, images, tmp_path):
+    """Two `lwfc serve --mqtt` processes (a pool) and the runner over mqtt://, through a real Mosquitto that takes
+    named users only: the broker logins and the device key come from private files, every message is tagged, and
+    the answers are those that decoding the saved frames locally gives."""
+    from lwfc_host.serve.broker import Mosquitto
+
+    def private(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        path.chmod(0o600)
+        return str(path)
+
+    key = os.urandom(32)
+    keys = private("keys.json", json.dumps({"cam1": key.hex()}))
+    with Mosquitto(users={"workers": "w-secret", "cam1": "c-secret"}) as broker:
+        url = broker.url("plant/line1")
+        args = ["--bundle", str(bundle), "--mqtt", url, "--mqtt-login", private("w.login", "workers:w-secret"),
+                "--keys", keys, "--workers", "1"]
+        pool = [Serve(args), Serve(args)]
+        try:
+            run = run_device(bundle, url, images, tmp_path, "--device", "cam1", "--key-file",
+                             private("device.key", key.hex()), "--mqtt-login", private("c.login", "cam1:c-secret"))
+        finally:
+            finals = [srv.stop()[0] for srv in pool]
+    check_answers_equal_local_decoding(bundle, run, tmp_path / "frames")
+    assert "connected to mqtt://" in run["stdout"]
+    assert sum(f["frames"] for f in finals) == N_IMAGES
+    assert all(f["mqtt"][0]["unverified"] == 0 and f["mqtt"][0]["failures"] == 0 for f in finals)
+
+
 @pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (Debian package socat)")
 def test_serial_end_to_end_over_pty_pair(bundle, images, tmp_path):
     host_end, dev_end = tmp_path / "host-tty", tmp_path / "dev-tty"
@@ -214,6 +246,9 @@ def test_runner_bad_input(tmp_path):
     for args, msg in [
         (["--bundle", str(tmp_path), "--connect", "tcp://127.0.0.1:1", "--images", str(tmp_path)], "bundle.json"),
         (["--bundle", str(tmp_path), "--connect", "udp://x:1", "--images", str(tmp_path)], "bundle.json"),
+        (["--bundle", str(tmp_path), "--connect", "mqtt://x:1", "--images", str(tmp_path)], "needs a topic prefix"),
+        (["--bundle", str(tmp_path), "--connect", "mqtt://x:1/p", "--images", str(tmp_path), "--mqtt-login",
+          str(tmp_path / "none")], "cannot read login file"),
     ]:
         proc = subprocess.run([sys.executable, "-m", "lwfc", "run", *args], capture_output=True, text=True, env=env,
                               timeout=60)

@@ -15,7 +15,8 @@ class BundleError(LwfcError):
 
 
 class KeyFileError(LwfcError):
-    """A device key file or $LWFC_DEVICE_KEY is unreadable, not hex, too short, or readable by others."""
+    """A device key file or $LWFC_DEVICE_KEY is unreadable, not hex, too short, or readable by others; or a broker
+    login file is unreadable, malformed or readable by others."""
 
 
 class EncodeError(LwfcError):

@@ -1,5 +1,5 @@
-"""A device's shared key (PROTOCOL.md 8): read from a file or the environment, never from the command line,
-where every user of the machine sees it in the process list.
+"""A device's shared key (PROTOCOL.md 8) and its broker login (PROTOCOL.md 11): read from a file (the key also from
+the environment), never from the command line, where every user of the machine sees it in the process list.
 
 A key file holds the key as hex (at least 16 bytes; white space around it is ignored). On systems with file
 permissions a key file that group or others may access is refused, as ssh refuses such a private key: the
@@ -30,20 +30,21 @@ def parse_key(text, where):
     return key
 
 
-def _check_private(path):
+def check_private(path, what="key file"):
+    """KeyFileError unless ``path`` can be read and (where files have permissions) only its owner may access it."""
     try:
         mode = os.stat(path)[0]
     except OSError as exc:
-        raise KeyFileError("cannot read key file %s: %s" % (path, exc)) from None
+        raise KeyFileError("cannot read %s %s: %s" % (what, path, exc)) from None
     if hasattr(os, "getuid") and mode & 0o077:  # a system with permissions (not MicroPython)
-        raise KeyFileError("key file %s is accessible by group or others (mode %04o); make it private: chmod 600 %s"
-                           % (path, mode & 0o7777, path))
+        raise KeyFileError("%s %s is accessible by group or others (mode %04o); make it private: chmod 600 %s"
+                           % (what, path, mode & 0o7777, path))
 
 
 def load_key(path=None, environ=None):
     """The device key from ``path`` (a key file), else from $LWFC_DEVICE_KEY, else None (no authentication)."""
     if path:
-        _check_private(path)
+        check_private(path)
         try:
             with open(path) as f:
                 return parse_key(f.read(), path)
@@ -53,3 +54,18 @@ def load_key(path=None, environ=None):
     if env:
         return parse_key(env, "$" + KEY_ENV)
     return None
+
+
+def load_login(path):
+    """(username, password) for the MQTT broker from a login file: one line ``USERNAME:PASSWORD`` (the password
+    may hold ':'), private like a key file. Never from the command line, where the process list shows it."""
+    check_private(path, "login file")
+    try:
+        with open(path) as f:
+            line = f.read().strip()
+    except OSError as exc:
+        raise KeyFileError("cannot read login file %s: %s" % (path, exc)) from None
+    if ":" not in line or line.index(":") == 0 or "\n" in line:
+        raise KeyFileError("login file %s must hold one line USERNAME:PASSWORD" % path)
+    user, password = line.split(":", 1)
+    return user, password

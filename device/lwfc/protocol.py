@@ -140,9 +140,13 @@ def pack_json(mtype, seq, obj, auth=None):
     return pack_message(mtype, seq, json.dumps(obj).encode("utf-8"), auth)
 
 
+def error_body(code, message, count=1):
+    """The body of an ERROR (5.4): code, count, and the message (UTF-8, at most 1000 bytes)."""
+    return struct.pack("<HH", code, count) + message.encode("utf-8")[:1000]
+
+
 def pack_error(seq, code, message, count=1, auth=None):
-    text = message.encode("utf-8")[:1000]
-    return pack_message(ERROR, seq, struct.pack("<HH", code, count) + text, auth)
+    return pack_message(ERROR, seq, error_body(code, message, count), auth)
 
 
 def unpack_error(body):

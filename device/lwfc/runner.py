@@ -5,6 +5,7 @@ the MicroPython-compatible ones; the bundle is read by ``lwfc.bundle``, images b
 edge half runs in ``lwfc.edge``.
 
     python -m lwfc run --bundle B --connect tcp://HOST:PORT --images DIR
+    python -m lwfc run --bundle B --connect mqtt://BROKER:1883/PREFIX --images DIR   (a pool of workers)
 
 prints one line per frame and a summary: frames, results, errors by code, lost, dropped, bits per
 element, encode ms and round-trip ms. ``--json FILE`` writes the same, per frame, for programs.
@@ -19,7 +20,7 @@ from .bundle import load_bundle
 from .edge import EdgeModel
 from .encoder import Encoder
 from .images import list_images, load_image, preprocess
-from .keys import KEY_ENV, load_key
+from .keys import KEY_ENV, load_key, load_login
 from .protocol import ERROR_NAMES, ConnectionClosed, Refused
 from .tables import load_tables
 
@@ -126,10 +127,13 @@ def open_bundle(bundle, tables_path=None, edgetpu=False, threads=None):
 def link_kind(connect):
     """(kind, mtu) of a transport address: ("stream", None) for tcp:// and plain serial lines, ("datagram", mtu)
     for udp://, ("sliced-stream", mtu) for a serial or UART line in datagram mode (``?mtu=N``, PROTOCOL.md
-    10.6). With an mtu every tensor is sent as slices that fit it."""
+    10.6), ("mqtt", None) for a broker (mqtt://, mqtts://, PROTOCOL.md 11). With an mtu every tensor is sent as
+    slices that fit it."""
     from .transport import parse_address
 
     scheme, _target, opts = parse_address(connect)
+    if scheme in ("mqtt", "mqtts"):
+        return "mqtt", None
     if scheme == "udp":
         return "datagram", opts["mtu"]
     if "mtu" in opts:
@@ -137,12 +141,19 @@ def link_kind(connect):
     return "stream", None
 
 
-def _connect(connect, hello, key, window, queue_frames, policy, answer_timeout_s, log, interleave=True):
-    """A connected link (``Link`` for byte streams, ``DatagramLink`` for udp://) and the host's WELCOME; a
-    refusal or an unreachable host is a RunnerError."""
+def _connect(connect, hello, key, window, queue_frames, policy, answer_timeout_s, log, interleave=True,
+             mqtt_login=None):
+    """A connected link (``Link`` for byte streams, ``DatagramLink`` for udp://, ``MqttLink`` for a broker) and the
+    host's WELCOME; a refusal or an unreachable host is a RunnerError."""
     from .protocol import ProtocolError
 
-    if link_kind(connect)[0] == "datagram":
+    kind = link_kind(connect)[0]
+    if kind == "mqtt":
+        from .mqttlink import MqttLink
+
+        link = MqttLink(connect, hello, key=key, window=window, answer_timeout_s=answer_timeout_s, login=mqtt_login,
+                        log=log)
+    elif kind == "datagram":
         from .datagram import DatagramLink
 
         link = DatagramLink(connect, hello, key=key, window=window, answer_timeout_s=answer_timeout_s, log=log,
@@ -232,10 +243,12 @@ def _stream(link, paths, model, pre, enc, save_frames, records, quiet, out, kind
 
 def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=None, window=4, queue_frames=16,
         policy="drop-oldest", edgetpu=False, repeat=1, limit=None, answer_timeout_s=30.0, save_frames=None,
-        quiet=False, out=sys.stdout, threads=None, interleave=True, slice_plan="auto"):
+        quiet=False, out=sys.stdout, threads=None, interleave=True, slice_plan="auto", mqtt_login=None):
     """Run the edge half on the images and stream the frames; returns (summary, per-frame records). Over
     udp:// (or a serial line with ``?mtu=N``) every tensor goes out as slices that fit one datagram, sent in
-    interleaved order unless ``interleave`` is false, cut by ``slice_plan`` (``lwfc.slices.PLANS``)."""
+    interleaved order unless ``interleave`` is false, cut by ``slice_plan`` (``lwfc.slices.PLANS``). Over mqtt://
+    every frame goes through the broker to a pool of workers, logging in with ``mqtt_login`` (username,
+    password)."""
     b, tables, model, pre = open_bundle(bundle, tables_path, edgetpu, threads)
     enc = Encoder(tables)
     paths = list_images(images) * max(1, repeat)
@@ -254,7 +267,7 @@ def run(bundle, connect, images, tables_path=None, device="lwfc-device", key=Non
         max_frame = max_frame_bytes(mtu)
         slice_plan = choose_plan(tables, slice_plan)
     link, welcome = _connect(connect, hello, key, window, queue_frames, policy, answer_timeout_s, log,
-                             interleave)
+                             interleave, mqtt_login)
     if not quiet:
         out.write("connected to %s: session %s, table %s, %d images%s\n"
                   % (connect, welcome.get("session"), tables.table_id_hex(), len(paths),
@@ -283,14 +296,17 @@ def add_run_arguments(p):
     p.add_argument("--bundle", required=True, help="bundle directory (bundle.json, edge.tflite, tables.json)")
     p.add_argument("--connect", required=True,
                    help="tcp://HOST:PORT, udp://HOST:PORT[?mtu=N] (each tensor as slices of one datagram each; "
-                        "default mtu 1200) or serial:///dev/ttyX[?baud=N][&mtu=N] (with mtu: datagram mode, each "
-                        "slice its own message)")
+                        "default mtu 1200), serial:///dev/ttyX[?baud=N][&mtu=N] (with mtu: datagram mode, each "
+                        "slice its own message) or mqtt://HOST:PORT/PREFIX (mqtts:// for TLS, ?ca=FILE): through a "
+                        "broker to a pool of `lwfc serve --mqtt` workers")
     p.add_argument("--images", required=True, help="a directory of images (or one image file)")
     p.add_argument("--tables", help="table file (default: the bundle's tables.json)")
     p.add_argument("--device", default="lwfc-device", help="this device's name (selects its key on the host)")
     p.add_argument("--key-file", help="file holding this device's shared key as hex (at least 16 bytes, mode 600): "
                                       "authenticate every message with HMAC-SHA256; default: $%s if set. "
                                       "Never on the command line, where the process list shows it" % KEY_ENV)
+    p.add_argument("--mqtt-login", help="file holding the broker login as one line USERNAME:PASSWORD (mode 600); "
+                                        "never on the command line")
     p.add_argument("--window", type=int, default=4, help="unanswered frames in flight (default 4)")
     p.add_argument("--queue", type=int, default=16, help="send queue length in frames (default 16)")
     p.add_argument("--policy", choices=["drop-oldest", "block"], default="drop-oldest",
@@ -317,11 +333,17 @@ def run_from_args(args):
     for flag, value in (("--repeat", args.repeat), ("--limit", args.limit), ("--threads", args.threads)):
         if value is not None and value < 1:  # run() would quietly treat these as "no limit" / "default"
             raise RunnerError("%s must be at least 1, got %d" % (flag, value))
+    from .transport import parse_address
+
+    scheme = parse_address(args.connect)[0]  # a malformed address fails before the bundle is read
+    if args.mqtt_login and scheme not in ("mqtt", "mqtts"):
+        raise RunnerError("--mqtt-login applies to mqtt:// and mqtts:// addresses, not %s" % args.connect)
     key = load_key(args.key_file)
+    login = load_login(args.mqtt_login) if args.mqtt_login else None
     summary, records = run(args.bundle, args.connect, args.images, args.tables, args.device, key, args.window,
                            args.queue, args.policy, args.edgetpu, args.repeat, args.limit, args.answer_timeout,
                            args.save_frames, args.quiet, threads=args.threads,
-                           interleave=not args.no_interleave, slice_plan=args.slice_plan)
+                           interleave=not args.no_interleave, slice_plan=args.slice_plan, mqtt_login=login)
     if args.quiet:
         print_summary(summary)
     if args.json:

@@ -13,7 +13,8 @@ when none arrived in time) and ``close()``; nothing is retransmitted (PROTOCOL.m
 - ``UdpTransport``: a UDP socket (socket / usocket).
 
 ``open_transport("tcp://HOST:PORT" | "udp://HOST:PORT" | "serial:///dev/ttyX?baud=N" | "uart://ID?baud=N")``
-picks one. MicroPython-compatible Python 3.7.
+picks one. ``mqtt://HOST:PORT/PREFIX`` addresses parse here too, but a broker is no byte stream: ``lwfc.mqttlink``
+carries frames over it. MicroPython-compatible Python 3.7.
 """
 
 try:
@@ -46,7 +47,8 @@ MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
 
 def parse_address(url):
     """(scheme, target, options) of a transport address: ("tcp", (host, port), {}), ("udp", (host, port),
-    {"mtu": 1200}), ("serial", "/dev/ttyX", {"baud": 115200}), ("uart", 1, {"baud": 115200}). Options:
+    {"mtu": 1200}), ("serial", "/dev/ttyX", {"baud": 115200}), ("uart", 1, {"baud": 115200}), ("mqtt", (host, port,
+    prefix), {}) (``mqtts``: over TLS, option ``ca``; PROTOCOL.md 11). Options:
     ``mtu`` (udp; also serial and uart, where it makes the line a datagram line: each slice its own message,
     PROTOCOL.md 10.6), ``baud`` (serial, uart)."""
     if "://" not in url:
@@ -98,7 +100,57 @@ def parse_address(url):
             except ValueError:
                 raise TransportError("UART id in %r must be a number" % url) from None
         return scheme, rest, opts
-    raise TransportError("unknown transport %r in %r (use tcp://, udp://, serial:// or uart://)" % (scheme, url))
+    if scheme in ("mqtt", "mqtts"):
+        return scheme, _mqtt_target(url, rest), _mqtt_options(url, opts)
+    raise TransportError("unknown transport %r in %r (use tcp://, udp://, serial://, uart:// or mqtt://)"
+                         % (scheme, url))
+
+
+MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883}  # the IANA ports of MQTT and MQTT over TLS
+
+
+def _mqtt_target(url, rest):
+    """(host, port, prefix) of ``mqtt://HOST[:PORT]/PREFIX``: PREFIX is one or more topic levels without
+    wildcards (``+``, ``#``) or a leading ``$`` (the broker's own topics), and no empty level."""
+    if "/" not in rest:
+        raise TransportError("mqtt address %r needs a topic prefix: mqtt://HOST[:PORT]/PREFIX" % url)
+    hostport, prefix = rest.split("/", 1)
+    scheme = url.split("://", 1)[0]
+    port = MQTT_PORTS[scheme]
+    host = hostport
+    if hostport.startswith("["):  # [IPv6]:port
+        end = hostport.find("]")
+        host, tail = hostport[1:end], hostport[end + 1:]
+        if tail.startswith(":"):
+            port = tail[1:]
+    elif ":" in hostport:
+        host, port = hostport.rsplit(":", 1)
+    try:
+        port = int(port)
+    except ValueError:
+        raise TransportError("port %r in %r is not a number" % (port, url)) from None
+    if not 0 < port < 65536:
+        raise TransportError("port %d in %r is out of range" % (port, url))
+    if not host:
+        raise TransportError("mqtt address %r names no broker host" % url)
+    levels = prefix.split("/")
+    for level in levels:
+        if not level or "+" in level or "#" in level:
+            raise TransportError("topic prefix %r in %r must be topic levels without '+', '#' or empty levels"
+                                 % (prefix, url))
+    if prefix.startswith("$"):
+        raise TransportError("topic prefix %r in %r must not start with '$' (the broker's own topics)" % (prefix, url))
+    return host, port, prefix
+
+
+def _mqtt_options(url, opts):
+    """The options of an mqtt:// address: ``ca`` (mqtts: a CA certificate file to verify the broker by)."""
+    for k in opts:
+        if k != "ca":
+            raise TransportError("unknown option %r in %r (mqtt addresses take ca=FILE)" % (k, url))
+    if "ca" in opts and not url.startswith("mqtts://"):
+        raise TransportError("ca applies to mqtts:// (TLS) addresses, not %r" % url)
+    return opts
 
 
 class TcpTransport(object):
@@ -293,6 +345,8 @@ class UartTransport(object):
 def open_transport(url):
     """A connected transport for an address (see parse_address)."""
     scheme, target, opts = parse_address(url)
+    if scheme in MQTT_PORTS:  # no byte stream: a broker carries messages (PROTOCOL.md 11)
+        raise TransportError("%s is a broker, not a byte stream: use lwfc.mqttlink.MqttLink" % url)
     if scheme == "tcp":
         return TcpTransport(target[0], target[1])
     if scheme == "udp":

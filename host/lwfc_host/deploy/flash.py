@@ -36,11 +36,13 @@ from lwfc.bundle import EDGE_FILE, INFO_FILE, TABLES_FILE, Bundle, load_bundle
 from lwfc.errors import BundleError, LwfcError
 from lwfc.keys import KEY_FILE
 
-# The modules a MicroPython board gets: the codec core, protocol, transports, queue and link. Not the
-# CPython-only parts (the runner with its bundle, image and TFLite modules, the entry point): such a board
-# has no TFLite and reads no bundle, config.json names its table file.
+# The modules a MicroPython board gets: the codec core, protocol, transports, queue and link, and the MQTT link
+# (its client is the board's own umqtt.simple: mip.install("umqtt.simple")). Not the CPython-only parts (the
+# runner with its bundle, image and TFLite modules, the entry point): such a board has no TFLite and reads no
+# bundle, config.json names its table file.
 MICROPYTHON_MODULES = ("__init__", "crc32", "errors", "tables", "quantize", "scan", "rangecoder", "frame",
-                       "encoder", "auth", "protocol", "transport", "sendqueue", "link", "keys")
+                       "encoder", "auth", "protocol", "transport", "sendqueue", "link", "keys", "mqtt", "retry",
+                       "mqttclient", "mqttlink")
 
 # What each kind of target does to keep the key file from other eyes.
 KEY_NOTES = {

@@ -107,19 +107,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _bundle_and_images(args: argparse.Namespace) -> tuple[Path, Path]:
+def bundle_and_images(bundle: str | Path | None = None, images: str | Path | None = None) -> tuple[Path, Path]:
     """The bundle and image directories to run on: the given ones, else the demo's (made as ``lwfc demo``
-    makes them)."""
+    makes them). The fleet benchmark (``fleet_bench``) uses the same."""
     from lwfc_host.serve.demo_bundle import ensure_bundle, ensure_tables, photo_dir, photo_files
 
-    if args.bundle and args.images:
-        return Path(args.bundle), Path(args.images)
+    if bundle and images:
+        return Path(bundle), Path(images)
     photos = photo_files(photo_dir())
-    if args.bundle:
-        return Path(args.bundle), photo_dir()
-    bundle = ensure_bundle()
-    ensure_tables(bundle, photos)
-    return bundle, Path(args.images) if args.images else photo_dir()
+    if bundle:
+        return Path(bundle), photo_dir()
+    b = ensure_bundle()
+    ensure_tables(b, photos)
+    return b, Path(images) if images else photo_dir()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from lwfc_host.serve.config import ServerConfig
     from lwfc_host.serve.runner import run_in_thread
 
-    bundle, images = _bundle_and_images(args)
+    bundle, images = bundle_and_images(args.bundle, args.images)
     model = CloudModel(bundle)
     frames = bundle_frames(bundle, images)
     if not frames:

@@ -17,11 +17,14 @@ from lwfc_host.serve.server import Server
 
 async def serve(model: CloudModel, config: ServerConfig, tcp: list[str], serial: list[str], baud: int,
                 status: str | None = None, ready: Callable[[Server], None] | None = None,
-                stop: asyncio.Event | None = None, udp: list[str] | None = None) -> dict[str, Any]:
+                stop: asyncio.Event | None = None, udp: list[str] | None = None, mqtt: list[str] | None = None,
+                mqtt_group: str = "lwfc", mqtt_login: tuple[str, str] | None = None) -> dict[str, Any]:
     """Run a server until SIGINT/SIGTERM (or ``stop``); SIGUSR1 prints the running totals. Returns them.
 
     ``tcp``: HOST:PORT addresses to listen on; ``udp``: HOST:PORT addresses for datagram sessions
-    (PROTOCOL.md 10); ``serial``: serial devices at ``baud``; ``status``: HOST:PORT of the HTTP status
+    (PROTOCOL.md 10); ``mqtt``: mqtt://HOST:PORT/PREFIX brokers whose devices' frames this server takes as a worker
+    of the pool ``mqtt_group`` (PROTOCOL.md 11), logging in with ``mqtt_login`` (username, password);
+    ``serial``: serial devices at ``baud``; ``status``: HOST:PORT of the HTTP status
     endpoint; ``ready``: called with the server once it listens. Signals are handled only in the main thread
     (elsewhere ``stop`` ends it)."""
     server = Server(model, config)
@@ -33,6 +36,8 @@ async def serve(model: CloudModel, config: ServerConfig, tcp: list[str], serial:
         await server.start_udp(host, port)
     for dev in serial:
         server.start_serial(dev, baud)
+    for url in mqtt or []:
+        await server.start_mqtt(url, mqtt_group, mqtt_login)
     if status:
         host, port = parse_hostport(status, "--status")
         h, p = await server.start_status(host, port)
@@ -62,8 +67,9 @@ async def serve(model: CloudModel, config: ServerConfig, tcp: list[str], serial:
 
 def run_in_thread(model: CloudModel, config: ServerConfig, tcp: list[str] | None = None,
                   serial: list[str] | None = None, baud: int = 115200,
-                  status: str | None = None,
-                  udp: list[str] | None = None) -> tuple[Server, Callable[[], dict[str, Any]]]:
+                  status: str | None = None, udp: list[str] | None = None, mqtt: list[str] | None = None,
+                  mqtt_group: str = "lwfc",
+                  mqtt_login: tuple[str, str] | None = None) -> tuple[Server, Callable[[], dict[str, Any]]]:
     """Start a server in a background thread (for the demo, benchmark and tests); returns the server once it
     listens and a function that stops it and returns its final status."""
     started = threading.Event()
@@ -80,7 +86,7 @@ def run_in_thread(model: CloudModel, config: ServerConfig, tcp: list[str] | None
 
             try:
                 box["status"] = await serve(model, config, tcp or [], serial or [], baud, status, ready,
-                                            box["stop"], udp)
+                                            box["stop"], udp, mqtt, mqtt_group, mqtt_login)
             except BaseException as exc:
                 box["error"] = exc
                 started.set()

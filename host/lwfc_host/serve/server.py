@@ -1,4 +1,5 @@
-"""The inference server: many devices at once over TCP and serial lines (codec_spec/PROTOCOL.md).
+"""The inference server: many devices at once over TCP, UDP and serial lines (codec_spec/PROTOCOL.md), and as
+one worker of a pool sharing a broker's MQTT topics (``lwfc_host.serve.mqtt``, PROTOCOL.md 11).
 
 Each connection is one asyncio task running a ``Connection`` (the per-connection state machine) that parses
 messages with the device's own resynchronising parser, answers every DATA with a RESULT or an ERROR, and
@@ -28,6 +29,7 @@ from lwfc_host.serve.config import READ_CHUNK, ServerConfig, ServerError
 from lwfc_host.serve.connection import Connection
 from lwfc_host.serve.datagram import DatagramServer
 from lwfc_host.serve.metrics import Metrics
+from lwfc_host.serve.mqtt import DEFAULT_GROUP, MqttWorker
 from lwfc_host.serve.scheduler import FairScheduler
 from lwfc_host.serve.streams import SerialStream, Stream, TcpStream
 
@@ -50,6 +52,7 @@ class Server:
         self.per_address: collections.Counter[str] = collections.Counter()  # open connections by peer IP
         self.pending = 0  # open connections that have not completed HELLO
         self.datagram_endpoints: list[DatagramServer] = []
+        self.mqtt_workers: list[MqttWorker] = []
 
     def emit(self, record: dict[str, Any]) -> None:
         """Write one structured log record (stamped with the time), if a log sink is configured."""
@@ -197,6 +200,15 @@ class Server:
         self.addresses.append(f"udp://{addr[0]}:{addr[1]}")
         return addr[0], addr[1]
 
+    async def start_mqtt(self, url: str, group: str = DEFAULT_GROUP, login: tuple[str, str] | None = None) -> str:
+        """Join the pool of workers ``group`` on the broker of ``mqtt://HOST:PORT/PREFIX`` (PROTOCOL.md 11); returns
+        the shared subscription once the broker acknowledged it."""
+        worker = MqttWorker(self, url, group, login)
+        await asyncio.get_running_loop().run_in_executor(None, worker.start)
+        self.mqtt_workers.append(worker)
+        self.addresses.append(f"{url} ({worker.filter})")
+        return worker.filter
+
     def start_serial(self, device: str, baud: int) -> None:
         """Serve the serial line ``device`` (one connection for as long as the server runs)."""
         stream = SerialStream(device, baud, asyncio.get_running_loop())
@@ -244,6 +256,8 @@ class Server:
                   "listening": self.addresses, "max_message": self.max_message})
         if self.datagram_endpoints:
             s["datagram"] = [e.status() for e in self.datagram_endpoints]
+        if self.mqtt_workers:
+            s["mqtt"] = [w.status() for w in self.mqtt_workers]
         return s
 
     async def close(self) -> None:
@@ -252,6 +266,9 @@ class Server:
             srv.close()
         for endpoint in self.datagram_endpoints:
             await endpoint.close()
+        loop = asyncio.get_running_loop()
+        for worker in self.mqtt_workers:
+            await loop.run_in_executor(None, worker.stop)
         tasks = [t for t in self.tasks if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
