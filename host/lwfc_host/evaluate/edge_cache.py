@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lwfc.bundle import CLOUD_FILE, EDGE_FILE, INFO_FILE, Bundle
-from lwfc_convert.cloud_runtime import cloud_outputs
+from lwfc_convert.cloud_runtime import RUN_ELEMENTS, batch_for, cloud_outputs
 from lwfc_host.evaluate.metrics import bundle_task
 from lwfc_host.evaluate.plans import Plan
 
@@ -45,6 +45,12 @@ class EdgeData:
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """Float features of int8 edge outputs (what the cloud half takes)."""
         return (self.scale * (q.astype(np.float32) - self.zero_point)).astype(np.float32)
+
+    def cloud(self, session: Any, q: np.ndarray) -> np.ndarray:
+        """The cloud half's outputs on int8 edge outputs ``q``, dequantized one run of the cloud half at a time
+        (the float features of every view at once can be GBs)."""
+        step = batch_for(q.shape[1:], len(q), RUN_ELEMENTS)
+        return np.concatenate([cloud_outputs(session, self.dequantize(q[i:i + step])) for i in range(0, len(q), step)])
 
 
 def _file_digest(path: str | Path) -> str:
@@ -130,7 +136,7 @@ def _compute(bundle: Bundle, plan: Plan, session: Any, progress: bool) -> EdgeDa
     feature = bundle.info["feature"]
     data = EdgeData(np.concatenate(q_eval), q_calib, np.concatenate(labels).astype(np.int64),
                     float(feature["scale"]), int(feature["zero_point"]), {}, desc + why_not, 0.0)
-    data.ref["int8"] = cloud_outputs(session, data.dequantize(data.q_eval))
+    data.ref["int8"] = data.cloud(session, data.q_eval)
     if float_logits:
         data.ref["float"] = np.concatenate(float_logits)
     data.seconds = time.time() - t0
