@@ -9,7 +9,9 @@ with parameter sets, plus min/max side info; ...), never from an entropy estimat
 
 The parts: ``plans`` (which rate points), ``metrics`` (accuracy, agreement, mAP@0.5: ``--metric auto`` picks
 the one that fits the bundle), ``edge_cache``, ``lwfc_points`` and ``baseline_points`` (one task per quantizer
-or baseline setting), ``pool`` (the tasks on several cores), ``results`` (what is saved), ``report``.
+or baseline setting), ``pool`` (the tasks on several cores), ``results`` (what is saved), ``report``;
+``streaming`` keeps memory bounded whatever the number of tensors (float reconstructions a chunk at a time, the
+cloud half a few tensors at a time, only cloud outputs and frame sizes kept) and records the peak.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lwfc_host.evaluate.metrics import METRICS, bundle_task, resolve_metric
 from lwfc_host.evaluate.plans import METHODS, Plan, make_plan
 from lwfc_host.evaluate.pool import Shared, run_tasks
 from lwfc_host.evaluate.results import Evaluation, Point
+from lwfc_host.evaluate.streaming import peak_rss_mb
 
 DEFAULT_CACHE = Path("cache") / "eval"
 DATASETS = ("fashion-mnist", "photos")
@@ -163,4 +166,4 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
                       met.primary(data.labeled), (h, w, c), n, data.description, seconds,
                       _hevc_single(data, plan, methods), str(edge_cache), metric=metric,
                       metric_description=met.describe() if hasattr(met, "describe") else "",
-                      method_seconds=method_seconds, jobs=jobs)
+                      method_seconds=method_seconds, jobs=jobs, peak_rss_mb=peak_rss_mb())

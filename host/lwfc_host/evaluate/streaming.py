@@ -10,6 +10,8 @@ the summed squared error.
 
 from __future__ import annotations
 
+import resource
+import sys
 from typing import Callable
 
 import numpy as np
@@ -38,3 +40,11 @@ def squared_error(recon: np.ndarray, x: np.ndarray,
         d[i:i + step] -= x[i:i + step] if to_float is None else to_float(x[i:i + step])
     np.square(d, out=d)
     return float(np.sum(d))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (2^20 bytes), from ``getrusage`` as ``/usr/bin/time -v``
+    reads it. Child processes are left out: Linux counts in a child's peak the parent's memory at the fork (an
+    ffmpeg started by a 1 GB process shows 1 GB), so their figure would say nothing of their own."""
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2 ** 20
