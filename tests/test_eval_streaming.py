@@ -35,7 +35,7 @@ def detector(centernet_bundle) -> tuple[EdgeData, object]:
     bundle = load_bundle(centernet_bundle)
     session = onnx_session(bundle.cloud_path, threads=2)
     plan = make_plan(True, "photos", True, VIEWS)
-    return edge_data(bundle, "photos", plan, ROOT / "cache" / "eval", session, progress=False), session
+    return edge_data(bundle, "photos", plan, ROOT / "cache" / "eval", progress=False), session
 
 
 def _whole(data: EdgeData, session: object, recon: np.ndarray) -> tuple[dict, float]:

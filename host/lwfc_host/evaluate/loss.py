@@ -522,7 +522,7 @@ def evaluate_loss(bundle_dir: str | Path, tables_path: str | None = None, levels
     session = onnx_session(bundle.cloud_path, threads=SESSION_THREADS)
     metric_name = resolve_metric(bundle.info, "auto")
     metric = METRICS[metric_name]()
-    data = edge_data(bundle, ds, plan, cache_dir, session, progress)
+    data = edge_data(bundle, ds, plan, cache_dir, progress)
     times["edge_outputs"] = time.time() - t0
     t0 = time.time()
     if tables_path:

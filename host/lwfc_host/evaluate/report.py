@@ -240,11 +240,11 @@ def plot_variants(ev: Evaluation, path: Path) -> None:
 
 
 def peak_memory(ev: Evaluation) -> str:
-    """The evaluating process's peak memory in words (``--jobs`` workers hold their own copy of the edge outputs)."""
+    """``Evaluation.peak_rss_mb`` in words."""
     if math.isnan(ev.peak_rss_mb):
         return "not recorded"
-    return f"{ev.peak_rss_mb:.0f} MB resident" + (" in the main process, not counting the workers" if ev.jobs > 1
-                                                   else "")
+    return (f"{ev.peak_rss_mb:.0f} MB resident in the largest process (the evaluation, the edge-output computation, "
+            "ffmpeg" + (f" or one of the {ev.jobs} workers, which run side by side)" if ev.jobs > 1 else ")"))
 
 
 def markdown(ev: Evaluation) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 from lwfc.bundle import load_bundle
 from lwfc_convert.cloud_runtime import onnx_session
 from lwfc_host.evaluate.baseline_points import Codec, baseline_settings, method_of, run_baseline
-from lwfc_host.evaluate.edge_cache import EdgeData, cache_path, edge_data, load_edge_data
+from lwfc_host.evaluate.edge_cache import SESSION_THREADS, EdgeData, cache_path, edge_data, load_edge_data
 from lwfc_host.evaluate.lwfc_points import Combo, lwfc_combos, lwfc_stats, run_lwfc_combo
 from lwfc_host.evaluate.metrics import METRICS, bundle_task, resolve_metric
 from lwfc_host.evaluate.plans import METHODS, Plan, make_plan
@@ -35,8 +35,6 @@ from lwfc_host.evaluate.streaming import peak_rss_mb
 
 DEFAULT_CACHE = Path("cache") / "eval"
 DATASETS = ("fashion-mnist", "photos")
-# Intra-op threads of the cloud-half session in this process; each worker process (--jobs) uses one.
-SESSION_THREADS = 2
 
 
 @dataclass
@@ -148,7 +146,7 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
     session = onnx_session(bundle.cloud_path, threads=SESSION_THREADS)
     met = METRICS[metric]()
     t0 = time.time()
-    data = edge_data(bundle, ds, plan, cache_dir, session, progress)
+    data = edge_data(bundle, ds, plan, cache_dir, progress)
     edge_cache = cache_path(bundle, ds, plan, cache_dir)
     seconds = {"edge_outputs": time.time() - t0}
     ctx = TaskContext(data, lwfc_stats(data), session, met, plan)

@@ -43,8 +43,10 @@ def squared_error(recon: np.ndarray, x: np.ndarray,
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (2^20 bytes), from ``getrusage`` as ``/usr/bin/time -v``
-    reads it. Child processes are left out: Linux counts in a child's peak the parent's memory at the fork (an
-    ffmpeg started by a 1 GB process shows 1 GB), so their figure would say nothing of their own."""
+    """The peak resident memory so far of the largest single process of the run, in MB (2^20 bytes): this one or
+    a finished child (the edge-output computation, ffmpeg, ``--jobs`` workers); what ``/usr/bin/time -v`` reports
+    as the maximum resident set size. (Linux counts in a child's figure its parent's peak when it was started,
+    which is never more than this process's own.)"""
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2 ** 20
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) \
+        * unit / 2 ** 20
