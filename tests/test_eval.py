@@ -242,6 +242,7 @@ def test_eval_extend_adds_points(quick_report, tmp_path):
     assert ("lwfc uniform clip=mse ctx=one", "3 levels") in keys
     assert {2, 3, 4} <= set(new["plan"]["levels"])
     assert new["command"].count("lwfc eval") == 2
+    assert new["peak_rss_mb"] >= old["peak_rss_mb"] > 0  # the larger of the two runs' peaks
     check_rates_are_measured(ext)
 
     # other tensors (another --limit) cannot be merged: a clear error, nothing written

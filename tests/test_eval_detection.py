@@ -123,6 +123,10 @@ def test_detector_quick_eval_structure(quick_report):
     assert "### Against the float model" in md and "## Against the goal" in md
     assert all(math.isfinite(r["best"]) for r in ev["headline"])
     assert "bits/element within 1 pp" in stdout
+    # issue 16: the run streams its tensors; its peak memory is recorded (test_eval_streaming checks the numbers)
+    assert 0 < ev["peak_rss_mb"] < 3072
+    assert f"- Peak memory: {ev['peak_rss_mb']:.0f} MB resident in the largest process" in md
+    assert "peak memory: " in stdout
 
 
 def test_detector_quick_eval_rates_are_measured(quick_report):

@@ -10,6 +10,11 @@ import numpy as np
 
 # One batch of cloud-half inputs holds at most this many elements: 256 MB of float32 features per call.
 MAX_BATCH_ELEMENTS = 1 << 26
+# One onnxruntime run takes at most this many input elements (16 MB of float32). The session's memory arena keeps
+# what its largest run needed, and a cloud half's activations are several times its input (CenterNet-MobileNetV3
+# from 128x128x72: about 42 MB per tensor, so a MAX_BATCH_ELEMENTS batch of 56 tensors held 2.4 GB for the rest of
+# the process); runs of a few tensors are as fast on a CPU. The outputs do not depend on the batch (tests check it).
+RUN_ELEMENTS = 1 << 22
 
 
 def onnx_session(path: str | Path, threads: int = 1) -> Any:
@@ -28,15 +33,15 @@ def run_onnx(session: Any, features_nhwc: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def batch_for(shape: tuple[int, ...], batch: int) -> int:
-    """``batch`` capped so that one batch of tensors of ``shape`` (without N) holds at most MAX_BATCH_ELEMENTS."""
-    return max(1, min(batch, MAX_BATCH_ELEMENTS // max(1, int(np.prod(shape)))))
+def batch_for(shape: tuple[int, ...], batch: int, max_elements: int = MAX_BATCH_ELEMENTS) -> int:
+    """``batch`` capped so that one batch of tensors of ``shape`` (without N) holds at most ``max_elements``."""
+    return max(1, min(batch, max_elements // max(1, int(np.prod(shape)))))
 
 
 def cloud_outputs(session: Any, feats: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The cloud half on NHWC float features, in batches of at most MAX_BATCH_ELEMENTS elements: classifier
-    logits ``[N, classes]`` or detection rows ``[N, K, 6]``."""
-    batch = batch_for(feats.shape[1:], batch)
+    """The cloud half on NHWC float features, in runs of at most ``batch`` tensors and RUN_ELEMENTS elements:
+    classifier logits ``[N, classes]`` or detection rows ``[N, K, 6]``."""
+    batch = batch_for(feats.shape[1:], batch, RUN_ELEMENTS)
     return np.concatenate([run_onnx(session, feats[i:i + batch]) for i in range(0, len(feats), batch)])
 
 

@@ -181,7 +181,14 @@ def run(args: argparse.Namespace) -> int:
     from lwfc_host.cli import CommandError
     from lwfc_host.evaluate.metrics import METRICS
     from lwfc_host.evaluate.plans import METHODS
-    from lwfc_host.evaluate.report import ExtendError, check_extendable, extend_evaluation, headline, write_report
+    from lwfc_host.evaluate.report import (
+        ExtendError,
+        check_extendable,
+        extend_evaluation,
+        headline,
+        peak_memory,
+        write_report,
+    )
     from lwfc_host.evaluate.run import evaluate_bundle
 
     if args.metric != "auto" and args.metric not in METRICS:
@@ -216,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         r = row["rate_within_1pp"]
         shown = f"{r:.3f}" if r == r else "not reached"
         print(f"{row['method']:40s} {shown:>12s} bits/element within 1 pp")
+    print(f"peak memory: {peak_memory(ev)}")
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.time() - t0:.0f} s")
     return 0
 

@@ -12,12 +12,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lwfc_convert.cloud_runtime import batch_for, cloud_outputs
+from lwfc_convert.cloud_runtime import cloud_outputs
 from lwfc_host.evaluate import baselines as bl
 from lwfc_host.evaluate.av1 import av1
 from lwfc_host.evaluate.edge_cache import EdgeData
 from lwfc_host.evaluate.plans import Plan
 from lwfc_host.evaluate.results import Point
+from lwfc_host.evaluate.streaming import chunk_of, squared_error
 
 Codec = Callable[[np.ndarray], bl.BaselineBatch]
 
@@ -26,7 +27,7 @@ def run_baseline(name: str, fn: Codec, data: EdgeData, session: Any, metric: Any
     """Code the evaluation tensors in chunks with one baseline setting, run the cloud on the reconstructions."""
     n = len(data.q_eval)
     n_el = int(np.prod(data.q_eval.shape[1:]))
-    chunk = batch_for(data.q_eval.shape[1:], chunk)
+    chunk = chunk_of(data.q_eval.shape[1:], chunk)
     nbytes, optional, outs = [], [], []
     t_enc = t_dec = 0.0
     se = 0.0
@@ -39,8 +40,9 @@ def run_baseline(name: str, fn: Codec, data: EdgeData, session: Any, metric: Any
         optional.append(b.optional_bytes if b.optional_bytes.size else np.zeros(len(x), dtype=np.int64))
         t_enc += b.encode_seconds
         t_dec += b.decode_seconds
-        se += float(np.sum((b.recon.astype(np.float64) - x) ** 2))
         outs.append(cloud_outputs(session, b.recon))
+        se += squared_error(b.recon, x)
+        del x, b  # before the next chunk's are made
     nb = np.concatenate(nbytes)
     opt = np.concatenate(optional)
     return Point(name, setting, float(8 * nb.mean() / n_el), metric(np.concatenate(outs), data.labels, data.ref),

@@ -3,13 +3,15 @@
 Every method of an evaluation codes the same int8 edge outputs (N, H, W, C) of the evaluation set, and the
 lwfc designs start from those of a disjoint calibration set. Computing them runs the int8 TFLite edge half on
 every image (and the float model, for the reference outputs), which is the slow part of a run; the cache is
-keyed by the bundle's files and the image counts, so any change to the bundle or the set recomputes it.
+keyed by the bundle's files and the image counts, so any change to the bundle or the set recomputes it. It is
+computed in a child process, so that the memory those models leave behind is not the evaluation's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,15 @@ from typing import Any
 import numpy as np
 
 from lwfc.bundle import CLOUD_FILE, EDGE_FILE, INFO_FILE, Bundle
-from lwfc_convert.cloud_runtime import cloud_outputs
+from lwfc_convert.cloud_runtime import RUN_ELEMENTS, batch_for, cloud_outputs
 from lwfc_host.evaluate.metrics import bundle_task
 from lwfc_host.evaluate.plans import Plan
+from lwfc_host.evaluate.pool import START_METHOD
 
 CACHE_VERSION = 1  # bump when the cached arrays change meaning
+# Intra-op threads of a cloud-half session in the evaluating process (its outputs do not depend on them); each
+# worker process (--jobs) uses one.
+SESSION_THREADS = 2
 
 
 @dataclass
@@ -45,6 +51,12 @@ class EdgeData:
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """Float features of int8 edge outputs (what the cloud half takes)."""
         return (self.scale * (q.astype(np.float32) - self.zero_point)).astype(np.float32)
+
+    def cloud(self, session: Any, q: np.ndarray) -> np.ndarray:
+        """The cloud half's outputs on int8 edge outputs ``q``, dequantized one run of the cloud half at a time
+        (the float features of every view at once can be GBs)."""
+        step = batch_for(q.shape[1:], len(q), RUN_ELEMENTS)
+        return np.concatenate([cloud_outputs(session, self.dequantize(q[i:i + step])) for i in range(0, len(q), step)])
 
 
 def _file_digest(path: str | Path) -> str:
@@ -130,20 +142,30 @@ def _compute(bundle: Bundle, plan: Plan, session: Any, progress: bool) -> EdgeDa
     feature = bundle.info["feature"]
     data = EdgeData(np.concatenate(q_eval), q_calib, np.concatenate(labels).astype(np.int64),
                     float(feature["scale"]), int(feature["zero_point"]), {}, desc + why_not, 0.0)
-    data.ref["int8"] = cloud_outputs(session, data.dequantize(data.q_eval))
+    data.ref["int8"] = data.cloud(session, data.q_eval)
     if float_logits:
         data.ref["float"] = np.concatenate(float_logits)
     data.seconds = time.time() - t0
     return data
 
 
-def edge_data(bundle: Bundle, dataset: str, plan: Plan, cache_dir: str | Path, session: Any,
-              progress: bool = True) -> EdgeData:
-    """The edge outputs of ``plan``'s calibration and evaluation images: computed (``session`` runs the cloud
-    half for the reference outputs) and cached on the first call, read from the cache afterwards."""
+def _compute_to_cache(bundle_dir: str, plan: Plan, path: str, progress: bool) -> None:
+    """Compute the edge outputs of ``plan``'s images and write them to ``path`` (what the child process of
+    :func:`edge_data` runs)."""
+    from lwfc.bundle import load_bundle
+    from lwfc_convert.cloud_runtime import onnx_session
+
+    bundle = load_bundle(bundle_dir)
+    _save(_compute(bundle, plan, onnx_session(bundle.cloud_path, threads=SESSION_THREADS), progress), Path(path))
+
+
+def edge_data(bundle: Bundle, dataset: str, plan: Plan, cache_dir: str | Path, progress: bool = True) -> EdgeData:
+    """The edge outputs of ``plan``'s calibration and evaluation images, read from the cache; on the first call
+    computed into it by a child process. (The TFLite edge half, the float model and torch leave about 1.5 GB
+    behind in the process that ran them, freed but kept by the allocator; the evaluation that follows needs as
+    much again. The arrays come back the same through the .npz, which stores them exactly.)"""
     path = cache_path(bundle, dataset, plan, cache_dir)
-    if path.exists():
-        return load_edge_data(path)
-    data = _compute(bundle, plan, session, progress)
-    _save(data, path)
-    return data
+    if not path.exists():
+        with multiprocessing.get_context(START_METHOD).Pool(1) as pool:  # its exceptions are raised here
+            pool.apply(_compute_to_cache, (str(bundle.directory), plan, str(path), progress))
+    return load_edge_data(path)

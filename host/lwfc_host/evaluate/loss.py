@@ -360,7 +360,7 @@ def _edge_outputs(bundle_dir: str | Path, limit: int | None, cache_dir: str | Pa
     quick = detection and limit is not None and limit < MIN_DETECTION_VIEWS
     plan = make_plan(detection, ds, quick, limit, {}, {"lwfc"})
     session = onnx_session(bundle.cloud_path, threads=SESSION_THREADS)
-    return bundle, detection, session, edge_data(bundle, ds, plan, cache_dir, session, progress)
+    return bundle, detection, session, edge_data(bundle, ds, plan, cache_dir, progress)
 
 
 def measure_overhead(tables: Tables, idx: np.ndarray, plans: list[str], mtu: int, mtus: list[int],

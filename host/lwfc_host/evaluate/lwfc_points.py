@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from lwfc_convert.cloud_runtime import batch_for, cloud_outputs
+from lwfc_convert.cloud_runtime import cloud_outputs
 from lwfc_host.evaluate.edge_cache import EdgeData
 from lwfc_host.evaluate.plans import CONTEXTS, Plan
 from lwfc_host.evaluate.results import Point
+from lwfc_host.evaluate.streaming import chunk_of, squared_error
 
 # ECSQ's one-model entropy as a fraction of the uniform quantizer's with the same levels and clip range.
 ECSQ_RATE_RATIO = 0.8
@@ -101,19 +102,23 @@ def _code_variant(design: Any, data: EdgeData, session: Any, decoded: int, run_c
     frames = [encoder.frame_int8(q) for q in data.q_eval]
     out = _Coded(frames, int(np.prod(data.q_eval.shape[1:])), time.perf_counter() - t0, 0.0, decoded, [], 0.0)
     dec = Decoder(tables)
-    chunk = batch_for(data.q_eval.shape[1:], 256)  # decoded tensors are held a chunk at a time, not all
+    chunk = chunk_of(data.q_eval.shape[1:], 256)  # decoded tensors are held a chunk at a time, not all
     for i in range(0, decoded, chunk):
-        t0 = time.perf_counter()
-        got = [dec.decode(out.frames[j]) for j in range(i, min(decoded, i + chunk))]
-        out.decode_seconds += time.perf_counter() - t0
-        q = data.q_eval[i:i + len(got)]
-        # every variant must decode to the encoder's indices (so all variants agree with each other)
-        if not np.array_equal(np.stack([g.indices for g in got]), encoder.lut[q.astype(np.int64) + 128]):
-            raise RuntimeError(f"{what}: decoded indices differ from the encoder's")
-        if run_cloud:
-            recon = np.concatenate([g.tensor for g in got])
+        q = data.q_eval[i:min(decoded, i + chunk)]
+        recon = np.empty(q.shape, dtype=np.float32) if run_cloud else None
+        for k in range(len(q)):  # one tensor's indices at a time: as int64 they are 8 bytes an element
+            t0 = time.perf_counter()
+            got = dec.decode(out.frames[i + k])
+            out.decode_seconds += time.perf_counter() - t0
+            # every variant must decode to the encoder's indices (so all variants agree with each other)
+            if not np.array_equal(got.indices, encoder.lut[q[k].astype(np.int64) + 128]):
+                raise RuntimeError(f"{what}: decoded indices differ from the encoder's")
+            if recon is not None:
+                recon[k] = got.tensor[0]
+        if recon is not None:
             out.outputs.append(cloud_outputs(session, recon))
-            out.squared_error += float(np.sum((recon.astype(np.float64) - data.dequantize(q)) ** 2))
+            out.squared_error += squared_error(recon, q, data.dequantize)
+        del recon  # before the next chunk's is made
     return out
 
 

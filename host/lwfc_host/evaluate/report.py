@@ -239,6 +239,14 @@ def plot_variants(ev: Evaluation, path: Path) -> None:
     plt.close(fig)
 
 
+def peak_memory(ev: Evaluation) -> str:
+    """``Evaluation.peak_rss_mb`` in words."""
+    if math.isnan(ev.peak_rss_mb):
+        return "not recorded"
+    return (f"{ev.peak_rss_mb:.0f} MB resident in the largest process (the evaluation, the edge-output computation, "
+            "ffmpeg" + (f" or one of the {ev.jobs} workers, which run side by side)" if ev.jobs > 1 else ")"))
+
+
 def markdown(ev: Evaluation) -> str:
     ref, ref_name = reference_value(ev)
     h, w, c = ev.shape
@@ -261,6 +269,7 @@ def markdown(ev: Evaluation) -> str:
                                                                        ev.seconds.items()) + ")"
         + (f"; per method, summed over {ev.jobs} worker processes: " if ev.jobs > 1 else "; per method: ")
         + ", ".join(f"{k} {v:.0f} s" for k, v in ev.method_seconds.items()) + ".",
+        f"- Peak memory: {peak_memory(ev)}.",
         "",
         f"## Headline (within {TOLERANCE_PP:g} pp of the reference, interpolated on each family's envelope)",
         "",
@@ -447,7 +456,8 @@ def extend_evaluation(previous_dir: str | Path, new: Evaluation) -> Evaluation:
     return dataclasses.replace(new, points=points, plan=plan, seconds=seconds, method_seconds=method_seconds,
                                command="; ".join(c for c in (old.command, new.command) if c),
                                hevc_single_process_ms=new.hevc_single_process_ms or old.hevc_single_process_ms,
-                               jobs=max(old.jobs, new.jobs))
+                               jobs=max(old.jobs, new.jobs),
+                               peak_rss_mb=max(new.peak_rss_mb, old.peak_rss_mb))
 
 
 def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:

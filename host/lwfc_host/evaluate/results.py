@@ -49,6 +49,9 @@ class Evaluation:
     metric_description: str = ""
     method_seconds: dict[str, float] = field(default_factory=dict)  # per method, summed over the workers
     jobs: int = 1
+    # peak resident memory in MB of the run's largest process (streaming.peak_rss_mb); NaN in evaluations written
+    # before it was recorded
+    peak_rss_mb: float = math.nan
 
     def to_json(self) -> dict:
         """Plain JSON-able data (dataclasses turned into dicts)."""

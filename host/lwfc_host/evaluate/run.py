@@ -9,7 +9,9 @@ with parameter sets, plus min/max side info; ...), never from an entropy estimat
 
 The parts: ``plans`` (which rate points), ``metrics`` (accuracy, agreement, mAP@0.5: ``--metric auto`` picks
 the one that fits the bundle), ``edge_cache``, ``lwfc_points`` and ``baseline_points`` (one task per quantizer
-or baseline setting), ``pool`` (the tasks on several cores), ``results`` (what is saved), ``report``.
+or baseline setting), ``pool`` (the tasks on several cores), ``results`` (what is saved), ``report``;
+``streaming`` keeps memory bounded whatever the number of tensors (float reconstructions a chunk at a time, the
+cloud half a few tensors at a time, only cloud outputs and frame sizes kept) and records the peak.
 """
 
 from __future__ import annotations
@@ -23,17 +25,16 @@ from typing import Any, Callable, Iterable
 from lwfc.bundle import load_bundle
 from lwfc_convert.cloud_runtime import onnx_session
 from lwfc_host.evaluate.baseline_points import Codec, baseline_settings, method_of, run_baseline
-from lwfc_host.evaluate.edge_cache import EdgeData, cache_path, edge_data, load_edge_data
+from lwfc_host.evaluate.edge_cache import SESSION_THREADS, EdgeData, cache_path, edge_data, load_edge_data
 from lwfc_host.evaluate.lwfc_points import Combo, lwfc_combos, lwfc_stats, run_lwfc_combo
 from lwfc_host.evaluate.metrics import METRICS, bundle_task, resolve_metric
 from lwfc_host.evaluate.plans import METHODS, Plan, make_plan
 from lwfc_host.evaluate.pool import Shared, run_tasks
 from lwfc_host.evaluate.results import Evaluation, Point
+from lwfc_host.evaluate.streaming import peak_rss_mb
 
 DEFAULT_CACHE = Path("cache") / "eval"
 DATASETS = ("fashion-mnist", "photos")
-# Intra-op threads of the cloud-half session in this process; each worker process (--jobs) uses one.
-SESSION_THREADS = 2
 
 
 @dataclass
@@ -145,7 +146,7 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
     session = onnx_session(bundle.cloud_path, threads=SESSION_THREADS)
     met = METRICS[metric]()
     t0 = time.time()
-    data = edge_data(bundle, ds, plan, cache_dir, session, progress)
+    data = edge_data(bundle, ds, plan, cache_dir, progress)
     edge_cache = cache_path(bundle, ds, plan, cache_dir)
     seconds = {"edge_outputs": time.time() - t0}
     ctx = TaskContext(data, lwfc_stats(data), session, met, plan)
@@ -163,4 +164,4 @@ def evaluate_bundle(bundle_dir: str | Path, dataset: str = "auto", limit: int | 
                       met.primary(data.labeled), (h, w, c), n, data.description, seconds,
                       _hevc_single(data, plan, methods), str(edge_cache), metric=metric,
                       metric_description=met.describe() if hasattr(met, "describe") else "",
-                      method_seconds=method_seconds, jobs=jobs)
+                      method_seconds=method_seconds, jobs=jobs, peak_rss_mb=peak_rss_mb())
