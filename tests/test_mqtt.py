@@ -413,7 +413,7 @@ class WorkerProcess:
 
 
 def test_frames_a_killed_worker_took_are_published_again_and_answered(broker, bundle, frames, model):
-    """Worker A hangs (SIGSTOP) holding six frames, worker B joins, A is killed (SIGKILL): the broker forgets what A
+    """Worker A hangs (SIGSTOP) taking the first frames, B joins, A is killed (SIGKILL): the broker forgets what A
     held, the device publishes those frames again when they are overdue, B answers them. Every frame is answered
     once, none is lost."""
     url = broker.url(prefix())
@@ -440,7 +440,9 @@ def test_frames_a_killed_worker_took_are_published_again_and_answered(broker, bu
     assert sorted(a.tag for a in answers) == list(range(len(frames)))
     assert all(x.kind == "result" for x in answers)
     assert all(x.result["top"] == local_top(model, frames[x.tag]) for x in answers)
-    assert link.window.republished >= 6 and final["frames"] >= len(frames)
+    # A answered nothing, so every frame A took was answered by B only after the device published it again. How
+    # many A took is the broker's choice (under load B can join before the last of the six reached A): at least one.
+    assert link.window.republished >= 1 and final["frames"] >= len(frames)
 
 
 _MPY_SCRIPT = """
