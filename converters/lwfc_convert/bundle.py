@@ -25,6 +25,50 @@ HELD_OUT_PHOTOS = ("skimage/coffee", "skimage/chelsea", "matplotlib/grace_hopper
 # The int8 error budget (qat.error_budget) is simulated on at most this many held-out images.
 ERROR_BUDGET_IMAGES = 512
 
+# What the int8 edge half may cost on the task before `lwfc convert` warns (bundle.json "int8_check"):
+MIN_MAP50_RETENTION = 0.95  # detectors: mAP@0.5 of the int8 pipeline against the float model's detections
+MAX_ACCURACY_DROP = 0.005  # classifiers on labeled data: float minus int8 top-1 accuracy
+MIN_TOP1_AGREEMENT = 0.99  # classifiers on unlabeled photos: int8 top-1 equal to the float top-1
+
+
+def int8_check(metrics: dict[str, Any], detector: bool) -> dict[str, Any]:
+    """Whether the int8 edge half keeps the task within the thresholds above, from the bundle's ``accuracy``
+    (:func:`evaluate` or ``detection.bundle_metrics``): the metric, its value and threshold, ``passed``, and
+    ``warnings`` (sentences for the user; a detector retention measured on fewer views than a full detector
+    evaluation uses, ``detection.EVAL_VIEWS``, is flagged as not conclusive either way)."""
+    from .detection import EVAL_VIEWS
+
+    n = int(metrics["images"])
+    warnings = []
+    if detector:
+        value, threshold = float(metrics["map50_int8_vs_float"]), MIN_MAP50_RETENTION
+        res = {"metric": "map50_int8_vs_float", "rule": f">= {threshold}", "value": value, "threshold": threshold,
+               "passed": value >= threshold}
+        if not res["passed"]:
+            warnings.append(f"the int8 edge half keeps {value:.1%} of the float model's mAP@0.5 on {n} views "
+                            f"(threshold {threshold:.0%}; recall {metrics['recall_int8_vs_float']:.1%}, precision "
+                            f"{metrics['precision_int8_vs_float']:.1%} of its {metrics['reference_detections']} "
+                            "detections)")
+        if n < EVAL_VIEWS:
+            warnings.append(f"retention measured on {n} views, fewer than the {EVAL_VIEWS} of a full detector "
+                            "evaluation: not conclusive (--eval-images)")
+    elif "float_accuracy" in metrics:
+        drop = float(metrics["float_accuracy"]) - float(metrics["int8_edge_float_cloud_accuracy"])
+        threshold = MAX_ACCURACY_DROP
+        res = {"metric": "float_accuracy - int8_edge_float_cloud_accuracy", "rule": f"<= {threshold}",
+               "value": drop, "threshold": threshold, "passed": drop <= threshold}
+        if not res["passed"]:
+            warnings.append(f"the int8 edge half loses {100 * drop:.2f} pp of top-1 accuracy on {n} images "
+                            f"(threshold {100 * threshold:.1f} pp)")
+    else:
+        value, threshold = float(metrics["top1_agreement_int8_vs_float"]), MIN_TOP1_AGREEMENT
+        res = {"metric": "top1_agreement_int8_vs_float", "rule": f">= {threshold}", "value": value,
+               "threshold": threshold, "passed": value >= threshold}
+        if not res["passed"]:
+            warnings.append(f"the int8 pipeline's top-1 agrees with the float model's on {value:.1%} of {n} "
+                            f"views (threshold {threshold:.0%})")
+    return {**res, "images": n, "warnings": warnings}
+
 
 def _rel_l2(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-12))
@@ -318,6 +362,7 @@ def _bundle_info(spec: Any, point: dict[str, Any], detector: bool, settings: dic
         "evaluation_set": eval_desc,
         "class_names": spec.classes(),
         "accuracy": metrics,
+        "int8_check": int8_check(metrics, detector),
         "split_max_abs_error": split_err,
         "timing": timing,
         "equalization": edge_int8["equalization"],
