@@ -90,6 +90,10 @@ def test_resnet_bundle_accuracy(resnet_bundle):
     assert budget["int8"] == pytest.approx(acc["edge_int8_rel_l2_error"], abs=0.005)
     assert budget["output_rounding"] < budget["weights_and_output"] < budget["int8"]
     assert acc["cloud_onnx_vs_torch_max_rel_l2_error"] <= 1e-4
+    check = info["int8_check"]  # labeled: the accuracy drop, against 0.5 pp
+    assert check["metric"].startswith("float_accuracy") and check["threshold"] == bundle.MAX_ACCURACY_DROP
+    assert check["value"] == pytest.approx(acc["float_accuracy"] - acc["int8_edge_float_cloud_accuracy"])
+    assert check["passed"] == (check["value"] <= 0.005) and bool(check["warnings"]) != check["passed"]
     # Recompute the int8 accuracy independently from the bundle files on a slice of the same images.
     from lwfc_convert.datasets import fashion_mnist
 
@@ -148,6 +152,28 @@ def test_lwfc_info_prints_bundle(resnet_bundle, capsys):
     text = capsys.readouterr().out
     assert "resnet_fmnist" in text and "stage2" in text and "int8_edge_float_cloud_accuracy" in text
     assert "int8 error budget" in text and "output rounding alone" in text
+    assert "int8 check: float_accuracy - int8_edge_float_cloud_accuracy" in text
+
+
+def test_int8_check_thresholds():
+    """`lwfc convert` warns when the int8 edge half costs the task more than the thresholds."""
+    det = {"images": 136, "map50_int8_vs_float": 0.96, "recall_int8_vs_float": 0.95,
+           "precision_int8_vs_float": 0.97, "reference_detections": 279}
+    ok = bundle.int8_check(det, detector=True)
+    assert ok["passed"] and ok["warnings"] == [] and ok["threshold"] == 0.95
+    low = bundle.int8_check({**det, "map50_int8_vs_float": 0.93}, detector=True)
+    assert not low["passed"] and "93.0% of the float model's mAP@0.5 on 136 views" in low["warnings"][0]
+    few = bundle.int8_check({**det, "images": 17}, detector=True)
+    assert few["passed"] and "17 views, fewer than the 120" in few["warnings"][0]
+    labeled = {"images": 2000, "float_accuracy": 0.925, "int8_edge_float_cloud_accuracy": 0.919,
+               "top1_agreement_int8_vs_float": 0.995}
+    lost = bundle.int8_check(labeled, detector=False)
+    assert not lost["passed"] and "0.60 pp" in lost["warnings"][0]
+    assert bundle.int8_check({**labeled, "int8_edge_float_cloud_accuracy": 0.921}, detector=False)["passed"]
+    photos = {"images": 32, "top1_agreement_int8_vs_float": 0.97}
+    disagree = bundle.int8_check(photos, detector=False)
+    assert disagree["metric"] == "top1_agreement_int8_vs_float" and not disagree["passed"]
+    assert bundle.int8_check({**photos, "top1_agreement_int8_vs_float": 1.0}, detector=False)["passed"]
 
 
 def test_tflite_runtime_matches_ai_edge_litert(resnet_bundle, tmp_path):

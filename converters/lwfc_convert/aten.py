@@ -11,6 +11,8 @@ from typing import Any
 
 CONV_TARGETS = ("conv1d.default", "conv2d.default", "convolution.default")
 ACT_TARGETS = ("relu.default", "relu_.default", "relu6.default", "hardtanh.default", "hardtanh_.default")
+# Activations TFLite runs as ops of their own (HARD_SWISH), never fused into the convolution before them.
+STANDALONE_ACT_TARGETS = ("hardswish.default", "hardswish_.default")
 ADD_TARGETS = ("add.Tensor", "add_.Tensor")
 # Ops TFLite runs without rescaling: their output keeps their input's scale and zero point (a pad writes the
 # zero point, a max picks one of the inputs).

@@ -7,11 +7,14 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lwfc.bundle import CLOUD_FILE, EDGE_FILE, INFO_FILE
+
+if TYPE_CHECKING:
+    from .zoo import QatRecipe
 
 BUNDLE_VERSION = 1
 
@@ -21,6 +24,50 @@ HELD_OUT_PHOTOS = ("skimage/coffee", "skimage/chelsea", "matplotlib/grace_hopper
 
 # The int8 error budget (qat.error_budget) is simulated on at most this many held-out images.
 ERROR_BUDGET_IMAGES = 512
+
+# What the int8 edge half may cost on the task before `lwfc convert` warns (bundle.json "int8_check"):
+MIN_MAP50_RETENTION = 0.95  # detectors: mAP@0.5 of the int8 pipeline against the float model's detections
+MAX_ACCURACY_DROP = 0.005  # classifiers on labeled data: float minus int8 top-1 accuracy
+MIN_TOP1_AGREEMENT = 0.99  # classifiers on unlabeled photos: int8 top-1 equal to the float top-1
+
+
+def int8_check(metrics: dict[str, Any], detector: bool) -> dict[str, Any]:
+    """Whether the int8 edge half keeps the task within the thresholds above, from the bundle's ``accuracy``
+    (:func:`evaluate` or ``detection.bundle_metrics``): the metric, its value and threshold, ``passed``, and
+    ``warnings`` (sentences for the user; a detector retention measured on fewer views than a full detector
+    evaluation uses, ``detection.EVAL_VIEWS``, is flagged as not conclusive either way)."""
+    from .detection import EVAL_VIEWS
+
+    n = int(metrics["images"])
+    warnings = []
+    if detector:
+        value, threshold = float(metrics["map50_int8_vs_float"]), MIN_MAP50_RETENTION
+        res = {"metric": "map50_int8_vs_float", "rule": f">= {threshold}", "value": value, "threshold": threshold,
+               "passed": value >= threshold}
+        if not res["passed"]:
+            warnings.append(f"the int8 edge half keeps {value:.1%} of the float model's mAP@0.5 on {n} views "
+                            f"(threshold {threshold:.0%}; recall {metrics['recall_int8_vs_float']:.1%}, precision "
+                            f"{metrics['precision_int8_vs_float']:.1%} of its {metrics['reference_detections']} "
+                            "detections)")
+        if n < EVAL_VIEWS:
+            warnings.append(f"retention measured on {n} views, fewer than the {EVAL_VIEWS} of a full detector "
+                            "evaluation: not conclusive (--eval-images)")
+    elif "float_accuracy" in metrics:
+        drop = float(metrics["float_accuracy"]) - float(metrics["int8_edge_float_cloud_accuracy"])
+        threshold = MAX_ACCURACY_DROP
+        res = {"metric": "float_accuracy - int8_edge_float_cloud_accuracy", "rule": f"<= {threshold}",
+               "value": drop, "threshold": threshold, "passed": drop <= threshold}
+        if not res["passed"]:
+            warnings.append(f"the int8 edge half loses {100 * drop:.2f} pp of top-1 accuracy on {n} images "
+                            f"(threshold {100 * threshold:.1f} pp)")
+    else:
+        value, threshold = float(metrics["top1_agreement_int8_vs_float"]), MIN_TOP1_AGREEMENT
+        res = {"metric": "top1_agreement_int8_vs_float", "rule": f">= {threshold}", "value": value,
+               "threshold": threshold, "passed": value >= threshold}
+        if not res["passed"]:
+            warnings.append(f"the int8 pipeline's top-1 agrees with the float model's on {value:.1%} of {n} "
+                            f"views (threshold {threshold:.0%})")
+    return {**res, "images": n, "warnings": warnings}
 
 
 def _rel_l2(got: np.ndarray, ref: np.ndarray) -> float:
@@ -157,7 +204,7 @@ def evaluate(model: Any, edge: Any, cloud: Any, tflite_path: Path, onnx_path: Pa
 
 def convert(name: str, at: str | None, output: str | Path, calib_images: int = 256,
             eval_images: int | None = None, bias_correction: bool = True, seed: int = 0,
-            progress: bool = True, qat_epochs: int = 16) -> dict[str, Any]:
+            progress: bool = True, qat_epochs: int = 16, equalization: bool = True) -> dict[str, Any]:
     """Build a bundle for zoo model ``name`` split at ``at`` (the model's default split if None) in
     directory ``output``; returns the bundle.json content.
 
@@ -186,14 +233,14 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
     if split_err > 1e-5:
         raise sp.SplitError(f"split at {at!r} is not exact: max |cloud(edge(x)) - model(x)| = {split_err:g}")
     edge_int8 = convert_edge(edge, calib, ev, spec.preprocess, out / EDGE_FILE, bias_correction, qat_epochs,
-                             seed, progress)
+                             seed, progress, equalization, spec.qat)
     t0 = time.time()
     onnx_info = export_cloud_onnx(cloud, tuple(point["shape_chw"]), out / CLOUD_FILE)
     t_onnx = time.time() - t0
     measure = bundle_metrics if detector else evaluate
     metrics = measure(model, edge, cloud, out / EDGE_FILE, out / CLOUD_FILE, ev, progress)
-    settings = {"calibration_images": calib_images, "seed": seed, "bias_correction": bias_correction,
-                "qat_epochs": qat_epochs}
+    settings = {"calibration_images": calib_images, "seed": seed, "equalization": equalization,
+                "bias_correction": bias_correction, "qat_epochs": qat_epochs}
     timing = {"total_seconds": time.time() - t_start, **edge_int8["timing"], "onnx_export_seconds": t_onnx}
     info = _bundle_info(spec, point, detector, settings, edge_int8, onnx_info, metrics, eval_desc, split_err,
                         timing)
@@ -215,18 +262,27 @@ def _data(name: str, detector: bool, calib_images: int, eval_images: int | None,
 
 def convert_edge(edge: Any, calib: list[Any], ev: list[tuple[Any, Any]], preprocessing: dict[str, Any],
                  output: Path, bias_correction: bool = True, qat_epochs: int = 16, seed: int = 0,
-                 progress: bool = True) -> dict[str, Any]:
-    """The float edge half -> fully int8 TFLite file ``output``: bias correction (``quant_fix``), PT2E,
-    QAT fine-tuning (``qat``, unless ``qat_epochs`` is 0), conversion, the int8 check (ExportError if any
-    op stays float) and the int8 error budget on the first held-out images of ``ev``. Returns the TFLite
-    model's details (``tflite``), ``bias_correction``, ``input_grid``, ``budget`` and ``timing``."""
+                 progress: bool = True, equalization: bool = True, qat_recipe: QatRecipe | None = None
+                 ) -> dict[str, Any]:
+    """The float edge half -> fully int8 TFLite file ``output``: per-channel range equalisation
+    (``equalize``, exact in float), bias correction (``quant_fix``), PT2E, QAT fine-tuning (``qat``, unless
+    ``qat_epochs`` is 0; learning rates and crops from ``qat_recipe``, default the classifiers'), conversion,
+    the int8 check (ExportError if any op stays float) and the int8 error budget on the first held-out images
+    of ``ev``. Returns the TFLite model's details (``tflite``), ``equalization``, ``bias_correction``,
+    ``input_grid``, ``budget`` and ``timing``."""
+    from .equalize import equalize
     from .preprocess import exact_int8_input
-    from .qat import error_budget, qat_finetune
+    from .qat import error_budget, qat_finetune, random_crops
     from .quant_fix import bias_correct
     from .tflite_export import ExportError, check_int8, convert_edge_to_tflite
+    from .zoo import QatRecipe
 
+    recipe = qat_recipe or QatRecipe()
     t0 = time.time()
-    edge_q, bc_info = bias_correct(edge, calib) if bias_correction else (edge, None)
+    edge_eq, eq_info = equalize(edge, calib) if equalization else (edge, None)
+    t_eq = time.time() - t0
+    t0 = time.time()
+    edge_q, bc_info = bias_correct(edge_eq, calib) if bias_correction else (edge_eq, None)
     t_bc = time.time() - t0
     graph: dict[str, Any] = {}
 
@@ -234,14 +290,21 @@ def convert_edge(edge: Any, calib: list[Any], ev: list[tuple[Any, Any]], preproc
         graph["quantized"] = quantized  # kept for the error budget below
         if qat_epochs <= 0:
             return None
-        # fine-tune the converted graph against the float edge half (qat.py)
-        return qat_finetune(quantized, edge, calib, epochs=qat_epochs, seed=seed, progress=progress)
+        # fine-tune the converted graph against the float edge half (qat.py); the teacher is the original
+        # float edge half (the equalised one computes the same function)
+        images = [random_crops(calib, recipe.crop, recipe.crops, seed)] if recipe.crop else calib
+        info = qat_finetune(quantized, edge, images, epochs=qat_epochs, lr=recipe.lr, scale_lr=recipe.scale_lr,
+                            seed=seed, progress=progress)
+        if recipe.crop:
+            info["crops"] = f"{recipe.crops} random {recipe.crop} x {recipe.crop} crops of the calibration images"
+        return info
 
     # When the preprocessed pixels lie on an int8 grid, the input takes that grid, not a calibrated one.
     input_grid = exact_int8_input(preprocessing)
     t0 = time.time()
     tfl = convert_edge_to_tflite(edge_q, calib, calib[0][:1], output, progress, refine=refine,
-                                 input_qparams=input_grid)
+                                 input_qparams=input_grid,
+                                 range_limits=eq_info["range_limits"] if eq_info else None)
     t_tflite = time.time() - t0
     problems = check_int8(output)
     if problems:
@@ -253,16 +316,17 @@ def convert_edge(edge: Any, calib: list[Any], ev: list[tuple[Any, Any]], preproc
     except ValueError as exc:  # e.g. an output that is not quantized per tensor: say so, keep the bundle
         budget = {"unavailable": str(exc)}
     budget["seconds"] = time.time() - t0
-    return {"tflite": tfl, "bias_correction": bc_info, "input_grid": input_grid, "budget": budget,
+    return {"tflite": tfl, "equalization": eq_info, "bias_correction": bc_info, "input_grid": input_grid,
+            "budget": budget,
             "timing": {"tflite_conversion_seconds": t_tflite, "pt2e_calibration_seconds": tfl["pt2e_seconds"],
-                       "bias_correction_seconds": t_bc}}
+                       "equalization_seconds": t_eq, "bias_correction_seconds": t_bc}}
 
 
 def _bundle_info(spec: Any, point: dict[str, Any], detector: bool, settings: dict[str, Any],
                  edge_int8: dict[str, Any], onnx_info: dict[str, Any], metrics: dict[str, Any], eval_desc: str,
                  split_err: float, timing: dict[str, float]) -> dict[str, Any]:
     """bundle.json's content (converters/README.md). ``settings``: the conversion's calibration_images,
-    seed, bias_correction and qat_epochs; ``edge_int8``: what :func:`convert_edge` returned."""
+    seed, equalization, bias_correction and qat_epochs; ``edge_int8``: what :func:`convert_edge` returned."""
     import torch
 
     tfl = edge_int8["tflite"]
@@ -298,8 +362,10 @@ def _bundle_info(spec: Any, point: dict[str, Any], detector: bool, settings: dic
         "evaluation_set": eval_desc,
         "class_names": spec.classes(),
         "accuracy": metrics,
+        "int8_check": int8_check(metrics, detector),
         "split_max_abs_error": split_err,
         "timing": timing,
+        "equalization": edge_int8["equalization"],
         "bias_correction": edge_int8["bias_correction"],
         "qat": tfl["refine"],
         "int8_error_budget": edge_int8["budget"],

@@ -29,6 +29,9 @@ DARKNET_PHOTOS = ("dog.jpg", "eagle.jpg", "giraffe.jpg", "horses.jpg", "kite.jpg
 REFERENCE_THRESHOLD = 0.3
 NMS_IOU = 0.4
 MIN_SCORE = 0.05  # detections under test are kept down to this score, to trace the precision-recall curve
+# Views a full detector evaluation asks for (`lwfc eval`'s plan and `lwfc convert`'s retention check): every
+# photo gets the same number of views, so 17 photos give 136.
+EVAL_VIEWS = 120
 
 
 def darknet_photo_paths() -> dict[str, Path]:
@@ -84,7 +87,7 @@ def make_view(image: np.ndarray, rng: np.random.Generator, index: int, size: int
     return np.asarray(im, dtype=np.uint8)
 
 
-def views(n_views: int = 120, size: int = 512, seed: int = 0, names: Sequence[str] | None = None,
+def views(n_views: int = EVAL_VIEWS, size: int = 512, seed: int = 0, names: Sequence[str] | None = None,
           require_darknet: bool = False) -> list[tuple[str, np.ndarray]]:
     """At least ``n_views`` deterministic views (``"photo#k"``, uint8 size x size x 3), the same number for
     each photo (view 0 of each photo is the plain resize). Fewer views than photos: view 0 of the first
@@ -283,7 +286,7 @@ def detection_eval_data(name: str, calib_images: int, eval_images: int | None, s
                         progress: bool = True, batch_size: int = 4) -> tuple[list[Any], list[tuple[Any, Any]], str]:
     """Calibration batches and evaluation batches ``(x, labels=-1)`` for a zoo detector, in the shape of
     :func:`lwfc_convert.bundle.calibration_and_eval_data`: evaluation on at least ``eval_images`` (default
-    120) :func:`views` of every photo
+    :data:`EVAL_VIEWS`) :func:`views` of every photo
     (darknet's included: required) with ``seed``; calibration on views of the same photos drawn with another
     seed (``seed + 1000``), so no calibration view is an evaluation view."""
     import torch
@@ -291,7 +294,7 @@ def detection_eval_data(name: str, calib_images: int, eval_images: int | None, s
     from .zoo import get_spec
 
     size = get_spec(name).input_shape[1]
-    n_eval = 120 if eval_images is None else eval_images
+    n_eval = EVAL_VIEWS if eval_images is None else eval_images
     # Not truncated: every photo keeps the same number of views (so at least the number asked for), except
     # that fewer views than photos take view 0 of the first photos (see views()).
     ev_views = views(max(n_eval, 1), size, seed, require_darknet=True)

@@ -173,6 +173,38 @@ def set_activation_scales(quantized: fx.GraphModule, new: dict[str, float | tupl
     return changed
 
 
+def _module_path(node: fx.Node) -> str | None:
+    """The innermost module a ``torch.export`` node was traced in (``nn_module_stack``), or None."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def limit_ranges(quantized: fx.GraphModule, limits: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
+    """Narrow the calibrated int8 range of module outputs in ``quantized`` (a ``convert_pt2e`` graph, changed
+    in place): ``limits`` maps a module path (as in the float model) to (lo, hi); the per-tensor quantize node
+    after that module's node gets the range [max(lo, its lo), min(hi, its hi)] (zero still exactly
+    representable), so that values outside saturate in int8. Used where values past a bound do not matter
+    (a hard-swish's input below -3: ``equalize``). Returns the new range per module path."""
+    new: dict[str, tuple[float, int]] = {}
+    done: dict[str, list[float]] = {}
+    for node in quantized.graph.nodes:
+        path = _module_path(node) if node.op == "call_function" else None
+        if path not in limits:
+            continue
+        for q in node.users:
+            if q.target != _Q.quantize_per_tensor.default:
+                continue
+            scale, zp, qmin, qmax = (float(_const(quantized, a)) for a in q.args[1:5])
+            lo = max((qmin - zp) * scale, limits[path][0])
+            hi = min((qmax - zp) * scale, limits[path][1])
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            step = (hi - lo) / (qmax - qmin)
+            new[q.name] = (step, int(min(qmax, max(qmin, round(qmin - lo / step)))))
+            done[path] = [lo, hi]
+    set_activation_scales(quantized, new)
+    return done
+
+
 def input_quantizers(quantized: fx.GraphModule, groups: list[list[str]] | None = None) -> list[str]:
     """Names of the per-tensor quantize nodes that must share the model input's scale and zero point: those
     of the input itself and those tied to them (e.g. the "SAME" padding in front of the first convolution,
@@ -194,6 +226,22 @@ def fix_input_quantization(quantized: fx.GraphModule, scale: float, zero_point: 
         raise ValueError("the graph's input is not quantized per tensor")
     set_activation_scales(quantized, {n: (float(scale), int(zero_point)) for n in names})
     return names
+
+
+def random_crops(batches: Iterable[torch.Tensor], size: int, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` random ``size`` x ``size`` crops (NCHW) of the images in ``batches``, at even offsets (so that
+    stride-2 layers sample the same pixel grid as on the whole image), for fine-tuning a fully convolutional
+    edge half on large images at a fraction of the cost."""
+    images = torch.cat([x for x in batches])
+    n, _, h, w = images.shape
+    if size > min(h, w):
+        raise ValueError(f"crop size {size} exceeds the images ({h} x {w})")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (count,), generator=gen)
+    tops = 2 * torch.randint(0, (h - size) // 2 + 1, (count,), generator=gen)
+    lefts = 2 * torch.randint(0, (w - size) // 2 + 1, (count,), generator=gen)
+    return torch.stack([images[i, :, t:t + size, left:left + size]
+                        for i, t, left in zip(idx.tolist(), tops.tolist(), lefts.tolist())])
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:

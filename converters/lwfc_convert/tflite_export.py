@@ -23,8 +23,8 @@ from torch import nn
 
 from lwfc.edge import make_interpreter
 
-from .aten import ACT_TARGETS, ADD_TARGETS, CAT_TARGETS, CONV_TARGETS, SHARE_TARGETS, aten_name
-from .qat import fix_input_quantization
+from .aten import ACT_TARGETS, ADD_TARGETS, CAT_TARGETS, CONV_TARGETS, SHARE_TARGETS, STANDALONE_ACT_TARGETS, aten_name
+from .qat import fix_input_quantization, limit_ranges
 
 
 class ExportError(RuntimeError):
@@ -84,7 +84,11 @@ def make_quantizer() -> Any:
                 if n.op != "call_function" or annotated(n):
                     continue
                 name = aten_name(n)
-                if name in ADD_TARGETS:
+                if name in STANDALONE_ACT_TARGETS:
+                    prev = n.args[0]
+                    n.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={prev: in_q}, output_qspec=out_q, _annotated=True)
+                elif name in ADD_TARGETS:
                     qmap = {a: in_q for a in n.args[:2] if isinstance(a, torch.fx.Node)}
                     n.meta["quantization_annotation"] = QuantizationAnnotation(
                         input_qspec_map=qmap, output_qspec=out_q, _annotated=True)
@@ -111,11 +115,12 @@ def make_quantizer() -> Any:
 
 def quantize_edge(
     edge: nn.Module, calib: Iterable[torch.Tensor], example: torch.Tensor, progress: bool = True,
-    input_qparams: tuple[float, int] | None = None,
+    input_qparams: tuple[float, int] | None = None, range_limits: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[Any, Any]:
     """Export, annotate, calibrate and convert (PT2E) the NCHW ``edge`` half; returns (quantized graph
     module, quantizer). ``input_qparams``: the input's (scale, zero point), replacing the calibrated ones
-    (``preprocess.exact_int8_input``)."""
+    (``preprocess.exact_int8_input``). ``range_limits``: module path -> (lo, hi) bounds on calibrated output
+    ranges (``qat.limit_ranges``; from ``equalize``)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from tqdm import tqdm
 
@@ -131,6 +136,8 @@ def quantize_edge(
             for i in range(len(x)):
                 prepared(x[i : i + 1])
     quantized = convert_pt2e(prepared, fold_quantize=False)
+    if range_limits:
+        limit_ranges(quantized, range_limits)
     if input_qparams is not None:
         fix_input_quantization(quantized, *input_qparams)
     return quantized, quantizer
@@ -150,19 +157,21 @@ def convert_edge_to_tflite(
     progress: bool = True,
     refine: Callable[[Any], dict[str, Any]] | None = None,
     input_qparams: tuple[float, int] | None = None,
+    range_limits: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``edge`` (NCHW float) to an int8 TFLite file with NHWC int8 input and output.
 
     ``calib`` yields NCHW float batches of real preprocessed images; ``example`` is one NCHW batch of 1.
     ``refine``, if given, changes the converted PT2E graph in place before the TFLite conversion (e.g.
     ``qat.qat_finetune``) and returns a summary, stored under ``"refine"``. ``input_qparams``: the input's
-    int8 (scale, zero point) instead of the calibrated ones (see :func:`quantize_edge`). Returns the interpreter's
+    int8 (scale, zero point) instead of the calibrated ones, ``range_limits`` bounds on calibrated ranges (see
+    :func:`quantize_edge`). Returns the interpreter's
     input/output details (shape, dtype, scale, zero point) and timings."""
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
 
     t0 = time.time()
-    quantized, quantizer = quantize_edge(edge, calib, example, progress, input_qparams)
+    quantized, quantizer = quantize_edge(edge, calib, example, progress, input_qparams, range_limits)
     t_quant = time.time() - t0
     refined = refine(quantized) if refine is not None else None
     nhwc = litert_torch.to_channel_last_io(quantized, args=[0], outputs=[0])

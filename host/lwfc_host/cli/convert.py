@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from lwfc_host.cli import CommandError
@@ -73,12 +74,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         get_spec(args.model)  # unknown model: fail before importing the heavy converter
         info = convert(args.model, args.split, args.output, calib_images=args.calib_images,
                        eval_images=args.eval_images, bias_correction=not args.no_bias_correction,
-                       seed=args.seed, progress=not args.quiet, qat_epochs=args.qat_epochs)
+                       seed=args.seed, progress=not args.quiet, qat_epochs=args.qat_epochs,
+                       equalization=not args.no_equalization)
     except ModuleNotFoundError as exc:
         raise CommandError(f"missing converter dependency {exc.name!r}: pip install '.[convert]'") from exc
     except _user_errors() as exc:
         raise CommandError(str(exc)) from exc
     print_summary(info, args.output)
+    for warning in info["int8_check"]["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
 
 
@@ -102,6 +106,11 @@ def print_summary(info: dict[str, Any], where: Any) -> None:
               f", + int8 activations {budget['int8']:.2%}")
     elif budget:
         print(f"  int8 error budget: {budget.get('unavailable')}")
+    check = info.get("int8_check")  # bundles written before it existed lack it
+    if check:
+        verdict = "within" if check["passed"] else "OUTSIDE"
+        print(f"  int8 check: {check['metric']} = {check['value']:.4g} ({verdict} {check['rule']}, "
+              f"{check['images']} images)")
     t = info["timing"]
     print(f"  conversion: {t['total_seconds']:.1f} s total, TFLite {t['tflite_conversion_seconds']:.1f} s")
 
@@ -169,6 +178,9 @@ def register(subparsers: Any) -> None:
                    "view per photo, the detector's the same number per photo)")
     p.add_argument("--output", required=True, help="bundle directory to write")
     p.add_argument("--no-bias-correction", action="store_true", help="skip BN folding + bias correction")
+    p.add_argument("--no-equalization", action="store_true",
+                   help="skip the per-channel range equalisation of conv -> ReLU -> depthwise and conv -> hard-swish "
+                        "chains (exact in float; it is what keeps the detector's int8 detections)")
     p.add_argument("--qat-epochs", type=int, default=16,
                    help="epochs of quantization-aware fine-tuning of the converted graph (weights, biases and "
                         "activation scales) on the calibration images, distilled from the float edge half "

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lwfc_convert.detection import EVAL_VIEWS as DETECTION_VIEWS
+
 # lwfc context variants: name -> (channel groups, neighbour classes K, table spec version) given to
 # ``table_design.finish_design``.
 CONTEXTS: dict[str, tuple[Any, Any, Any]] = {
@@ -93,7 +95,7 @@ def detection_plan(quick: bool, limit: int | None = None) -> Plan:
                 jpeg_qualities=[25, 50, 75, 95], webp_qualities=[25, 50, 75, 95],
                 rle_levels=[2, 3, 4, 5, 6, 8], zlib_bits=[8, 4, 2], calib_images=34, decode_check=16,
                 av1_crfs=[20, 32, 40, 48, 54, 60, 63],
-                eval_images=limit if limit is not None else 120)
+                eval_images=limit if limit is not None else DETECTION_VIEWS)
 
 
 def _named(field_name: str) -> str:
