@@ -152,7 +152,8 @@ def test_restricted_unpickler_refuses_other_globals(tmp_path):
 
 
 def test_effnet_fmnist_head_is_accurate():
-    """The frozen ImageNet backbone + trained head classifies Fashion-MNIST (85.3% on 2,000 test images)."""
+    """The frozen ImageNet backbone + trained head classifies Fashion-MNIST (91.62% on the 10,000 test images,
+    91.5% on these 200; the head trained on 2,000 images only reached 85%)."""
     try:
         loader = zoo.dataset("efficientnet_lite0_fmnist", "test", batch_size=100, limit=200, progress=False)
     except datasets.DatasetMissing as exc:
@@ -164,4 +165,4 @@ def test_effnet_fmnist_head_is_accurate():
         with torch.no_grad():
             correct += int((model(x).argmax(1) == y).sum())
         n += len(y)
-    assert correct / n >= 0.78
+    assert correct / n >= 0.88

@@ -123,21 +123,26 @@ def train_effnet_fmnist_head(
     seed: int = 0,
     threads: int = 1,
     cache: str | Path | None = None,
-    train_limit: int | None = 2000,
-    test_limit: int | None = 2000,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    dropout: float = 0.2,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the linear Fashion-MNIST head of ``efficientnet_lite0_fmnist`` on cached backbone features.
+    """Train the Fashion-MNIST head of ``efficientnet_lite0_fmnist`` (``zoo.fmnist_head``: 1280 -> 512 ->
+    ReLU -> 10) on cached backbone features.
 
-    The backbone is frozen, so its features are computed once (first ``train_limit`` training images, the
-    first ``test_limit`` test images; 2,000 each by default, as the backbone costs about 0.1 s per image on
-    a busy 2-core machine) and cached in ``cache`` (an .npz; default ``effnet_fmnist_features.npz`` in
-    ``cache.cache_root()``). The head (1280 -> 10) is trained with AdamW on them; the state dict goes to
-    ``output`` (default: weights/efficientnet_lite0_fmnist_head.pt)."""
+    The backbone is frozen, so its features are computed once (the first ``train_limit`` training images and
+    the first ``test_limit`` test images, all of them by default: about an hour on a busy 2-core machine) and
+    cached in ``cache`` (an .npz; default ``effnet_fmnist_features.npz`` in ``cache.cache_root()``). The head
+    is trained with AdamW (lr 1e-3, weight decay 1e-2, cosine schedule, batches of 128) with ``dropout`` on
+    its input and hidden layer; the state dict goes to ``output`` (default:
+    weights/efficientnet_lite0_fmnist_head.pt). The settings were chosen on the last 10,000 training images
+    held out (linear head 89.9%, this head 91.6%), never on the test set."""
     import torch
     import torch.nn.functional as F
 
     from .cache import cache_root
+    from .zoo import fmnist_head
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -158,7 +163,8 @@ def train_effnet_fmnist_head(
     t_feat = time.time() - t0
     xtr, ytr = torch.from_numpy(data["xtr"]), torch.from_numpy(data["ytr"])
     xte, yte = torch.from_numpy(data["xte"]), torch.from_numpy(data["yte"])
-    head = torch.nn.Linear(xtr.shape[1], 10)
+    head = fmnist_head()
+    hidden, out_layer = head[0], head[2]
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     gen = torch.Generator().manual_seed(seed)
@@ -166,7 +172,8 @@ def train_effnet_fmnist_head(
         perm = torch.randperm(len(ytr), generator=gen)
         for i in range(0, len(perm), 128):
             idx = perm[i : i + 128]
-            loss = F.cross_entropy(head(xtr[idx]), ytr[idx])
+            h = F.relu(hidden(F.dropout(xtr[idx], dropout)))
+            loss = F.cross_entropy(out_layer(F.dropout(h, dropout)), ytr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -179,4 +186,4 @@ def train_effnet_fmnist_head(
     torch.save(head.state_dict(), out)
     return {"model": "efficientnet_lite0_fmnist", "train_images": len(ytr), "test_images": len(yte),
             "train_accuracy": train_acc, "test_accuracy": test_acc, "feature_seconds": t_feat,
-            "seconds": time.time() - t0, "path": str(out), "epochs": epochs, "seed": seed}
+            "seconds": time.time() - t0, "path": str(out), "epochs": epochs, "seed": seed, "dropout": dropout}
