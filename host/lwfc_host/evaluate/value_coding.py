@@ -207,13 +207,16 @@ K_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 class WaveletOptions:
     """The design choices of :class:`DesignedWavelet` (each measured in results/coding_modes_wavelet.md).
 
-    levels: decomposition levels (0: :func:`designed_levels`); grid_shift: extra bits of the integer grid
-    (the 255-step grid shifted left, so reconstruction and lifting round less); rounding: the quantizer's
-    rounding offset r in q = floor(|c| / step + r) (0: JPEG 2000's deadzone of two steps, 0.5: uniform);
+    levels: decomposition levels (0: :func:`designed_levels`, 1 on small ReLU maps); grid_shift: extra bits
+    of the integer grid (the 255-step grid shifted left, so reconstruction and lifting round less);
+    rounding: the quantizer's rounding offset r in q = floor(|c| / step + r) (0: JPEG 2000's deadzone of
+    two steps, 0.5: uniform);
     fit_reconstruction: reconstruct at the fit tensors' centroid of each band's index 1 and index 2+ cells
     (else at 3/8 of the cell above the deadzone); ll_weight: the LL band's step multiplier (1: equal weight
     by synthesis norms); ll_predict: code the LL indices as the residual of the median edge predictor of the
-    decoded left, above and above-left indices; contexts: "designed" (cells merged per band by agglomeration
+    decoded left, above and above-left indices (True), as they are (False), or "auto": whichever codes the
+    design tensors in fewer bits under the fixed activity contexts (a sparse ReLU low band loses its zeros to
+    prediction, a dense linear one gains); contexts: "designed" (cells merged per band by agglomeration
     on part of the fit tensors, the class count and channel groups chosen by bits on the rest), "activity"
     (the old row's fixed 5 activity classes x parent, all 8 channel groups) or "none"; parent: the parent
     magnitude in the cell; sign: "context" (a binary model per band on the left and above signs), "plain"
@@ -230,7 +233,7 @@ class WaveletOptions:
     rounding: float = 0.375
     fit_reconstruction: bool = True
     ll_weight: float = 1.0
-    ll_predict: bool = True
+    ll_predict: bool | str = "auto"
     contexts: str = "designed"
     parent: bool = True
     sign: str = "context"
@@ -239,8 +242,12 @@ class WaveletOptions:
     isolated_rounding: float | None = None
 
 
-def designed_levels(h: int, w: int) -> int:
-    """Decomposition levels of the designed mode: up to 4, while the low band stays at least 2 x 2."""
+def designed_levels(h: int, w: int, floor_clipped: bool = False) -> int:
+    """Decomposition levels of the designed mode: 1 on a map under 32 on its shorter side whose values are
+    clipped below at 0 (ReLU: a sparse low band; measured on five such layers, results/coding_modes_wavelet.md),
+    else up to 4 while the low band stays at least 2 x 2."""
+    if floor_clipped and min(h, w) < 32:
+        return 1
     levels = 0
     while levels < 4 and min(h, w) >= 4:
         h, w, levels = (h + 1) // 2, (w + 1) // 2, levels + 1
@@ -358,7 +365,7 @@ class DesignedWavelet:
         self.n_cells = N_CELLS * (N_CROSS if self.o.cross else 1)
         self.x, self.c_min, self.c_max, self.fit = x, c_min, c_max, fit
         b, h, w, c = x.shape
-        self.levels = self.o.levels or designed_levels(h, w)
+        self.levels = self.o.levels or designed_levels(h, w, c_min == 0 and bool((x <= 0).any()))
         fit_ids = np.flatnonzero(fit)
         self.design = np.zeros(b, dtype=bool)
         self.design[fit_ids[3::4] if len(fit_ids) >= 4 else fit_ids[-1:]] = True
@@ -444,12 +451,38 @@ class DesignedWavelet:
         out: list[tuple[np.ndarray, np.ndarray | None]] = []
         for k, q in enumerate(qs):
             if k == 0:
-                out.append((_med_residual(q) if self.o.ll_predict else q, None))
+                predict = self.o.ll_predict
+                if predict == "auto":
+                    predict = self._design_bits(_med_residual(q)) < self._design_bits(q)
+                out.append((_med_residual(q) if predict else q, None))
             elif k >= 4 and self.o.parent:
                 out.append((q, _parent_magnitude(qs[k - 3], q.shape)))
             else:
                 out.append((q, None))
         return out
+
+    def _design_bits(self, v: np.ndarray) -> float:
+        """Bits of a band's values on the design tensors, models fitted on the merge tensors: the fixed activity
+        cells, the sign as one binary model, escapes at their length (a cheap chooser between codings)."""
+        cells = _cells(v, None)
+        near_l, rest = np.divmod(cells, 72)
+        near_a, rest = np.divmod(rest, 12)
+        diag = rest // 3
+        m = np.array([0, 1, 2, 3, 5, 9])[near_l] + np.array([0, 1, 2, 3, 5, 9])[near_a] + np.array(
+            [0, 1, 2, 4, 4])[diag]
+        ctx = np.select([m == 0, m == 1, m == 2, m <= 4], [0, 1, 2, 3], 4)
+        mag = np.minimum(np.abs(v), ESCAPE)
+
+        def counts(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            key = ctx[sel].ravel() * (ESCAPE + 1) + mag[sel].ravel()
+            nz = v[sel][v[sel] != 0]
+            return (np.bincount(key, minlength=5 * (ESCAPE + 1)).reshape(5, ESCAPE + 1),
+                    np.bincount((nz < 0).astype(np.int64), minlength=2))
+
+        (mf, sf), (md, sd) = counts(self.merge), counts(self.design)
+        esc = np.abs(v[self.design])
+        return (_kt_bits(mf, md) + _kt_bits(sf, sd)
+                + float(_exp_golomb_bits(esc[esc >= ESCAPE] - ESCAPE).sum()))
 
     def _magnitude_bits(self, cells: np.ndarray, sym: np.ndarray, n_sym: int) -> tuple[float, dict[str, Any]]:
         """Held-out bits of ``sym`` under the contexts of ``options.contexts`` on ``cells`` (B, H, W, C)."""
