@@ -118,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "modes", help="coded bits of a layer under candidate coding schemes at equal MSE (measure before choosing)",
         description="Estimates, on calibration tensors of one layer (held out as in the context design), the bits "
                     "per element of today's designed contexts, more neighbours, cross-channel contexts, LOCO-I index "
-                    "prediction, closed-loop DPCM, the integer 5/3 wavelet, HEVC and AV1, at the MSE of the "
+                    "prediction, closed-loop DPCM, the integer 5/3 wavelet (plain and with designed coefficient "
+                    "coding), HEVC and AV1, at the MSE of the "
                     "uniform quantizer with each level count (lwfc_host.evaluate.coding_modes). Give --bundle (its "
                     "int8 edge half) or --model and --split (the float edge half, no conversion).")
     m.add_argument("--bundle", help="bundle directory (its int8 edge half on its calibration images)")
