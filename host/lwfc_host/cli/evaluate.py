@@ -118,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "modes", help="coded bits of a layer under candidate coding schemes at equal MSE (measure before choosing)",
         description="Estimates, on calibration tensors of one layer (held out as in the context design), the bits "
                     "per element of today's designed contexts, more neighbours, cross-channel contexts, LOCO-I index "
-                    "prediction, closed-loop DPCM, the integer 5/3 wavelet, HEVC and AV1, at the MSE of the "
+                    "prediction, closed-loop DPCM, the integer 5/3 wavelet (plain and with designed coefficient "
+                    "coding), HEVC and AV1, at the MSE of the "
                     "uniform quantizer with each level count (lwfc_host.evaluate.coding_modes). Give --bundle (its "
                     "int8 edge half) or --model and --split (the float edge half, no conversion).")
     m.add_argument("--bundle", help="bundle directory (its int8 edge half on its calibration images)")
@@ -130,6 +131,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--av1-crfs", default="20,32,40,48,54,60,63",
                    help="AV1 (libaom) constant-quality levels swept, 0-63 ('' for no AV1)")
     m.add_argument("--output", help="also write the result as JSON to this file")
+    m.add_argument("--only", help="measure only these value-domain schemes (separated by ';', e.g. '5/3 wavelet, "
+                                  "designed;HEVC' -- quote it); the index-domain ones are skipped")
+    m.add_argument("--update", help="add the measured schemes to this earlier --output JSON of the same layer "
+                                    "(its other schemes are kept), e.g. with --only")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=run_modes)
 
@@ -250,11 +255,34 @@ def run_modes(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     layer = (cm.bundle_tensors(args.bundle, args.images, progress) if args.bundle
              else cm.model_tensors(args.model, args.split, args.images, progress))
-    res = cm.measure(layer, levels, qps or [], progress, crfs)
+    only = None
+    if args.only:
+        known = ("DPCM", "5/3 wavelet", "5/3 wavelet, designed", "HEVC", "AV1")
+        only = {p.strip() for p in args.only.split(";")}
+        if not only <= set(known):
+            raise CommandError(f"--only: {'; '.join(sorted(only - set(known)))} is none of {'; '.join(known)}")
+    res = cm.measure(layer, levels, qps or [], progress, crfs, only)
+    if args.update:
+        with open(args.update) as f:
+            old = cm.from_json(json.load(f))
+        if old.mse.keys() != res.mse.keys() or any(abs(res.mse[n] / old.mse[n] - 1) > 0.01 for n in old.mse):
+            raise CommandError(f"{args.update} holds another layer, other tensors or other levels (the uniform "
+                               f"MSEs differ by over 1%)")
+        for name, sweep in res.sweeps.items():  # read at the file's MSEs, the other schemes' targets
+            old.bits[name] = {n: cm.at_mse(sweep, old.mse[n]) for n in old.levels}
+            old.sweeps[name], old.seconds[name] = sweep, res.seconds[name]
+        res = old
     print(f"{layer.name}: {layer.source}; clip [{layer.c_min:.4g}, {layer.c_max:.4g}]; shape "
           f"{'x'.join(map(str, res.shape))}; {res.tensors[0]} fit / {res.tensors[1]} held-out tensors")
     print("bits per element at the uniform quantizer's MSE (ratio to v1 designed contexts):")
     print("\n".join(cm.table(res)))
+    if args.update:
+        with open(args.update) as f:
+            obj = json.load(f)
+        new = cm.to_json(res, obj["source"], obj["command"])
+        new["updates"] = obj.get("updates", []) + ["lwfc modes " + " ".join(sys.argv[2:])]
+        with open(args.update, "w") as f:
+            json.dump(new, f, indent=1)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(cm.to_json(res, layer.source, "lwfc modes " + " ".join(sys.argv[2:])), f, indent=1)

@@ -36,6 +36,14 @@ quantizer's MSE (log-log interpolation between the two nearest steps):
   is the sweep's step over the subband's synthesis norm (equal distortion per band), each coefficient coded
   with its subband, its channel group, the activity of four decoded neighbours in the subband and whether its
   parent (one level coarser) is non-zero as context;
+- ``5/3 wavelet, designed``: the same lifting with designed coefficient coding
+  (``value_coding.DesignedWavelet``): up to 4 levels, a 4x finer integer grid, per-subband quantizer tables
+  (rounding offset 3/8, reconstruction at the fit tensors' centroids), LL indices as median edge residuals,
+  magnitude contexts from the left, above, above-left + above-right and parent magnitudes merged per subband
+  by agglomeration and chosen (class count, channel groups) by bits on fit tensors held back from the
+  merging, a bounded alphabet 0..15 with an Exp-Golomb escape, signs coded apart with the neighbours' signs,
+  and decoded values under a fitted threshold set to c_min; swept by bisection on the MSE to the steps that
+  bracket each level count's MSE (``bracket_sweep``);
 - ``HEVC``: x265 all-intra on channel tiles (``baselines.hevc``, every byte counted), swept over QP;
 - ``AV1``: libaom all-intra on the same tiles (``av1.av1``), swept over its constant-quality level.
 
@@ -112,6 +120,31 @@ def _sweep(fn: Callable[[float], tuple[float, float]], steps: list[float]) -> li
     return [(s, *fn(s)) for s in steps]
 
 
+def bracket_sweep(fn: Callable[[float], tuple[float, float]], mse: Callable[[float], float],
+                  targets: list[float], steps: list[float] | None = None) -> list[tuple[float, float, float]]:
+    """(step, mse, bits) at the two neighbouring ``steps`` (default 1 to 256 in quarter octaves) around each MSE
+    target, found by bisection on ``mse`` alone (cheap) before ``fn`` codes them: a sweep as dense as the step
+    grid where :func:`at_mse` reads it, at a few codings' cost. Targets outside the steps' MSE range get none."""
+    steps = steps or [2 ** (i / 4) for i in range(33)]
+    seen: dict[float, float] = {}
+
+    def m(s: float) -> float:
+        if s not in seen:
+            seen[s] = mse(s)
+        return seen[s]
+
+    need: set[float] = set()
+    for target in targets:
+        lo, hi = 0, len(steps) - 1
+        if not m(steps[lo]) <= target <= m(steps[hi]):
+            continue
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if m(steps[mid]) <= target else (lo, mid)
+        need |= {steps[lo], steps[hi]}
+    return [(s, *fn(s)) for s in sorted(need)]
+
+
 def codec_sweep(code: Callable[[np.ndarray, int], Any], x: np.ndarray, fit: np.ndarray,
                 settings: list[int]) -> list[tuple[float, float, float]]:
     """(setting, mse, bits/element) of a baseline codec (``baselines.hevc``: QP, ``av1.av1``: crf) on the
@@ -126,9 +159,9 @@ def codec_sweep(code: Callable[[np.ndarray, int], Any], x: np.ndarray, fit: np.n
 
 
 def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bool = True,
-            av1_crfs: list[int] | None = None) -> ModeResult:
-    """Every scheme on ``layer``: index-domain ones at each level count, value-domain ones swept and read at
-    the uniform quantizer's MSE of each level count."""
+            av1_crfs: list[int] | None = None, only: set[str] | None = None) -> ModeResult:
+    """Every scheme on ``layer`` (or the value-domain ones named in ``only``): index-domain ones at each level
+    count, value-domain ones swept and read at the uniform quantizer's MSE of each level count."""
     import time
 
     from tqdm import tqdm
@@ -137,7 +170,7 @@ def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bo
     from lwfc_host.evaluate.baselines import hevc
     from lwfc_host.evaluate.code_lengths import channel_groups
     from lwfc_host.evaluate.index_coding import index_schemes
-    from lwfc_host.evaluate.value_coding import dpcm, wavelet
+    from lwfc_host.evaluate.value_coding import DesignedWavelet, dpcm, wavelet
 
     x = layer.x.astype(np.float32)
     b, h, w, c = x.shape
@@ -147,6 +180,8 @@ def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bo
     for n in tqdm(levels, desc=f"{layer.name}: index schemes", disable=not progress, leave=False):
         idx, rec = uniform_quantize(x, n, layer.c_min, layer.c_max)
         res.mse[n] = float(np.mean((rec - x) ** 2))
+        if only is not None:
+            continue
         for name, bits in index_schemes(idx, fit, n).items():
             res.bits.setdefault(name, {})[n] = bits
     res.seconds["index schemes"] = time.time() - t0
@@ -159,12 +194,19 @@ def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bo
                         [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]),
     }
     for name, (fn, steps) in value_schemes.items():
+        if only is not None and name not in only:
+            continue
         t0 = time.time()
         res.sweeps[name] = _sweep(fn, list(tqdm(steps, desc=f"{layer.name}: {name}", disable=not progress,
                                                 leave=False)))
         res.seconds[name] = time.time() - t0
+    if only is None or "5/3 wavelet, designed" in only:
+        t0 = time.time()
+        designed = DesignedWavelet(x, layer.c_min, layer.c_max, fit, groups)
+        res.sweeps["5/3 wavelet, designed"] = bracket_sweep(designed, designed.mse, [res.mse[n] for n in levels])
+        res.seconds["5/3 wavelet, designed"] = time.time() - t0
     for name, code, settings in (("HEVC", hevc, qps), ("AV1", av1, av1_crfs or [])):
-        if settings:
+        if settings and (only is None or name in only):
             t0 = time.time()
             res.sweeps[name] = codec_sweep(code, x, fit, settings)
             res.seconds[name] = time.time() - t0
@@ -284,7 +326,7 @@ def overview(results: list[ModeResult], levels: tuple[int, ...] = (4, 8, 16)) ->
     alternative as a ratio to left+above (the same simple grouping without it: what the idea adds), and the
     value-domain schemes as ratios to v1, at each of ``levels`` that every result has."""
     levels = tuple(n for n in levels if all(n in r.levels for r in results))
-    others = [k for k in ("5/3 wavelet", "HEVC", "AV1") if any(k in r.bits for r in results)]
+    others = [k for k in ("5/3 wavelet", "5/3 wavelet, designed", "HEVC", "AV1") if any(k in r.bits for r in results)]
     head = ["layer"] + [f"{name} @{n}" for n in levels for name in ["v1", "v1 + cross", "best index", *others]]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in results:
