@@ -407,66 +407,16 @@ def equalize_relus(gm: fx.GraphModule, calib: Iterable[torch.Tensor], min_gain: 
     return gm, {"rewritten": done}
 
 
-def _single_conv_producer(gm: fx.GraphModule, node: Any) -> nn.Conv2d | None:
-    """The Conv2d that computes ``node`` when nothing else reads ``node`` and the module is called only there
-    (so that scaling its output channels changes nothing else), else None."""
-    conv = _conv_of(gm, node)
-    if conv is None or len(node.users) != 1:
-        return None
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]
-    return conv if len(calls) == 1 else None
-
-
-def equalize_adds(gm: fx.GraphModule, calib: Iterable[torch.Tensor], min_gain: float = MIN_GAIN,
-                  max_gain: float = MAX_GAIN) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """Residual additions ``conv_a(.) + conv_b(.)`` read only by convolutions (directly or behind a zero
-    padding): the sum is linear, so scaling channel c of both convolutions by s_c and multiplying the readers'
-    weights along input channel c by 1 / s_c is exact. MobileNetV3's first residual adds the stem's
-    hard-swish (through the 1x1 convolution that :func:`equalize_hard_swishes` leaves for non-convolution
-    readers) to the block's projection, and re-merges there the narrow stem channels that the hard-swish
-    rewrite spread out. Gains as in :func:`equalize_hard_swishes` (signed ranges, weighted by
-    :func:`sensitivity`). Returns a copy of ``gm`` and a summary."""
-    gm = copy.deepcopy(gm)
-    calib = list(calib)
-    cands = []
-    for node in gm.graph.nodes:
-        if not (_is(node, "add") and len(node.args) == 2 and not node.kwargs):
-            continue
-        convs = [_single_conv_producer(gm, a) for a in node.args]
-        readers = _readers(gm, node)
-        if any(c is None for c in convs) or convs[0] is convs[1] or not readers or any(not cs for _, cs in readers):
-            continue
-        cands.append((node, convs))
-    ranges = channel_ranges(gm, [c[0] for c in cands], calib)
-    done = []
-    for node, convs in cands:
-        lo, hi = ranges[node.name]
-        s, _, _ = channel_gains(lo, hi, sensitivity(gm, node, len(lo)), max_gain)
-        if float(s.max() / s.min()) < min_gain:
-            continue
-        for conv in convs:
-            _scale_conv_outputs(conv, s)
-        _rescale_readers(gm, node, node, 1.0 / s, None)
-        done.append({"add": node.name, "convs": [str(a.target) for a in node.args],
-                     "gains": [round(float(v), 4) for v in s]})
-    gm.recompile()
-    return gm, {"rewritten": done}
-
-
 def equalize(gm: fx.GraphModule, calib: Iterable[torch.Tensor], max_gain: float = MAX_GAIN
              ) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """The rewrites on a copy of the float edge half ``gm``: :func:`equalize_relus`,
-    :func:`equalize_hard_swishes`, then :func:`equalize_adds` (which may scale the convolution the hard-swish
-    rewrite added). Returns the copy and a summary for bundle.json (``range_limits`` is for
+    """Both rewrites on a copy of the float edge half ``gm``: :func:`equalize_relus`, then
+    :func:`equalize_hard_swishes`. Returns the copy and a summary for bundle.json (``range_limits`` is for
     :func:`lwfc_convert.tflite_export.quantize_edge`)."""
     calib = list(calib)
     gm, relus = equalize_relus(gm, calib, max_gain=max_gain)
     gm, hswish = equalize_hard_swishes(gm, calib, max_gain=max_gain)
-    gm, adds = equalize_adds(gm, calib, max_gain=max_gain)
     return gm, {"method": "per-channel range equalisation for per-tensor int8 activations: conv -> ReLU -> "
-                          "depthwise (cross-layer scaling), conv -> hard-swish (gate convolution, scaled "
-                          "pre-activation, consumers rescaled) and conv + conv -> conv (residual sums); exact "
-                          "in float",
+                          "depthwise (cross-layer scaling) and conv -> hard-swish (gate convolution, scaled "
+                          "pre-activation, consumers rescaled); exact in float",
                 "max_gain": max_gain, "relu": relus["rewritten"], "hard_swish": hswish["rewritten"],
-                "add": adds["rewritten"],
                 "range_limits": hswish["range_limits"]}
