@@ -250,3 +250,22 @@ def test_export_failure_names_the_op(tmp_path):
     with pytest.raises(tflite_export.ExportError, match="op aten.i0"):
         tflite_export.convert_edge_to_tflite(Odd().eval(), [torch.randn(4, 1, 8, 8)], x, tmp_path / "x.tflite",
                                              progress=False)
+
+
+def test_qat_images_fall_back_to_whole_images_when_crops_do_not_run():
+    """QAT on crops (the detector's recipe) needs an edge half that runs on a crop; one whose shapes are fixed to
+    the whole image (CenterNet up to its head) fine-tunes on as many whole images as the crops hold pixels."""
+    from lwfc_convert.zoo import QatRecipe
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :, torch.tensor([63])]  # index 63: only whole 64-px images have it
+
+    calib = [torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64)]
+    recipe = QatRecipe(crop=16, crops=32)
+    images, described = bundle.qat_images(Fixed(), calib, recipe)
+    assert len(images) == 1 and images[0].shape == (2, 3, 64, 64)  # 32 crops of 16 px = 2 images of 64 px
+    assert described.startswith("2 whole calibration images") and "IndexError" in described
+    images, described = bundle.qat_images(torch.nn.Conv2d(3, 4, 3), calib, recipe)
+    assert images[0].shape == (32, 3, 16, 16) and described.startswith("32 random 16 x 16 crops")
+    assert bundle.qat_images(Fixed(), calib, QatRecipe()) == (calib, None)

@@ -260,6 +260,30 @@ def _data(name: str, detector: bool, calib_images: int, eval_images: int | None,
     return calibration_and_eval_data(name, calib_images, eval_images, seed, progress)
 
 
+def qat_images(edge: Any, calib: list[Any], recipe: QatRecipe, seed: int = 0) -> tuple[list[Any], str | None]:
+    """What QAT fine-tunes ``edge`` on under ``recipe``: the calibration batches, or ``recipe.crops`` random crops
+    of them (``qat.random_crops``) when the recipe asks for crops and the float edge half runs on a crop. An
+    edge half that does not (a graph converted from TF.js with shapes fixed to the whole image, e.g.
+    CenterNet's up to its head) gets as many whole calibration images as the crops hold pixels. Returns the
+    batches and a sentence for bundle.json (None without crops)."""
+    import torch
+
+    from .qat import random_crops
+
+    if not recipe.crop:
+        return calib, None
+    crops = random_crops(calib, recipe.crop, recipe.crops, seed)
+    try:
+        with torch.no_grad():
+            edge(crops[:1])
+    except (IndexError, RuntimeError) as exc:
+        whole = torch.cat(list(calib))
+        n = max(1, min(len(whole), recipe.crops * recipe.crop ** 2 // (whole.shape[2] * whole.shape[3])))
+        return [whole[:n]], (f"{n} whole calibration images: the edge half does not run on "
+                             f"{recipe.crop} x {recipe.crop} crops ({type(exc).__name__}: {exc})")
+    return [crops], f"{recipe.crops} random {recipe.crop} x {recipe.crop} crops of the calibration images"
+
+
 def convert_edge(edge: Any, calib: list[Any], ev: list[tuple[Any, Any]], preprocessing: dict[str, Any],
                  output: Path, bias_correction: bool = True, qat_epochs: int = 16, seed: int = 0,
                  progress: bool = True, equalization: bool = True, qat_recipe: QatRecipe | None = None
@@ -272,7 +296,7 @@ def convert_edge(edge: Any, calib: list[Any], ev: list[tuple[Any, Any]], preproc
     ``input_grid``, ``budget`` and ``timing``."""
     from .equalize import equalize
     from .preprocess import exact_int8_input
-    from .qat import error_budget, qat_finetune, random_crops
+    from .qat import error_budget, qat_finetune
     from .quant_fix import bias_correct
     from .tflite_export import ExportError, check_int8, convert_edge_to_tflite
     from .zoo import QatRecipe
@@ -292,11 +316,11 @@ def convert_edge(edge: Any, calib: list[Any], ev: list[tuple[Any, Any]], preproc
             return None
         # fine-tune the converted graph against the float edge half (qat.py); the teacher is the original
         # float edge half (the equalised one computes the same function)
-        images = [random_crops(calib, recipe.crop, recipe.crops, seed)] if recipe.crop else calib
+        images, described = qat_images(edge, calib, recipe, seed)
         info = qat_finetune(quantized, edge, images, epochs=qat_epochs, lr=recipe.lr, scale_lr=recipe.scale_lr,
                             seed=seed, progress=progress)
-        if recipe.crop:
-            info["crops"] = f"{recipe.crops} random {recipe.crop} x {recipe.crop} crops of the calibration images"
+        if described:
+            info["crops"] = described
         return info
 
     # When the preprocessed pixels lie on an int8 grid, the input takes that grid, not a calibrated one.
