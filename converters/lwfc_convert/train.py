@@ -1,4 +1,4 @@
-"""Training on Fashion-MNIST: the small ResNet (``resnet_fmnist``) and the linear head on top of the
+"""Training on Fashion-MNIST: the small ResNet (``resnet_fmnist``) and the head (one hidden layer) on top of the
 frozen EfficientNet-Lite0 backbone (``efficientnet_lite0_fmnist``). Both are reproducible from a seed
 (single-process CPU training with a fixed thread count)."""
 

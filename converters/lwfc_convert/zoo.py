@@ -167,7 +167,7 @@ MODELS: dict[str, ModelSpec] = {
                   ("_blocks.5._expand_act", "_blocks.8._expand_act", "_blocks.10", "_blocks.11._expand_act"),
                   _efficientnet_lite0, imagenet_classes),
         ModelSpec("efficientnet_lite0_fmnist",
-                  "frozen ImageNet EfficientNet-Lite0 backbone + linear head trained here on Fashion-MNIST",
+                  "frozen ImageNet EfficientNet-Lite0 backbone + a 1280-512-10 head trained here on Fashion-MNIST",
                   (3, 112, 112), EFFNET_FMNIST_PREPROCESS, "fashion-mnist", "_blocks.5._expand_act",
                   ("_blocks.3._expand_act", "_blocks.5._expand_act", "_blocks.8._expand_act"),
                   _efficientnet_lite0_fmnist, fmnist_classes),

@@ -206,7 +206,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "train", help="train a Fashion-MNIST model of the zoo (resnet_fmnist or the EfficientNet head)",
-        description="Train resnet_fmnist (SGD, one-cycle, seeded) or the linear head of "
+        description="Train resnet_fmnist (SGD, one-cycle, seeded) or the head (1280-512-10) of "
         "efficientnet_lite0_fmnist on cached frozen-backbone features, and save the weights (default: the "
         "package's weights/ folder).")
     p.add_argument("--model", required=True, help=" or ".join(TRAINABLE))
