@@ -264,7 +264,8 @@ def run_modes(args: argparse.Namespace) -> int:
     res = cm.measure(layer, levels, qps or [], progress, crfs, only)
     if args.update:
         with open(args.update) as f:
-            old = cm.from_json(json.load(f))
+            stored = json.load(f)
+        old = cm.from_json(stored)
         if old.mse.keys() != res.mse.keys() or any(abs(res.mse[n] / old.mse[n] - 1) > 0.01 for n in old.mse):
             raise CommandError(f"{args.update} holds another layer, other tensors or other levels (the uniform "
                                f"MSEs differ by over 1%)")
@@ -277,10 +278,8 @@ def run_modes(args: argparse.Namespace) -> int:
     print("bits per element at the uniform quantizer's MSE (ratio to v1 designed contexts):")
     print("\n".join(cm.table(res)))
     if args.update:
-        with open(args.update) as f:
-            obj = json.load(f)
-        new = cm.to_json(res, obj["source"], obj["command"])
-        new["updates"] = obj.get("updates", []) + ["lwfc modes " + " ".join(sys.argv[2:])]
+        new = cm.to_json(res, stored["source"], stored["command"])
+        new["updates"] = stored.get("updates", []) + ["lwfc modes " + " ".join(sys.argv[2:])]
         with open(args.update, "w") as f:
             json.dump(new, f, indent=1)
     if args.output:

@@ -20,13 +20,18 @@ def neighbour(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
+def kt_probabilities(counts: np.ndarray) -> np.ndarray:
+    """Each row of symbol counts (last axis: symbols) as probabilities with the KT prior."""
+    return (counts + KT) / (counts.sum(axis=-1, keepdims=True) + KT * counts.shape[-1])
+
+
 def heldout_bits(ctx: np.ndarray, sym: np.ndarray, fit: np.ndarray, n_ctx: int, n_sym: int) -> float:
     """Ideal code length (bits per element) of the held-out tensors' symbols, counts fitted on the fit ones.
     ``ctx``, ``sym``: (B, ...) integer arrays; ``fit``: boolean (B,) mask."""
     ctx = ctx.reshape(len(ctx), -1).astype(np.int64)
     sym = sym.reshape(len(sym), -1).astype(np.int64)
     counts = np.bincount((ctx[fit] * n_sym + sym[fit]).ravel(), minlength=n_ctx * n_sym).reshape(n_ctx, n_sym)
-    prob = (counts + KT) / (counts.sum(axis=1, keepdims=True) + KT * n_sym)
+    prob = kt_probabilities(counts)
     held_ctx, held_sym = ctx[~fit].ravel(), sym[~fit].ravel()
     return float(-np.log2(prob[held_ctx, held_sym]).sum() / held_ctx.size)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lwfc_host.evaluate.code_lengths import GROUPS, KT, heldout_bits, median_edge, neighbour
+from lwfc_host.evaluate.code_lengths import GROUPS, heldout_bits, kt_probabilities, median_edge, neighbour
 
 GRID = 255  # the wavelet's integer grid over [c_min, c_max]: the int8 edge output's resolution
 
@@ -261,9 +261,7 @@ def _exp_golomb_bits(r: np.ndarray) -> np.ndarray:
 
 def _kt_bits(counts_fit: np.ndarray, counts_eval: np.ndarray) -> float:
     """Bits of the ``counts_eval`` symbols (rows: contexts) under the ``counts_fit`` rows with the KT prior."""
-    s = counts_fit.shape[-1]
-    prob = (counts_fit + KT) / (counts_fit.sum(axis=-1, keepdims=True) + KT * s)
-    return float(-(counts_eval * np.log2(prob)).sum())
+    return float(-(counts_eval * np.log2(kt_probabilities(counts_fit))).sum())
 
 
 def _entropy_cost(c: np.ndarray) -> np.ndarray:
