@@ -153,3 +153,51 @@ def test_fixed_input_quantization_is_kept_by_qat():
                                                     for a in summary["activation_scales"])
     nodes = {n.name: n for n in quantized.graph.nodes}
     assert all((nodes[name].args[1], nodes[name].args[2]) == (1 / 128, -1) for name in names)
+
+
+def test_task_distillation_lowers_the_cloud_halfs_error(converted):
+    """A second target, the cloud half's logits: the task loss falls, only ``images_per_epoch`` images train
+    per epoch, and the summary reports both losses per epoch."""
+    import copy
+
+    edge, quantized, _, calib, x = converted
+    model = zoo.load_model("resnet_fmnist")
+    _, cloud = split.split(model, "stage2")
+    task = qat.TaskDistillation(cloud, weight=1.0)
+    tuned = copy.deepcopy(quantized)
+    summary = qat.qat_finetune(tuned, edge, calib, epochs=2, progress=False, images_per_epoch=64, task=task)
+    assert summary["images"] == 256 and summary["images_per_epoch"] == 64
+    td = summary["task_distillation"]
+    assert td["weight"] == 1.0 and len(td["history"]) == 3 and len(summary["history"]) == 3
+    assert td["after"] < td["before"]
+    with torch.no_grad():  # held out: the logits' error falls too
+        ref = cloud(edge(x))
+        before = qat.relative_l2(cloud(torch.cat([quantized(x[i:i + 1]) for i in range(len(x))])), ref)
+        after = qat.relative_l2(cloud(torch.cat([tuned(x[i:i + 1]) for i in range(len(x))])), ref)
+    assert after < before
+
+
+def test_relative_mse_and_the_centernet_heads_loss():
+    from lwfc_convert.centernet import heads_loss
+
+    t = (torch.tensor([3.0, 4.0]),)
+    assert float(qat.relative_mse(t, t)) == 0.0
+    assert float(qat.relative_mse((torch.zeros(2),), t)) == pytest.approx(1.0)
+    gen = torch.Generator().manual_seed(0)
+    heat = torch.rand(2, 80, 8, 8, generator=gen) * 0.05
+    heat[0, 3, 4, 4] = 0.9  # one object
+    sides = torch.rand(2, 4, 8, 8, generator=gen) * 50
+    teacher = (heat, sides)
+    assert float(heads_loss(teacher, teacher)) == 0.0
+    assert float(heads_loss((torch.zeros_like(heat), torch.zeros_like(sides)), teacher)) == pytest.approx(2.0)
+    # the same heatmap error costs more at the object's peak than in the background
+    at_peak, in_background = heat.clone(), heat.clone()
+    at_peak[0, 3, 4, 4] -= 0.2
+    in_background[1, 3, 4, 4] += 0.2
+    assert float(heads_loss((at_peak, sides), teacher)) > 5 * float(heads_loss((in_background, sides), teacher))
+    # a box side only counts where something is detected
+    wrong_side_at_peak, wrong_side_elsewhere = sides.clone(), sides.clone()
+    wrong_side_at_peak[0, :, 4, 4] += 10
+    wrong_side_elsewhere[1, :, 4, 4] += 10
+    assert float(heads_loss((heat, wrong_side_at_peak), teacher)) > 5 * float(
+        heads_loss((heat, wrong_side_elsewhere), teacher))

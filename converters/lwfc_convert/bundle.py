@@ -35,8 +35,8 @@ def int8_check(metrics: dict[str, Any], detector: bool) -> dict[str, Any]:
     """Whether the int8 edge half keeps the task within the thresholds above, from the bundle's ``accuracy``
     (:func:`evaluate` or ``detection.bundle_metrics``): the metric, its value and threshold, ``passed``, and
     ``warnings`` (sentences for the user; a detector retention measured on fewer views than a full detector
-    evaluation uses, ``detection.EVAL_VIEWS``, is flagged as not conclusive either way)."""
-    from .detection import EVAL_VIEWS
+    check uses, ``detection.CHECK_VIEWS``, is flagged as not conclusive either way)."""
+    from .detection import CHECK_VIEWS
 
     n = int(metrics["images"])
     warnings = []
@@ -49,9 +49,9 @@ def int8_check(metrics: dict[str, Any], detector: bool) -> dict[str, Any]:
                             f"(threshold {threshold:.0%}; recall {metrics['recall_int8_vs_float']:.1%}, precision "
                             f"{metrics['precision_int8_vs_float']:.1%} of its {metrics['reference_detections']} "
                             "detections)")
-        if n < EVAL_VIEWS:
-            warnings.append(f"retention measured on {n} views, fewer than the {EVAL_VIEWS} of a full detector "
-                            "evaluation: not conclusive (--eval-images)")
+        if n < CHECK_VIEWS:
+            warnings.append(f"retention measured on {n} views, fewer than the {CHECK_VIEWS} of a full detector "
+                            "check: not conclusive (--eval-images)")
     elif "float_accuracy" in metrics:
         drop = float(metrics["float_accuracy"]) - float(metrics["int8_edge_float_cloud_accuracy"])
         threshold = MAX_ACCURACY_DROP
@@ -232,8 +232,15 @@ def convert(name: str, at: str | None, output: str | Path, calib_images: int = 2
     split_err = sp.check_split(model, edge, cloud, ev[0][0][:4])
     if split_err > 1e-5:
         raise sp.SplitError(f"split at {at!r} is not exact: max |cloud(edge(x)) - model(x)| = {split_err:g}")
+    task = None
+    if spec.qat and spec.qat.task and qat_epochs > 0:
+        # the recipe's task distillation: the cloud half's own outputs as a second QAT target
+        from .qat import TaskDistillation
+
+        with_outputs, loss = spec.qat.task(model)
+        task = TaskDistillation(sp.split(with_outputs, at)[1], loss, spec.qat.task_weight)
     edge_int8 = convert_edge(edge, calib, ev, spec.preprocess, out / EDGE_FILE, bias_correction, qat_epochs,
-                             seed, progress, equalization, spec.qat)
+                             seed, progress, equalization, spec.qat, task)
     t0 = time.time()
     onnx_info = export_cloud_onnx(cloud, tuple(point["shape_chw"]), out / CLOUD_FILE)
     t_onnx = time.time() - t0
@@ -254,9 +261,10 @@ def _data(name: str, detector: bool, calib_images: int, eval_images: int | None,
     """Calibration and evaluation data: deterministic photo views for detectors (scored by mAP@0.5 against
     the float model's detections), else :func:`calibration_and_eval_data`."""
     if detector:
-        from .detection import detection_eval_data
+        from .detection import CHECK_VIEWS, detection_eval_data
 
-        return detection_eval_data(name, calib_images, eval_images, seed, progress)
+        return detection_eval_data(name, calib_images, CHECK_VIEWS if eval_images is None else eval_images, seed,
+                                   progress)
     return calibration_and_eval_data(name, calib_images, eval_images, seed, progress)
 
 
@@ -286,11 +294,12 @@ def qat_images(edge: Any, calib: list[Any], recipe: QatRecipe, seed: int = 0) ->
 
 def convert_edge(edge: Any, calib: list[Any], ev: list[tuple[Any, Any]], preprocessing: dict[str, Any],
                  output: Path, bias_correction: bool = True, qat_epochs: int = 16, seed: int = 0,
-                 progress: bool = True, equalization: bool = True, qat_recipe: QatRecipe | None = None
-                 ) -> dict[str, Any]:
+                 progress: bool = True, equalization: bool = True, qat_recipe: QatRecipe | None = None,
+                 task: Any = None) -> dict[str, Any]:
     """The float edge half -> fully int8 TFLite file ``output``: per-channel range equalisation
     (``equalize``, exact in float), bias correction (``quant_fix``), PT2E, QAT fine-tuning (``qat``, unless
-    ``qat_epochs`` is 0; learning rates and crops from ``qat_recipe``, default the classifiers'), conversion,
+    ``qat_epochs`` is 0; learning rates, crops and images per epoch from ``qat_recipe``, default the
+    classifiers'; ``task``: its ``qat.TaskDistillation``, if any), conversion,
     the int8 check (ExportError if any op stays float) and the int8 error budget on the first held-out images
     of ``ev``. Returns the TFLite model's details (``tflite``), ``equalization``, ``bias_correction``,
     ``input_grid``, ``budget`` and ``timing``."""
@@ -318,7 +327,8 @@ def convert_edge(edge: Any, calib: list[Any], ev: list[tuple[Any, Any]], preproc
         # float edge half (the equalised one computes the same function)
         images, described = qat_images(edge, calib, recipe, seed)
         info = qat_finetune(quantized, edge, images, epochs=qat_epochs, lr=recipe.lr, scale_lr=recipe.scale_lr,
-                            seed=seed, progress=progress)
+                            batch=recipe.batch, seed=seed, progress=progress,
+                            images_per_epoch=recipe.images_per_epoch, task=task)
         if described:
             info["crops"] = described
         return info

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -22,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -162,6 +163,44 @@ class CenterNetMBv3(TfjsModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         keypoints, wh = super().forward(x)
         return self.decode(keypoints, wh)
+
+
+class CenterNetHeads(CenterNetMBv3):
+    """The same network without the decoding: ``[N, 3, 512, 512]`` -> (keypoints ``[N, 80, 128, 128]``, class
+    heatmaps in 0..1; wh ``[N, 4, 128, 128]``, box sides in pixels), differentiable, for QAT's task
+    distillation (:func:`heads_loss`)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        keypoints, wh = TfjsModule.forward(self, x)
+        return keypoints, wh
+
+
+def without_decode(model: CenterNetMBv3) -> CenterNetHeads:
+    """A copy of ``model`` as :class:`CenterNetHeads` (same parameters, copied; same module paths, so the same
+    split points)."""
+    heads = copy.deepcopy(model)
+    heads.__class__ = CenterNetHeads
+    return heads
+
+
+def heads_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """How far the student's (keypoints, wh) are from the teacher's, where detection looks: squared heatmap
+    errors weighted by the teacher's heat (plus 0.01, so that the background counts a little: a false peak
+    there is a false detection), and squared box-side errors weighted by the teacher's hottest class at each
+    position (sides only matter at peaks); each relative to the teacher's own weighted energy, summed."""
+    kp_s, wh_s = student
+    kp_t, wh_t = teacher
+    w_kp = kp_t + 0.01
+    w_wh = kp_t.amax(1, keepdim=True)
+    heat = (w_kp * (kp_s - kp_t).pow(2)).sum() / (w_kp * kp_t.pow(2)).sum().clamp(min=1e-12)
+    sides = (w_wh * (wh_s - wh_t).pow(2)).sum() / (w_wh * wh_t.pow(2)).sum().clamp(min=1e-12)
+    return heat + sides
+
+
+def heads_task(model: CenterNetMBv3) -> tuple[CenterNetHeads, Any]:
+    """CenterNet's QAT task distillation (``zoo.QatRecipe.task``): the model without its decoding, and
+    :func:`heads_loss`."""
+    return without_decode(model), heads_loss
 
 
 def build_centernet(graph: TfjsGraph | str | Path | None = None) -> CenterNetMBv3:

@@ -8,6 +8,11 @@ and biases, and optionally the activation scales, are adjusted so that the simul
 float edge half's output on the calibration images (no labels: the teacher is the float model). Zero points
 and the graph's structure do not change and learned scales are written back into the quantize/dequantize
 nodes, so the trained graph converts to TFLite exactly as before, and computes what was simulated.
+
+The split tensor's L2 error weighs every element alike; the task does not. :class:`TaskDistillation` adds
+a second target: the float cloud half's own outputs (a detector's heatmaps and box sizes) computed from the
+simulated int8 features, against the same computed from the float features, so that the training spends the
+int8 error where the task does not see it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import fx, nn
@@ -289,9 +295,41 @@ def error_budget(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
     return {"images": n, **{k: math.sqrt(v / max(norm, 1e-30)) for k, v in sums.items()}}
 
 
+def relative_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over outputs of ||s - t||^2 / ||t||^2: :class:`TaskDistillation`'s default loss."""
+    return sum(((s - t).pow(2).sum() / t.pow(2).sum().clamp(min=1e-12) for s, t in zip(student, teacher)),
+               torch.zeros(()))
+
+
+@dataclass
+class TaskDistillation:
+    """A second QAT target: the float cloud half's outputs on the simulated int8 features should match its
+    outputs on the float features.
+
+    ``head``: features (NCHW, the edge half's output) -> a tensor or a tuple of tensors, differentiable (e.g.
+    the cloud half up to a detector's heatmaps, before its top-k decoding); its parameters are not trained.
+    ``loss``: (student outputs, teacher outputs), each a tuple -> a scalar relative error (about 1 for outputs
+    that are all wrong, 0 for exact ones); default :func:`relative_mse`. ``weight``: the loss's weight
+    against the split tensor's relative squared error."""
+
+    head: nn.Module
+    loss: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor] = relative_mse
+    weight: float = 1.0
+
+    @property
+    def description(self) -> str:
+        """The loss's dotted name, for bundle.json."""
+        return f"{self.loss.__module__}.{self.loss.__qualname__}"
+
+    def outputs(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.head(features)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
 def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable[torch.Tensor],
                  epochs: int = 16, lr: float = 1e-4, batch: int = 16, seed: int = 0, learn_scales: bool = True,
-                 scale_lr: float = 1e-3, progress: bool = True) -> dict[str, Any]:
+                 scale_lr: float = 1e-3, progress: bool = True, images_per_epoch: int | None = None,
+                 task: TaskDistillation | None = None) -> dict[str, Any]:
     """Fine-tune the float weights and biases of ``quantized`` (a ``convert_pt2e`` graph, changed in place)
     so that its simulated int8 output matches ``teacher`` (the float edge half, NCHW) on ``images``
     (NCHW batches). Adam on the relative squared error, ``epochs`` passes over the images in random
@@ -300,11 +338,19 @@ def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
     trained too (LSQ on the logarithm of each scale with learning rate ``scale_lr``, i.e. about that
     fraction of the scale per step; groups as in :func:`_activation_groups`) and written back into the
     graph (:func:`set_activation_scales`). Returns a summary with the relative L2 error on
-    ``images`` before and after; the parameters of the best epoch (by that error) are kept."""
+    ``images`` before and after; the parameters of the best epoch (by that error) are kept.
+
+    ``images_per_epoch``: each epoch trains on that many images drawn at random from ``images`` instead of on
+    all of them, and the best epoch is judged on the first ``images_per_epoch`` images (many large images at a
+    bounded cost per epoch). ``task``: the loss adds ``task.weight`` times the task distillation loss
+    (:class:`TaskDistillation`), and the best epoch is the one with the least total loss (squared relative L2
+    plus the weighted task loss); the summary's ``task_distillation`` gives the task loss before, after and per
+    epoch."""
     from tqdm import tqdm
 
     t0 = time.time()
     xs = torch.cat([x for x in images]).float()
+    per_epoch = min(images_per_epoch or len(xs), len(xs))
     with torch.no_grad():
         target = torch.cat([teacher(xs[i:i + batch]) for i in range(0, len(xs), batch)])
     student = fake_quant_graph(quantized, learn_scales)
@@ -313,34 +359,59 @@ def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
         raise ValueError("the graph has no float parameters to fine-tune")
     for p in params.values():
         p.requires_grad_(True)
+    if task is not None:
+        for p in task.head.parameters():
+            p.requires_grad_(False)
+    norm = target.pow(2).mean()
 
-    def error() -> float:
+    def losses(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relative squared error of the features, task loss) on the images ``idx``."""
+        out = student(xs[idx])
+        feature = (out - target[idx]).pow(2).mean() / norm
+        if task is None:
+            return feature, torch.zeros(())
         with torch.no_grad():
-            out = torch.cat([student(xs[i:i + batch]) for i in range(0, len(xs), batch)])
-        return relative_l2(out, target)
+            wanted = task.outputs(target[idx])
+        return feature, task.loss(task.outputs(out), wanted)
 
-    before = best = error()
+    probe = torch.arange(per_epoch)
+
+    def error() -> tuple[float, float]:
+        """(relative L2 error of the features, mean task loss per batch) on the probe images."""
+        outs, task_losses = [], []
+        with torch.no_grad():
+            for i in range(0, per_epoch, batch):
+                idx = probe[i:i + batch]
+                outs.append(student(xs[idx]))
+                if task is not None:
+                    task_losses.append(float(task.loss(task.outputs(outs[-1]), task.outputs(target[idx]))))
+        return relative_l2(torch.cat(outs), target[probe]), sum(task_losses) / max(len(task_losses), 1)
+
+    def total(err: tuple[float, float]) -> float:
+        return err[0] ** 2 + (task.weight * err[1] if task is not None else 0.0)
+
+    first = error()
+    best, best_err = total(first), first
     best_state = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.Adam([{"params": [p for n, p in params.items() if n != "qat_log_scales"], "lr": lr},
                             {"params": [p for n, p in params.items() if n == "qat_log_scales"], "lr": scale_lr}])
-    steps = epochs * math.ceil(len(xs) / batch)
+    steps = epochs * math.ceil(per_epoch / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
-    norm = target.pow(2).mean()
-    history = [before]
+    history = [first]
     for _ in tqdm(range(epochs), desc="QAT fine-tuning", unit="epoch", disable=not progress, leave=False):
-        order = torch.randperm(len(xs), generator=gen)
-        for i in range(0, len(xs), batch):
-            idx = order[i:i + batch]
-            loss = (student(xs[idx]) - target[idx]).pow(2).mean() / norm
+        order = torch.randperm(len(xs), generator=gen)[:per_epoch]
+        for i in range(0, per_epoch, batch):
+            feature, task_loss = losses(order[i:i + batch])
+            loss = feature + (task.weight * task_loss if task is not None else 0.0)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
         err = error()
         history.append(err)
-        if err < best:
-            best = err
+        if total(err) < best:
+            best, best_err = total(err), err
             best_state = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
         own = dict(quantized.named_parameters())
@@ -357,9 +428,14 @@ def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
         set_activation_scales(quantized, {n: a["scale_after"] for a in scales for n in a["tensors"]})
     return {"method": "QAT fine-tuning of the converted graph's weights and biases"
                       + (" and activation scales (LSQ)" if learn_scales else " (PT2E's scales fixed)")
-                      + ", distilled from the float edge half",
+                      + ", distilled from the float edge half"
+                      + (" and from the float cloud half's outputs" if task is not None else ""),
             "epochs": epochs, "lr": lr, "scale_lr": scale_lr if learn_scales else None, "batch": batch,
-            "images": len(xs),
-            "calibration_rel_l2_before": before, "calibration_rel_l2_after": best,
+            "images": len(xs), "images_per_epoch": per_epoch,
+            "calibration_rel_l2_before": first[0], "calibration_rel_l2_after": best_err[0],
             "activation_scales": scales,
-            "history": history, "seconds": time.time() - t0}
+            "history": [e[0] for e in history],
+            **({"task_distillation": {"loss": task.description, "weight": task.weight,
+                                      "before": first[1], "after": best_err[1],
+                                      "history": [e[1] for e in history]}} if task is not None else {}),
+            "seconds": time.time() - t0}
