@@ -157,14 +157,14 @@ def test_lwfc_info_prints_bundle(resnet_bundle, capsys):
 
 def test_int8_check_thresholds():
     """`lwfc convert` warns when the int8 edge half costs the task more than the thresholds."""
-    det = {"images": 136, "map50_int8_vs_float": 0.96, "recall_int8_vs_float": 0.95,
+    det = {"images": 544, "map50_int8_vs_float": 0.96, "recall_int8_vs_float": 0.95,
            "precision_int8_vs_float": 0.97, "reference_detections": 279}
     ok = bundle.int8_check(det, detector=True)
     assert ok["passed"] and ok["warnings"] == [] and ok["threshold"] == 0.95
     low = bundle.int8_check({**det, "map50_int8_vs_float": 0.93}, detector=True)
-    assert not low["passed"] and "93.0% of the float model's mAP@0.5 on 136 views" in low["warnings"][0]
+    assert not low["passed"] and "93.0% of the float model's mAP@0.5 on 544 views" in low["warnings"][0]
     few = bundle.int8_check({**det, "images": 17}, detector=True)
-    assert few["passed"] and "17 views, fewer than the 120" in few["warnings"][0]
+    assert few["passed"] and "17 views, fewer than the 544" in few["warnings"][0]
     labeled = {"images": 2000, "float_accuracy": 0.925, "int8_edge_float_cloud_accuracy": 0.919,
                "top1_agreement_int8_vs_float": 0.995}
     lost = bundle.int8_check(labeled, detector=False)

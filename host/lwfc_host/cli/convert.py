@@ -174,7 +174,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--calib-images", type=int, default=256, help="calibration images (default 256)")
     p.add_argument("--eval-images", type=int, default=None,
                    help="held-out images for the accuracy/error report (default: whole Fashion-MNIST test "
-                   "set, 32 photo views for ImageNet models, 120 for the detector; photo sets take at least one "
+                   "set, 32 photo views for ImageNet models, 544 for the detector; photo sets take at least one "
                    "view per photo, the detector's the same number per photo)")
     p.add_argument("--output", required=True, help="bundle directory to write")
     p.add_argument("--no-bias-correction", action="store_true", help="skip BN folding + bias correction")
