@@ -34,8 +34,8 @@ MIN_SCORE = 0.05  # detections under test are kept down to this score, to trace 
 EVAL_VIEWS = 120
 # Views `lwfc convert`'s int8 retention check asks for (544 from 17 photos). mAP averages AP over the classes
 # present, and on 136 views several classes have one or two reference boxes: one of them missed moves the mAP
-# by 3-4 pp. One bundle scored 92.7-99.4% on four disjoint 136-view sets (converters/NOTES.md); 544 views
-# (29 classes, 1,114 boxes) narrow that to a 90% bootstrap interval of about +-2.5 pp.
+# by 3-4 pp. One bundle scored 92.7-99.4% on four 136-view sets drawn with different seeds; 544 views pool four
+# times the boxes (1,114 in 29 classes), yet still leave a few single-box classes (converters/NOTES.md).
 CHECK_VIEWS = 544
 
 
