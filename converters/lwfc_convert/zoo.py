@@ -202,8 +202,8 @@ MODELS: dict[str, ModelSpec] = {
                    "MobilenetV3.expanded_conv_3.expand.Relu", "CenternetHead.Relu_2"),
                   _centernet_mbv3_coco, coco_classes,
                   # At the classifiers' rates the training error jumped between epochs (measured on crops:
-                  # 1e-4 kept 13.6% -> 12.9%, 3e-5 reached 9.4%). The heads' distillation lifted the simulated
-                  # mAP@0.5 retention from 96.4% (split tensor alone) to 99.8% (136 views; converters/NOTES.md).
+                  # 1e-4 kept 13.6% -> 12.9%, 3e-5 reached 9.4%). Distilling the heads raised recall and
+                  # box-weighted AP a little; its class-averaged mAP moves with the view set (converters/NOTES.md).
                   qat=QatRecipe(lr=3e-5, scale_lr=3e-4, images_per_epoch=32, batch=4,
                                 task=_centernet_heads_task)),
     ]
