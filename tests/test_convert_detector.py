@@ -53,7 +53,11 @@ def test_int8_detector_keeps_its_detections(detector_bundle):
     gains = hs["gains"]
     assert all(gains[c] > 4 for c in (5, 7, 11, 13))  # the stem's narrow channels
     assert info["equalization"]["range_limits"]
-    assert info["qat"]["crops"].startswith("512 random 128 x 128 crops")
+    qat = info["qat"]  # whole views (the cloud half is fixed to 512 px), the heads distilled too
+    assert "crops" not in qat and qat["images_per_epoch"] == 32 and qat["batch"] == 4
+    td = qat["task_distillation"]
+    assert td["loss"] == "lwfc_convert.centernet.heads_loss" and td["weight"] == 1.0
+    assert len(td["history"]) == 3 and td["after"] <= td["before"]
     check = info["int8_check"]
     assert check["metric"] == "map50_int8_vs_float" and check["images"] == VIEWS
     assert any("fewer than the 544" in w for w in check["warnings"])  # 17 views: not conclusive
