@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -195,12 +195,6 @@ def heads_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor])
     heat = (w_kp * (kp_s - kp_t).pow(2)).sum() / (w_kp * kp_t.pow(2)).sum().clamp(min=1e-12)
     sides = (w_wh * (wh_s - wh_t).pow(2)).sum() / (w_wh * wh_t.pow(2)).sum().clamp(min=1e-12)
     return heat + sides
-
-
-def heads_task(model: CenterNetMBv3) -> tuple[CenterNetHeads, Any]:
-    """CenterNet's QAT task distillation (``zoo.QatRecipe.task``): the model without its decoding, and
-    :func:`heads_loss`."""
-    return without_decode(model), heads_loss
 
 
 def build_centernet(graph: TfjsGraph | str | Path | None = None) -> CenterNetMBv3:

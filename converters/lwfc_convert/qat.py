@@ -362,33 +362,35 @@ def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
     if task is not None:
         for p in task.head.parameters():
             p.requires_grad_(False)
+    weight = task.weight if task is not None else 0.0
     norm = target.pow(2).mean()
-
-    def losses(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(relative squared error of the features, task loss) on the images ``idx``."""
-        out = student(xs[idx])
-        feature = (out - target[idx]).pow(2).mean() / norm
-        if task is None:
-            return feature, torch.zeros(())
-        with torch.no_grad():
-            wanted = task.outputs(target[idx])
-        return feature, task.loss(task.outputs(out), wanted)
-
     probe = torch.arange(per_epoch)
+    # The teacher's task outputs on the probe images, computed once: every epoch's error() compares with them.
+    probe_wanted = ([task.outputs(target[probe[i:i + batch]]) for i in range(0, per_epoch, batch)]
+                    if task is not None else [])
+
+    def task_loss(out: torch.Tensor, idx: torch.Tensor, wanted: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The task loss of the student's features ``out`` on the images ``idx`` (0 without a task)."""
+        if task is None:
+            return torch.zeros(())
+        if wanted is None:
+            with torch.no_grad():
+                wanted = task.outputs(target[idx])
+        return task.loss(task.outputs(out), wanted)
 
     def error() -> tuple[float, float]:
         """(relative L2 error of the features, mean task loss per batch) on the probe images."""
         outs, task_losses = [], []
         with torch.no_grad():
-            for i in range(0, per_epoch, batch):
+            for k, i in enumerate(range(0, per_epoch, batch)):
                 idx = probe[i:i + batch]
                 outs.append(student(xs[idx]))
                 if task is not None:
-                    task_losses.append(float(task.loss(task.outputs(outs[-1]), task.outputs(target[idx]))))
+                    task_losses.append(float(task_loss(outs[-1], idx, probe_wanted[k])))
         return relative_l2(torch.cat(outs), target[probe]), sum(task_losses) / max(len(task_losses), 1)
 
     def total(err: tuple[float, float]) -> float:
-        return err[0] ** 2 + (task.weight * err[1] if task is not None else 0.0)
+        return err[0] ** 2 + weight * err[1]
 
     first = error()
     best, best_err = total(first), first
@@ -402,8 +404,9 @@ def qat_finetune(quantized: fx.GraphModule, teacher: nn.Module, images: Iterable
     for _ in tqdm(range(epochs), desc="QAT fine-tuning", unit="epoch", disable=not progress, leave=False):
         order = torch.randperm(len(xs), generator=gen)[:per_epoch]
         for i in range(0, per_epoch, batch):
-            feature, task_loss = losses(order[i:i + batch])
-            loss = feature + (task.weight * task_loss if task is not None else 0.0)
+            idx = order[i:i + batch]
+            out = student(xs[idx])
+            loss = (out - target[idx]).pow(2).mean() / norm + weight * task_loss(out, idx)
             opt.zero_grad()
             loss.backward()
             opt.step()

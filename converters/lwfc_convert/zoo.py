@@ -150,10 +150,11 @@ def _centernet_mbv3_coco() -> Any:
 
 
 def _centernet_heads_task(model: Any) -> Any:
-    """CenterNet's heatmaps and box sides as QAT's second target (lwfc_convert.centernet.heads_task)."""
-    from .centernet import heads_task
+    """CenterNet's QAT task distillation: the model without its top-k decoding, and the loss on its heatmaps and
+    box sides (lwfc_convert.centernet.without_decode, heads_loss)."""
+    from .centernet import heads_loss, without_decode
 
-    return heads_task(model)
+    return without_decode(model), heads_loss
 
 
 def coco_classes() -> list[str]:
