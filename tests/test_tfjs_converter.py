@@ -26,6 +26,7 @@ from lwfc_convert.tfjs import (
     convert,
     load_graph_model,
 )
+from lwfc_convert.tfjs_ops import ResizeBilinearOp
 
 SCORE_TOL = 1e-3  # the issue's tolerance on scores
 BOX_TOL = 0.5  # ... and on box corners, in input pixels
@@ -276,3 +277,20 @@ def test_float16_and_uint8_weights_decode(tmp_path):
     x = torch.tensor([[1.0, 1.0, 1.0], [-1.0, 2.0, 0.5]])
     expect = torch.relu(x * torch.from_numpy(g.weights["w8"]) + torch.from_numpy(g.weights["w16"]))
     torch.testing.assert_close(m(x), expect)
+
+
+@pytest.mark.parametrize("hw,factor", [((16, 16), 2), ((5, 7), 2), ((1, 3), 3)])
+def test_legacy_upsampling_as_nearest_and_box_mean(hw, factor):
+    """Keras UpSampling2D (legacy bilinear, integer factor) runs as nearest up-sampling + a box mean, ops that
+    convert to int8 TFLite; in float it equals the general index-table path."""
+    x = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(0))
+    out_hw = (hw[0] * factor, hw[1] * factor)
+    fast = ResizeBilinearOp(hw, out_hw, align_corners=False, half_pixel=False, to_nchw=False)
+    tables = ResizeBilinearOp(hw, out_hw, align_corners=False, half_pixel=False, to_nchw=False)
+    tables.factor = 0
+    assert fast.factor == factor
+    torch.testing.assert_close(fast(x), tables(x), rtol=0, atol=1e-6)
+    # Half-pixel, align-corners and non-integer factors keep the general path.
+    assert ResizeBilinearOp(hw, out_hw, False, True, False).factor == 0
+    assert ResizeBilinearOp(hw, out_hw, True, False, False).factor == 0
+    assert ResizeBilinearOp(hw, (hw[0] * factor + 1, hw[1] * factor), False, False, False).factor == 0

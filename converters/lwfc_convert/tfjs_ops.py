@@ -205,13 +205,23 @@ class PoolOp(nn.Module):
 
 class ResizeBilinearOp(nn.Module):
     """ResizeBilinear with TF.js's exact source-coordinate rule (align_corners / half_pixel_centers /
-    legacy), as static index and weight tables: torch's interpolate uses half-pixel centres only, which
-    differs from TF's legacy mode used by Keras UpSampling2D."""
+    legacy): torch's interpolate uses half-pixel centres only, which differs from TF's legacy mode used by
+    Keras UpSampling2D.
+
+    Legacy up-sampling by an integer factor ``s`` (what Keras UpSampling2D does) is nearest-neighbour
+    up-sampling followed by an ``s`` x ``s`` box mean, stride 1, over the result with its last row and column
+    repeated ``s - 1`` times: output ``s*i + k`` is ``((s - k) x[i] + k x[i + 1]) / s``, with ``x[n]`` read as
+    ``x[n - 1]``, which is the legacy rule. Those are ops every int8 runtime has (RESIZE_NEAREST_NEIGHBOR,
+    AVERAGE_POOL_2D) and that litert-torch's channel-last rewrite handles; the general path, static index and
+    weight tables with ``index_select``, fails there (issue 17: the detector's head split)."""
 
     def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int], align_corners: bool, half_pixel: bool,
                  to_nchw: bool) -> None:
         super().__init__()
         self.to_nchw = to_nchw
+        s = out_hw[0] // in_hw[0] if in_hw[0] > 0 else 0
+        legacy_integer = not (align_corners or half_pixel) and s > 1 and tuple(out_hw) == (in_hw[0] * s, in_hw[1] * s)
+        self.factor = s if legacy_integer else 0  # 0: the general path
         for axis, (n_in, n_out) in zip(("h", "w"), zip(in_hw, out_hw)):
             lo, hi, frac = self._table(n_in, n_out, align_corners, half_pixel)
             self.register_buffer(f"{axis}_lo", lo, persistent=False)
@@ -236,6 +246,12 @@ class ResizeBilinearOp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.to_nchw:
             x = x.permute(*TO_NCHW)
+        if self.factor > 1:
+            s = self.factor
+            x = F.interpolate(x, scale_factor=s, mode="nearest")
+            x = torch.cat([x] + [x[:, :, :, -1:]] * (s - 1), dim=3)
+            x = torch.cat([x] + [x[:, :, -1:, :]] * (s - 1), dim=2)
+            return F.avg_pool2d(x, s, stride=1)
         left = x.index_select(3, self.w_lo)
         right = x.index_select(3, self.w_hi)
         x = left + (right - left) * self.w_frac
