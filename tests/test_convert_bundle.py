@@ -161,6 +161,9 @@ def test_int8_check_thresholds():
            "precision_int8_vs_float": 0.97, "reference_detections": 279}
     ok = bundle.int8_check(det, detector=True)
     assert ok["passed"] and ok["warnings"] == [] and ok["threshold"] == 0.95
+    assert "interval90" not in ok  # metrics without the photo bootstrap
+    spread = bundle.int8_check({**det, "map50_int8_vs_float_interval90": [0.93, 0.99]}, detector=True)
+    assert spread["interval90"] == [0.93, 0.99] and spread["passed"]  # the rule is on the value
     low = bundle.int8_check({**det, "map50_int8_vs_float": 0.93}, detector=True)
     assert not low["passed"] and "93.0% of the float model's mAP@0.5 on 544 views" in low["warnings"][0]
     few = bundle.int8_check({**det, "images": 17}, detector=True)

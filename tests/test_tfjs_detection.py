@@ -66,6 +66,54 @@ def test_false_positives_ranked_above_true_ones_cost_precision(reference):
     assert 0.5 < r["ap"][0] < 1.0 and r["ap"][1] == 1.0
 
 
+def test_box_weighted_ap_weighs_classes_by_their_boxes(reference):
+    """A class with one reference box counts as much as a class with six in the mAP, but one box in thirteen
+    in the box-weighted AP."""
+    rare = [np.vstack([reference[0], _rows([[300, 300, 340, 340]], [0.8], [2])]), *reference[1:]]
+    lost = [r[r[:, 5] != 2] for r in rare]
+    r = det.map50(rare, lost)
+    assert r["ap"] == {0: 1.0, 1: 1.0, 2: 0.0} and r["n_reference"] == 13
+    assert math.isclose(r["map50"], 2 / 3) and math.isclose(r["map50_box_weighted"], 12 / 13)
+
+
+def test_bootstrap_interval_resamples_photos(reference):
+    """Identical detections: the interval is a point. One photo (two views) losing a class: the resamples
+    that leave that photo out score 1, those that draw it score less, so the interval spans the value."""
+    assert det.map50_interval(reference, reference, [0, 0, 1]) == (1.0, 1.0)
+    views = reference + [r.copy() for r in reference]
+    photos = [0, 1, 2, 0, 1, 2]
+    damaged = [r[r[:, 5] != 1] if p == 0 else r for r, p in zip(views, photos)]
+    value = det.map50(views, damaged)["map50"]
+    lo, hi = det.map50_interval(views, damaged, photos, resamples=400)
+    assert lo < value < hi == 1.0
+    with pytest.raises(ValueError, match="2 group labels for 3 views"):
+        det.map50_interval(reference, reference, [0, 1])
+
+
+def test_counting_a_view_twice_equals_listing_it_twice(reference):
+    """The bootstrap's weights mean repetition: view 0 drawn twice scores as the list with view 0 twice."""
+    shifted = [r.copy() for r in reference]
+    shifted[0][0, [0, 2]] += 45
+    shifted[2][1, 4] = 0.95  # reorders the ranking across views
+    gts = [det.postprocess(r, det.REFERENCE_THRESHOLD) for r in reference]
+    preds = [det.postprocess(r, det.MIN_SCORE) for r in shifted]
+    weighted = det._map_from_matches(det._class_matches(gts, preds, 0.5), np.array([2, 0, 1]),
+                                     det.REFERENCE_THRESHOLD)
+    listed = det.map50([reference[0], reference[0], reference[2]], [shifted[0], shifted[0], shifted[2]])
+    for key in ("map50", "map50_box_weighted", "recall", "precision", "n_reference", "ap"):
+        assert weighted[key] == pytest.approx(listed[key]), key
+
+
+def test_photo_index_follows_views():
+    n_photos = len(det.photo_paths())
+    assert list(det.photo_index(3)) == [0, 1, 2]  # fewer views than photos: view 0 of the first ones
+    idx = det.photo_index(n_photos + 1)  # two views per photo
+    names = [name.split("#")[0] for name, _ in det.views(n_photos + 1, size=16)]
+    assert len(idx) == len(names) == 2 * n_photos
+    assert all(names[i] == names[j] for i in range(len(idx)) for j in range(len(idx)) if idx[i] == idx[j])
+    assert list(idx) == sorted(idx)
+
+
 def test_no_reference_objects_gives_nan():
     empty = [_rows(np.zeros((0, 4)), [], [])]
     r = det.map50(empty, empty)

@@ -35,7 +35,8 @@ def int8_check(metrics: dict[str, Any], detector: bool) -> dict[str, Any]:
     """Whether the int8 edge half keeps the task within the thresholds above, from the bundle's ``accuracy``
     (:func:`evaluate` or ``detection.bundle_metrics``): the metric, its value and threshold, ``passed``, and
     ``warnings`` (sentences for the user; a detector retention measured on fewer views than a full detector
-    check uses, ``detection.CHECK_VIEWS``, is flagged as not conclusive either way)."""
+    check uses, ``detection.CHECK_VIEWS``, is flagged as not conclusive either way). Detectors also get
+    ``interval90``, the retention's 90% bootstrap interval over photos, when the metrics have it."""
     from .detection import CHECK_VIEWS
 
     n = int(metrics["images"])
@@ -44,6 +45,9 @@ def int8_check(metrics: dict[str, Any], detector: bool) -> dict[str, Any]:
         value, threshold = float(metrics["map50_int8_vs_float"]), MIN_MAP50_RETENTION
         res = {"metric": "map50_int8_vs_float", "rule": f">= {threshold}", "value": value, "threshold": threshold,
                "passed": value >= threshold}
+        if metrics.get("map50_int8_vs_float_interval90"):
+            # The rule is on the value; the interval says how much the photos alone move it.
+            res["interval90"] = list(metrics["map50_int8_vs_float_interval90"])
         if not res["passed"]:
             warnings.append(f"the int8 edge half keeps {value:.1%} of the float model's mAP@0.5 on {n} views "
                             f"(threshold {threshold:.0%}; recall {metrics['recall_int8_vs_float']:.1%}, precision "

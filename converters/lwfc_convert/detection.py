@@ -92,6 +92,20 @@ def make_view(image: np.ndarray, rng: np.random.Generator, index: int, size: int
     return np.asarray(im, dtype=np.uint8)
 
 
+def _views_per_photo(n_views: int, n_photos: int) -> int:
+    return max(1, math.ceil(n_views / n_photos))
+
+
+def photo_index(n_views: int, require_darknet: bool = False) -> np.ndarray:
+    """The photo (0-based, in name order) of each view :func:`views` returns for ``n_views``: views of one
+    photo are not independent samples, :func:`map50_interval` resamples photos."""
+    n_photos = len(photo_paths(require_darknet))
+    if 0 < n_views < n_photos:
+        return np.arange(n_views)
+    per_photo = _views_per_photo(n_views, n_photos)
+    return np.repeat(np.arange(n_photos), per_photo)
+
+
 def views(n_views: int = EVAL_VIEWS, size: int = 512, seed: int = 0, names: Sequence[str] | None = None,
           require_darknet: bool = False) -> list[tuple[str, np.ndarray]]:
     """At least ``n_views`` deterministic views (``"photo#k"``, uint8 size x size x 3), the same number for
@@ -110,7 +124,7 @@ def views(n_views: int = EVAL_VIEWS, size: int = 512, seed: int = 0, names: Sequ
                                 "scikit-learn")
     if 0 < n_views < len(paths):
         paths = dict(list(paths.items())[:n_views])
-    per_photo = max(1, math.ceil(n_views / len(paths)))
+    per_photo = _views_per_photo(n_views, len(paths))
     out = []
     for name, path in paths.items():
         image = load_photo(path)
@@ -179,33 +193,22 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((r[idx + 1] - r[idx]) * p[idx + 1]))
 
 
-def map50(reference: Sequence[np.ndarray], detections: Sequence[np.ndarray], threshold: float = REFERENCE_THRESHOLD,
-          iou: float = 0.5, min_score: float = MIN_SCORE, nms_iou: float | None = NMS_IOU) -> dict[str, Any]:
-    """mAP at IoU ``iou`` of ``detections`` against ``reference``, one array of rows per view.
-
-    The reference boxes are the reference rows with score >= ``threshold`` (after NMS); the detections
-    under test are kept down to ``min_score`` (after NMS) and ranked by score. Each detection matches the
-    unmatched reference box of its class in its view with the highest IoU >= ``iou``. Returns ``map50``
-    (mean AP over the classes present in the reference; nan if there are none), ``ap`` per class index,
-    ``n_reference`` boxes, ``n_views``, and ``recall`` / ``precision`` at the reference threshold."""
-    if len(reference) != len(detections):
-        raise ValueError(f"{len(reference)} reference views but {len(detections)} detection views")
-    gts = [postprocess(r, threshold, nms_iou) for r in reference]
-    preds = [postprocess(d, min_score, nms_iou) for d in detections]
+def _class_matches(gts: Sequence[np.ndarray], preds: Sequence[np.ndarray], iou: float
+                   ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per class present in ``gts``: the detections of that class ranked by score (``score``, ``tp`` 0/1,
+    ``view``) and the number of reference boxes per view. Matching happens within a view, so a resample of
+    views reuses it (see :func:`_map_from_matches`)."""
     classes = sorted({int(c) for g in gts for c in g[:, 5]})
-    ap: dict[int, float] = {}
-    tp_at, fp_at, n_total = 0, 0, 0
+    out = {}
     for c in classes:
         items = []  # (score, view, box)
-        n_gt = 0
-        for v, (g, p) in enumerate(zip(gts, preds)):
-            n_gt += int(np.sum(g[:, 5] == c))
+        for v, p in enumerate(preds):
             for row in p[p[:, 5] == c]:
                 items.append((row[4], v, row[:4]))
         items.sort(key=lambda t: -t[0])
         matched = [np.zeros(int(np.sum(g[:, 5] == c)), dtype=bool) for g in gts]
         tp = np.zeros(len(items))
-        for i, (score, v, box) in enumerate(items):
+        for i, (_, v, box) in enumerate(items):
             g = gts[v][gts[v][:, 5] == c]
             if len(g):
                 ious = box_iou(box[None], g[:, :4])[0]
@@ -214,22 +217,81 @@ def map50(reference: Sequence[np.ndarray], detections: Sequence[np.ndarray], thr
                 if ious[j] >= iou:
                     matched[v][j] = True
                     tp[i] = 1
-            if score >= threshold:
-                tp_at += int(tp[i])
-                fp_at += int(1 - tp[i])
-        ctp = np.cumsum(tp)
-        recall = ctp / max(n_gt, 1)
-        precision = ctp / np.arange(1, len(items) + 1) if len(items) else np.zeros(0)
-        ap[c] = average_precision(recall, precision)
-        n_total += n_gt
+        out[c] = (np.array([t[0] for t in items], dtype=np.float64), tp,
+                  np.array([t[1] for t in items], dtype=np.int64), np.array([len(m) for m in matched]))
+    return out
+
+
+def _map_from_matches(matches: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                      weights: np.ndarray, threshold: float) -> dict[str, Any]:
+    """AP per class, mAP, box-weighted AP and recall/precision at ``threshold`` with each view counted
+    ``weights[view]`` (integer) times, exactly as if it were listed that many times (all ones: the plain
+    metric; a bootstrap draws the multiplicities)."""
+    ap: dict[int, float] = {}
+    n_box: dict[int, int] = {}
+    tp_at = fp_at = 0
+    for c, (score, tp, view, n_gt) in matches.items():
+        n = int(np.dot(weights, n_gt))
+        if n == 0:  # the class is absent from this resample
+            continue
+        ranked = np.repeat(np.arange(len(score)), weights[view])  # copies of a view's detection stay adjacent
+        ctp = np.cumsum(tp[ranked])
+        ap[c] = average_precision(ctp / n, ctp / np.arange(1, len(ranked) + 1))
+        n_box[c] = n
+        at = score[ranked] >= threshold
+        tp_at += int(np.sum(tp[ranked][at]))
+        fp_at += int(np.sum(at)) - int(np.sum(tp[ranked][at]))
+    n_total = sum(n_box.values())
     return {
         "map50": float(np.mean(list(ap.values()))) if ap else float("nan"),
+        "map50_box_weighted": sum(ap[c] * n_box[c] for c in ap) / n_total if n_total else float("nan"),
         "ap": ap,
         "n_reference": n_total,
-        "n_views": len(reference),
         "recall": tp_at / n_total if n_total else float("nan"),
         "precision": tp_at / (tp_at + fp_at) if (tp_at + fp_at) else float("nan"),
     }
+
+
+def map50(reference: Sequence[np.ndarray], detections: Sequence[np.ndarray], threshold: float = REFERENCE_THRESHOLD,
+          iou: float = 0.5, min_score: float = MIN_SCORE, nms_iou: float | None = NMS_IOU) -> dict[str, Any]:
+    """mAP at IoU ``iou`` of ``detections`` against ``reference``, one array of rows per view.
+
+    The reference boxes are the reference rows with score >= ``threshold`` (after NMS); the detections
+    under test are kept down to ``min_score`` (after NMS) and ranked by score. Each detection matches the
+    unmatched reference box of its class in its view with the highest IoU >= ``iou``. Returns ``map50``
+    (mean AP over the classes present in the reference; nan if there are none), ``map50_box_weighted`` (the
+    same APs weighted by each class's reference boxes: a class with one box no longer weighs as much as one
+    with hundreds), ``ap`` per class index, ``n_reference`` boxes, ``n_views``, and ``recall`` /
+    ``precision`` at the reference threshold."""
+    if len(reference) != len(detections):
+        raise ValueError(f"{len(reference)} reference views but {len(detections)} detection views")
+    gts = [postprocess(r, threshold, nms_iou) for r in reference]
+    preds = [postprocess(d, min_score, nms_iou) for d in detections]
+    res = _map_from_matches(_class_matches(gts, preds, iou), np.ones(len(gts), dtype=np.int64), threshold)
+    return {**res, "n_views": len(reference)}
+
+
+def map50_interval(reference: Sequence[np.ndarray], detections: Sequence[np.ndarray], groups: Sequence[int],
+                   level: float = 0.9, resamples: int = 1000, seed: int = 0,
+                   threshold: float = REFERENCE_THRESHOLD, iou: float = 0.5, min_score: float = MIN_SCORE,
+                   nms_iou: float | None = NMS_IOU) -> tuple[float, float]:
+    """Percentile bootstrap interval (``level``, e.g. 0.9 for 5%..95%) of :func:`map50`, resampling whole
+    ``groups`` with replacement: views of one photo share its objects, so the photo, not the view, is the
+    independent unit. ``groups[i]`` is the photo of view ``i`` (:func:`photo_index`)."""
+    groups = np.asarray(groups)
+    if len(groups) != len(reference):
+        raise ValueError(f"{len(groups)} group labels for {len(reference)} views")
+    gts = [postprocess(r, threshold, nms_iou) for r in reference]
+    preds = [postprocess(d, min_score, nms_iou) for d in detections]
+    matches = _class_matches(gts, preds, iou)
+    ids, group_of_view = np.unique(groups, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        draws = np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids))
+        values.append(_map_from_matches(matches, draws[group_of_view], threshold)["map50"])
+    lo, hi = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,7 +382,9 @@ def bundle_metrics(model: Any, edge: Any, cloud: Any, tflite_path: Path, onnx_pa
     """The detector's counterpart of :func:`lwfc_convert.bundle.evaluate` (same arguments): run the float
     model, the int8 TFLite edge half (ai-edge-litert) and the ONNX cloud half (onnxruntime) on ``data`` and
     report mAP@0.5 of the int8 pipeline (and of the float edge + ONNX cloud) against the float model's
-    detections, the int8 error of the edge output, and the ONNX error."""
+    detections (class-averaged, with its 90% bootstrap interval over photos when ``data`` are
+    :func:`detection_eval_data`'s views in order, and box-weighted), the int8 error of the edge output, and the
+    ONNX error."""
     import time
 
     import torch
@@ -359,11 +423,15 @@ def bundle_metrics(model: Any, edge: Any, cloud: Any, tflite_path: Path, onnx_pa
         onnx_float.extend(d_float)
         n += len(x)
     m_int8 = map50(ref, int8)
+    photos = photo_index(n, require_darknet=True)
+    interval = map50_interval(ref, int8, photos) if len(photos) == n else None  # data not from views(): none
     return {
         "images": n,
         "reference": f"float model detections with score >= {REFERENCE_THRESHOLD}, class-agnostic NMS {NMS_IOU}",
         "reference_detections": m_int8["n_reference"],
         "map50_int8_vs_float": m_int8["map50"],
+        "map50_int8_vs_float_interval90": list(interval) if interval else None,
+        "map50_box_weighted_int8_vs_float": m_int8["map50_box_weighted"],
         "recall_int8_vs_float": m_int8["recall"],
         "precision_int8_vs_float": m_int8["precision"],
         "map50_onnx_float_vs_float": map50(ref, onnx_float)["map50"],
