@@ -61,6 +61,6 @@ def test_int8_detector_keeps_its_detections(detector_bundle):
     check = info["int8_check"]
     assert check["metric"] == "map50_int8_vs_float" and check["images"] == VIEWS
     assert any("fewer than the 544" in w for w in check["warnings"])  # 17 views: not conclusive
-    lo, hi = check["interval90"]  # resampling the 17 photos
+    lo, hi = check["interval90"]  # resampling the 17 photos (one view each)
     assert lo <= hi <= 1.0 and acc["map50_int8_vs_float_interval90"] == [lo, hi]
     assert 0.9 <= acc["map50_box_weighted_int8_vs_float"] <= 1.0

@@ -36,7 +36,7 @@ def int8_check(metrics: dict[str, Any], detector: bool) -> dict[str, Any]:
     (:func:`evaluate` or ``detection.bundle_metrics``): the metric, its value and threshold, ``passed``, and
     ``warnings`` (sentences for the user; a detector retention measured on fewer views than a full detector
     check uses, ``detection.CHECK_VIEWS``, is flagged as not conclusive either way). Detectors also get
-    ``interval90``, the retention's 90% bootstrap interval over photos, when the metrics have it."""
+    ``interval90``, the retention's 90% bootstrap interval over photos and views, when the metrics have it."""
     from .detection import CHECK_VIEWS
 
     n = int(metrics["images"])

@@ -98,7 +98,7 @@ def _views_per_photo(n_views: int, n_photos: int) -> int:
 
 def photo_index(n_views: int, require_darknet: bool = False) -> np.ndarray:
     """The photo (0-based, in name order) of each view :func:`views` returns for ``n_views``: views of one
-    photo are not independent samples, :func:`map50_interval` resamples photos."""
+    photo are not independent samples, :func:`map50_interval` resamples photos, then views."""
     n_photos = len(photo_paths(require_darknet))
     if 0 < n_views < n_photos:
         return np.arange(n_views)
@@ -275,21 +275,25 @@ def map50_interval(reference: Sequence[np.ndarray], detections: Sequence[np.ndar
                    level: float = 0.9, resamples: int = 1000, seed: int = 0,
                    threshold: float = REFERENCE_THRESHOLD, iou: float = 0.5, min_score: float = MIN_SCORE,
                    nms_iou: float | None = NMS_IOU) -> tuple[float, float]:
-    """Percentile bootstrap interval (``level``, e.g. 0.9 for 5%..95%) of :func:`map50`, resampling whole
-    ``groups`` with replacement: views of one photo share its objects, so the photo, not the view, is the
-    independent unit. ``groups[i]`` is the photo of view ``i`` (:func:`photo_index`)."""
+    """Percentile interval (``level``, e.g. 0.9 for 5%..95%) of :func:`map50` under a two-stage bootstrap:
+    draw the ``groups`` (photos) with replacement, then each drawn photo's views with replacement. Views of
+    one photo share its objects, so neither the photo nor the view alone is the independent unit: the
+    interval covers other photos of the same kind and other views of these photos. ``groups[i]`` is the photo
+    of view ``i`` (:func:`photo_index`)."""
     groups = np.asarray(groups)
     if len(groups) != len(reference):
         raise ValueError(f"{len(groups)} group labels for {len(reference)} views")
     gts = [postprocess(r, threshold, nms_iou) for r in reference]
     preds = [postprocess(d, min_score, nms_iou) for d in detections]
     matches = _class_matches(gts, preds, iou)
-    ids, group_of_view = np.unique(groups, return_inverse=True)
+    members = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(resamples):
-        draws = np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids))
-        values.append(_map_from_matches(matches, draws[group_of_view], threshold)["map50"])
+        weights = np.zeros(len(groups), dtype=np.int64)
+        for g in rng.integers(0, len(members), len(members)):
+            np.add.at(weights, rng.choice(members[g], len(members[g])), 1)
+        values.append(_map_from_matches(matches, weights, threshold)["map50"])
     lo, hi = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
 
@@ -382,7 +386,7 @@ def bundle_metrics(model: Any, edge: Any, cloud: Any, tflite_path: Path, onnx_pa
     """The detector's counterpart of :func:`lwfc_convert.bundle.evaluate` (same arguments): run the float
     model, the int8 TFLite edge half (ai-edge-litert) and the ONNX cloud half (onnxruntime) on ``data`` and
     report mAP@0.5 of the int8 pipeline (and of the float edge + ONNX cloud) against the float model's
-    detections (class-averaged, with its 90% bootstrap interval over photos when ``data`` are
+    detections (class-averaged, with its 90% bootstrap interval over photos and views when ``data`` are
     :func:`detection_eval_data`'s views in order, and box-weighted), the int8 error of the edge output, and the
     ONNX error."""
     import time

@@ -109,7 +109,7 @@ def print_summary(info: dict[str, Any], where: Any) -> None:
     check = info.get("int8_check")  # bundles written before it existed lack it
     if check:
         verdict = "within" if check["passed"] else "OUTSIDE"
-        spread = (f"; 90% interval over photos {check['interval90'][0]:.4g}..{check['interval90'][1]:.4g}"
+        spread = (f"; 90% interval over photos and views {check['interval90'][0]:.4g}..{check['interval90'][1]:.4g}"
                   if check.get("interval90") else "")
         print(f"  int8 check: {check['metric']} = {check['value']:.4g} ({verdict} {check['rule']}, "
               f"{check['images']} images{spread})")
