@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -175,16 +175,23 @@ def _readers(gm: fx.GraphModule, node: fx.Node) -> list[tuple[fx.Node, list[nn.C
     return out
 
 
+def _input_channel_weights(conv: nn.Conv2d) -> Iterator[tuple[int, slice, int]]:
+    """For each input channel ``c`` of ``conv`` (any group count): ``(c, rows, k)`` such that
+    ``conv.weight[rows, k]`` are the weights that read it."""
+    per_group_in = conv.weight.shape[1]
+    per_group_out = conv.weight.shape[0] // conv.groups
+    for c in range(conv.in_channels):
+        g, k = divmod(c, per_group_in)
+        yield c, slice(g * per_group_out, (g + 1) * per_group_out), k
+
+
 def _input_channel_energy(conv: nn.Conv2d) -> torch.Tensor:
     """Sum of squared weights reading each input channel of ``conv``: how much an error on that channel
     grows in its output."""
     w = conv.weight.detach()
-    per_group_in = w.shape[1]
-    per_group_out = w.shape[0] // conv.groups
     energy = torch.zeros(conv.in_channels)
-    for c in range(conv.in_channels):
-        g, k = divmod(c, per_group_in)
-        energy[c] = w[g * per_group_out:(g + 1) * per_group_out, k].pow(2).sum()
+    for c, rows, k in _input_channel_weights(conv):
+        energy[c] = w[rows, k].pow(2).sum()
     return energy
 
 
@@ -204,11 +211,8 @@ def sensitivity(gm: fx.GraphModule, node: fx.Node, channels: int) -> torch.Tenso
 def _scale_input_channels(conv: nn.Conv2d, factor: torch.Tensor) -> None:
     """Multiply ``conv``'s weights by ``factor[c]`` along input channel ``c`` (any group count)."""
     w = conv.weight.data
-    per_group_in = w.shape[1]
-    per_group_out = w.shape[0] // conv.groups
-    for c in range(conv.in_channels):
-        g, k = divmod(c, per_group_in)
-        w[g * per_group_out:(g + 1) * per_group_out, k] *= factor[c]
+    for c, rows, k in _input_channel_weights(conv):
+        w[rows, k] *= factor[c]
 
 
 def channel_ranges(gm: fx.GraphModule, nodes: list[fx.Node], calib: Iterable[torch.Tensor]
