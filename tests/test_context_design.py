@@ -128,3 +128,21 @@ def test_joint_counts_match_spec_contexts(data):
     got = cdz._by_class(cdz.joint_counts(idx, 4).sum(axis=0, keepdims=True).astype(float),
                         np.asarray(cd.neighbour_class), 2).reshape(-1, 4)
     assert np.array_equal(want, got)
+
+
+def test_many_levels_with_concentrated_values_bound_the_classes():
+    """Above 16 levels neighbour values are binned to at most 17 fine classes of equal mass; when a few
+    levels hold most of the mass the bins collapse to fewer, and K may not exceed them (the detector's
+    24- and 32-level designs failed with a KeyError before)."""
+    x = np.random.default_rng(0).normal(size=(8, 24, 24, 6))
+    for axis in (1, 2):  # smooth maps: more neighbour classes keep paying, up to K = F
+        for _ in range(4):
+            x = (x + np.roll(x, 1, axis=axis) + np.roll(x, -1, axis=axis)) / 3
+    x = (x - x.min()) / (x.max() - x.min())
+    idx = np.minimum((23.99 * x ** 3).astype(np.int64), 23)  # cubed: the mass sits on the low levels
+    search = cdz._Search(idx, 24, 1.0, 4, None)
+    assert search.fine_classes == 10  # fewer than the 16 classes version 2 allows at 24 levels
+    d = cdz.design_contexts(idx, 24, "auto", "auto")
+    assert 1 <= d.classes <= search.fine_classes and len(d.neighbour_class) == 25
+    with pytest.raises(ValueError, match=f"classes K = 16 exceed the {search.fine_classes} fine neighbour classes"):
+        cdz.design_contexts(idx, 24, 16, 1)

@@ -641,6 +641,9 @@ class _Search:
         self.fit_sample = idx[fit[::step]]
         self.values = np.bincount(self.fit_sample.ravel(), minlength=n)[:n]
         self.fine = fine_map(self.values, n)
+        # Neighbour classes merge fine classes, so K cannot exceed them. Above 16 levels there can be fewer
+        # than FINE_CLASSES: runs of equal-mass binning collapse when a few values hold most of the mass.
+        self.fine_classes = int(self.fine.max()) + 1
         self.amortise = amortise
         self.model_bits = (n - 1) * FREQ_BITS / amortise
         self.max_models = MAX_KEYS // n
@@ -826,8 +829,8 @@ def _reference_candidates(search: _Search, base: dict, rmax: int, progress: bool
     best = min(tried, key=lambda r: r["score"])
     st = best["_st"]
     gs = sorted({best["groups"]} | set(search.group_list))
-    ks = [fixed_classes] if fixed_classes else sorted(set(_k_candidates(max_classes_v2(n, st.classes)))
-                                                      | {best["classes"]})
+    kmax = min(max_classes_v2(n, st.classes), search.fine_classes)
+    ks = [fixed_classes] if fixed_classes else sorted(set(_k_candidates(kmax)) | {best["classes"]})
     return tried + [_local_search(search, st, (best["groups"], best["classes"]), gs, ks)]
 
 
@@ -862,8 +865,11 @@ def design_contexts(indices: np.ndarray, levels: int, classes: int | str = "auto
     gs = [int(groups)] if groups != "auto" else group_candidates(c, n, extra_groups)
     search.group_list = gs
     if classes == "auto":
-        ks = list(range(1, kmax1 + 1))
-        ks_more = [k for k in _k_candidates(kmax2) if k > kmax1]
+        ks = list(range(1, min(kmax1, search.fine_classes) + 1))
+        ks_more = [k for k in _k_candidates(min(kmax2, search.fine_classes)) if k > kmax1]
+    elif int(classes) > search.fine_classes:
+        raise ValueError(f"classes K = {classes} exceed the {search.fine_classes} fine neighbour classes these "
+                         f"{n}-level indices bin into (their values are concentrated on a few levels)")
     else:
         ks, ks_more = [int(classes)], []
     # the version 1 grid: every G and every K version 1 allows (at more than 16 levels: a version 2 table)
