@@ -14,11 +14,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from lwfc_host.evaluate.report import curve, metric_at, rate_for
+from lwfc_host.evaluate.report import curve, envelope, family_headline, headline, metric_at, rate_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,29 @@ class _P:
     def __init__(self, rate: float, acc: float) -> None:
         self.bits_per_element = rate
         self.metrics = {"accuracy": acc}
+
+
+def test_family_rate_is_its_best_curve_and_failed_settings_are_no_method():
+    """HEVC 8- and 10-bit from a real run (EfficientNet block 5, target 90.5%): the 8-bit point at 1.199 b/e
+    lies under the 10-bit curve, so interpolating over the union crosses the target later (1.239) than the
+    10-bit curve alone (1.189); the family takes the lower. A design that failed has no curve."""
+    from lwfc_host.evaluate.results import Point
+
+    def pt(method, rate, acc):
+        return Point(method, "", rate, {"accuracy": acc}, 0.0, 0.0, 1)
+
+    eight = [(0.3112, 0.7843), (0.5135, 0.8733), (0.7738, 0.8973), (1.1992, 0.9043), (1.6789, 0.9127)]
+    ten = [(0.3119, 0.7810), (0.7761, 0.8977), (1.6813, 0.9137)]
+    points = [pt("hevc 8-bit", r, a) for r, a in eight] + [pt("hevc 10-bit", r, a) for r, a in ten]
+    points.append(Point("lwfc uniform clip=mse", "24 levels", math.nan, {}, math.nan, math.nan, 0,
+                        notes="design failed: ValueError: ..."))
+    ev = SimpleNamespace(points=points, primary="accuracy", reference={"float accuracy": 0.915})
+    union = rate_for(*envelope([p for p in points if p.method.startswith("hevc")], "accuracy"), 0.905)
+    own = rate_for(*curve(points[5:8], "accuracy"), 0.905)
+    assert union == pytest.approx(1.239, abs=1e-3) and own == pytest.approx(1.189, abs=1e-3)
+    (row,) = [r for r in family_headline(ev) if r["family"] == "HEVC (x265)"]
+    assert row["rate_within_1pp"] == pytest.approx(own)
+    assert [r["method"] for r in headline(ev)] == ["hevc 8-bit", "hevc 10-bit"]
 
 
 def test_curve_envelope_and_interpolation():

@@ -158,7 +158,7 @@ def run_lwfc_combo(combo: Combo, stats: Any, data: EdgeData, session: Any, metri
             designs = lwfc_designs(stats, kind, clip, levels, plan.contexts)
     except Exception as exc:  # a design that cannot exist (e.g. ECSQ emptying all cells) is reported
         return [Point(f"lwfc {kind} clip={clip}", f"{levels} levels", math.nan, {}, math.nan, math.nan, 0,
-                      notes=f"design failed: {exc}")]
+                      notes=f"design failed: {type(exc).__name__}: {exc}")]
     points: list[Point] = []
     metrics: dict[str, float] = {}
     mse = math.nan
