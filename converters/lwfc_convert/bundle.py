@@ -46,7 +46,7 @@ def int8_check(metrics: dict[str, Any], detector: bool) -> dict[str, Any]:
         res = {"metric": "map50_int8_vs_float", "rule": f">= {threshold}", "value": value, "threshold": threshold,
                "passed": value >= threshold}
         if metrics.get("map50_int8_vs_float_interval90"):
-            # The rule is on the value; the interval says how much the photos alone move it.
+            # The rule is on the value; the interval says how much other photos and views could move it.
             res["interval90"] = list(metrics["map50_int8_vs_float_interval90"])
         if not res["passed"]:
             warnings.append(f"the int8 edge half keeps {value:.1%} of the float model's mAP@0.5 on {n} views "
