@@ -95,10 +95,8 @@ def test_counting_a_view_twice_equals_listing_it_twice(reference):
     shifted = [r.copy() for r in reference]
     shifted[0][0, [0, 2]] += 45
     shifted[2][1, 4] = 0.95  # reorders the ranking across views
-    gts = [det.postprocess(r, det.REFERENCE_THRESHOLD) for r in reference]
-    preds = [det.postprocess(r, det.MIN_SCORE) for r in shifted]
-    weighted = det._map_from_matches(det._class_matches(gts, preds, 0.5), np.array([2, 0, 1]),
-                                     det.REFERENCE_THRESHOLD)
+    matches = det._class_matches(reference, shifted, det.REFERENCE_THRESHOLD, 0.5, det.MIN_SCORE, det.NMS_IOU)
+    weighted = det._map_from_matches(matches, np.array([2, 0, 1]), det.REFERENCE_THRESHOLD)
     listed = det.map50([reference[0], reference[0], reference[2]], [shifted[0], shifted[0], shifted[2]])
     for key in ("map50", "map50_box_weighted", "recall", "precision", "n_reference", "ap"):
         assert weighted[key] == pytest.approx(listed[key]), key

@@ -193,11 +193,16 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((r[idx + 1] - r[idx]) * p[idx + 1]))
 
 
-def _class_matches(gts: Sequence[np.ndarray], preds: Sequence[np.ndarray], iou: float
+def _class_matches(reference: Sequence[np.ndarray], detections: Sequence[np.ndarray], threshold: float, iou: float,
+                   min_score: float, nms_iou: float | None
                    ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per class present in ``gts``: the detections of that class ranked by score (``score``, ``tp`` 0/1,
-    ``view``) and the number of reference boxes per view. Matching happens within a view, so a resample of
-    views reuses it (see :func:`_map_from_matches`)."""
+    """Per class present in the reference boxes (:func:`map50`'s post-processing): the detections of that class
+    ranked by score (``score``, ``tp`` 0/1, ``view``) and the number of reference boxes per view. Matching
+    happens within a view, so a resample of views reuses it (see :func:`_map_from_matches`)."""
+    if len(reference) != len(detections):
+        raise ValueError(f"{len(reference)} reference views but {len(detections)} detection views")
+    gts = [postprocess(r, threshold, nms_iou) for r in reference]
+    preds = [postprocess(d, min_score, nms_iou) for d in detections]
     classes = sorted({int(c) for g in gts for c in g[:, 5]})
     out = {}
     for c in classes:
@@ -263,11 +268,8 @@ def map50(reference: Sequence[np.ndarray], detections: Sequence[np.ndarray], thr
     same APs weighted by each class's reference boxes: a class with one box no longer weighs as much as one
     with hundreds), ``ap`` per class index, ``n_reference`` boxes, ``n_views``, and ``recall`` /
     ``precision`` at the reference threshold."""
-    if len(reference) != len(detections):
-        raise ValueError(f"{len(reference)} reference views but {len(detections)} detection views")
-    gts = [postprocess(r, threshold, nms_iou) for r in reference]
-    preds = [postprocess(d, min_score, nms_iou) for d in detections]
-    res = _map_from_matches(_class_matches(gts, preds, iou), np.ones(len(gts), dtype=np.int64), threshold)
+    matches = _class_matches(reference, detections, threshold, iou, min_score, nms_iou)
+    res = _map_from_matches(matches, np.ones(len(reference), dtype=np.int64), threshold)
     return {**res, "n_views": len(reference)}
 
 
@@ -283,9 +285,7 @@ def map50_interval(reference: Sequence[np.ndarray], detections: Sequence[np.ndar
     groups = np.asarray(groups)
     if len(groups) != len(reference):
         raise ValueError(f"{len(groups)} group labels for {len(reference)} views")
-    gts = [postprocess(r, threshold, nms_iou) for r in reference]
-    preds = [postprocess(d, min_score, nms_iou) for d in detections]
-    matches = _class_matches(gts, preds, iou)
+    matches = _class_matches(reference, detections, threshold, iou, min_score, nms_iou)
     members = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
     rng = np.random.default_rng(seed)
     values = []

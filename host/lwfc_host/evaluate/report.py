@@ -116,8 +116,8 @@ def headline(ev: Evaluation, metric: str | None = None, ref: float | None = None
         r, a = curve(pts, metric)
         if not len(r):  # only failed designs: listed under the per-method table, not as a method
             continue
-        row = {"method": m, "rate_within_1pp": rate_for(r, a, target), "best": float(a.max()) if len(a) else math.nan,
-               "lowest_rate": float(r[0]) if len(r) else math.nan}
+        row = {"method": m, "rate_within_1pp": rate_for(r, a, target), "best": float(a.max()),
+               "lowest_rate": float(r[0])}
         for x in RATES:
             row[f"at_{x}"] = metric_at(r, a, x)
         rows.append(row)
