@@ -799,7 +799,8 @@ def corrupt_flood(target: Target, body_bytes: int = 60_000, limit_bytes: int = 6
             view = view[n:]
         if stalled:
             break
-    if closed_at is None and peer_closed.wait(2.0):
+    # let the reader take what arrived before the close (the ERROR) even when a failed send saw it first
+    if peer_closed.wait(2.0) and closed_at is None:
         closed_at = sent
     stop.set()
     reader.join(3)

@@ -182,6 +182,23 @@ def test_corrupt_messages_count_against_the_garbage_budget(serve):
     assert_newcomer_served(target)
 
 
+def test_a_peer_cut_off_for_garbage_hears_why_before_an_orderly_close(serve):
+    """Closing with unread input would send a reset, which can drop the ERROR still queued: the host shuts its
+    side, discards what the peer still sends for a bounded time, and only then closes."""
+    _, target = serve(max_garbage=64 << 10)
+    s = attacks.connect(target)
+    attacks.welcome(s, dict(target.hello, device="babbler"))
+    s.sendall(bytes(1 << 20))  # far over the budget: most of it is still unread when the host gives up
+    time.sleep(0.2)
+    s.settimeout(5.0)
+    parser, received = P.Parser(1 << 22), b"-"
+    while received:
+        received = s.recv(65536)  # a reset would raise ConnectionResetError here
+        parser.feed(received)
+    s.close()
+    assert attacks.error_names(list(parser)) == ["GARBAGE"]
+
+
 def test_refused_connections_are_told_why(serve):
     """A connection over its address quota hears REFUSE BUSY with the quota it hit, not a silent close."""
     srv, target = serve(max_per_address=2)

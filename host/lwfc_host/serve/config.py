@@ -16,6 +16,11 @@ from typing import Any, Callable
 # read plus one message header, which bounds a connection's memory.
 READ_CHUNK = 65536
 
+# After a fatal ERROR (too much garbage), the host reads and discards at most this many bytes, for at most
+# FATAL_LINGER_S, so that the ERROR reaches a peer that is still sending (see TcpStream.close).
+FATAL_LINGER_S = 1.0
+LINGER_MAX_BYTES = 4 << 20
+
 
 class ServerError(Exception):
     """The server cannot start: a bad bundle, table, key file or address."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lwfc import protocol as P
 from lwfc.errors import FrameError
-from lwfc_host.serve.config import MAX_PRE_SESSION_MESSAGE, ServerConfig
+from lwfc_host.serve.config import FATAL_LINGER_S, MAX_PRE_SESSION_MESSAGE, ServerConfig
 from lwfc_host.serve.metrics import Metrics
 from lwfc_host.serve.slices import ADDED, DUPLICATE, REJECTED, PendingTensor
 from lwfc_host.serve.streams import Stream
@@ -120,6 +120,7 @@ class Connection:
         self.expected = 1  # the seq the next DATA should carry
         self.table_id: bytes | None = None
         self.closing = False
+        self.linger_s = 0.0  # how long closing waits for the peer to take the last answers (FATAL_LINGER_S)
         self.frames = 0
         self.errors = 0
         # Answers in the order they are due: futures of message bytes. Bounded: reading stops while it is
@@ -492,6 +493,7 @@ class Connection:
             await self.error(0, P.E_GARBAGE, f"{self.parser.garbage_since_valid} bytes without a valid "
                                              f"message{why}; closing")
             if self.stream.closable:
+                self.linger_s = FATAL_LINGER_S
                 return False
             self.parser.garbage_since_valid = 0
         return True
@@ -535,7 +537,7 @@ class Connection:
         finally:
             await self._finish_sending()
             if self.stream.closable:
-                await self.stream.close()
+                await self.stream.close(self.linger_s)
 
     async def _finish_sending(self) -> None:
         """Send the answers still due (frames in work finish first), then stop the sender."""

@@ -8,7 +8,7 @@ import asyncio
 import concurrent.futures
 import threading
 
-from lwfc_host.serve.config import READ_CHUNK, ServerError
+from lwfc_host.serve.config import LINGER_MAX_BYTES, READ_CHUNK, ServerError
 
 
 class Stream:
@@ -24,7 +24,9 @@ class Stream:
     async def write(self, data: bytes) -> None:
         raise NotImplementedError
 
-    async def close(self) -> None:
+    async def close(self, linger_s: float = 0.0) -> None:
+        """End the stream. ``linger_s`` > 0: the last answers must reach the peer even though it is still sending
+        (see ``TcpStream.close``)."""
         raise NotImplementedError
 
 
@@ -46,10 +48,31 @@ class TcpStream(Stream):
         # a peer that never reads must not make us buffer answers forever
         await asyncio.wait_for(self.writer.drain(), self.drain_timeout_s)
 
-    async def close(self) -> None:
+    async def close(self, linger_s: float = 0.0) -> None:
+        """Close the socket. Closing with unread input makes the kernel answer with a reset and drop what is still
+        queued to send, so a peer that keeps sending would never read the ERROR that says why it is cut off.
+        With ``linger_s`` > 0 the write side is shut first (our answers, then FIN) and input is read and
+        discarded until the peer's FIN or for at most ``linger_s`` seconds and LINGER_MAX_BYTES bytes."""
+        if linger_s > 0:
+            await self._linger(linger_s)
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 2.0)
+        except (OSError, asyncio.TimeoutError):
+            pass
+
+
+    async def _linger(self, linger_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        until, discarded = loop.time() + linger_s, 0
+        try:
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            while discarded < LINGER_MAX_BYTES and (left := until - loop.time()) > 0:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK), left)
+                if not data:
+                    return
+                discarded += len(data)
         except (OSError, asyncio.TimeoutError):
             pass
 
@@ -101,7 +124,7 @@ class SerialStream(Stream):
         self.ser.write(data)
         self.ser.flush()
 
-    async def close(self) -> None:
+    async def close(self, linger_s: float = 0.0) -> None:  # a serial line has no reset to avoid
         self.stopped.set()
         await self.loop.run_in_executor(None, self.thread.join, 2.0)
         self.ser.close()
