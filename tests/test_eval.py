@@ -84,6 +84,7 @@ def test_curve_envelope_and_interpolation():
 
 
 def test_plan_refuses_overrides_that_nothing_would_use():
+    from lwfc_host.evaluate.lwfc_points import lwfc_combos
     from lwfc_host.evaluate.plans import make_plan
 
     assert make_plan(False, "fashion-mnist", True, None, {"levels": [3]}, {"lwfc"}).levels == [3]
@@ -93,8 +94,17 @@ def test_plan_refuses_overrides_that_nothing_would_use():
         make_plan(False, "fashion-mnist", True, None, {"hevc_qps": {8: [30]}}, {"lwfc"})
     with pytest.raises(ValueError, match="clip sweep only"):  # a detector's quick plan has no clip sweep
         make_plan(True, "photos", True, 4, {"clip_scales": [1.0]})
-    with pytest.raises(ValueError, match="the clip sweep is uniform"):
+    with pytest.raises(ValueError, match="the clip sweep has its own, --sweep-kinds"):
         make_plan(False, "fashion-mnist", True, None, {"kinds": ["ecsq"], "clips": ["sweep"]})
+    with pytest.raises(ValueError, match="sweep kinds apply to the clip sweep only"):
+        make_plan(False, "fashion-mnist", True, None, {"sweep_kinds": ["ecsq"], "clips": ["mse"]})
+    with pytest.raises(ValueError, match="unknown quantizer kinds"):
+        make_plan(False, "fashion-mnist", True, None, {"sweep_kinds": ["lloyd"]})
+    swept = make_plan(False, "fashion-mnist", True, None, {"sweep_kinds": ["uniform", "ecsq"], "clips": ["sweep"],
+                                                            "levels": [3], "clip_scales": [1.6, 2.0]})
+    assert lwfc_combos(swept) == [("uniform", "sweep", 3, 1.6), ("uniform", "sweep", 3, 2.0),
+                                  ("ecsq", "sweep", 3, 1.6), ("ecsq", "sweep", 3, 2.0)]
+    assert make_plan(False, "fashion-mnist", True, None).sweep_kinds == ["uniform"]  # the default sweep
     with pytest.raises(ValueError, match="unknown contexts"):
         make_plan(False, "fashion-mnist", True, None, {"contexts": ["groups+k9"]})
     with pytest.raises(ValueError, match=r"av1_crfs \(--av1-crfs\) set for av1"):

@@ -45,12 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "auto-v1,auto to compare spec versions on the same quantizers")
     p.add_argument("--clips", default=None,
                    help="lwfc clip choices among mse,model,sweep (default: all three; detectors mse,model; detector "
-                        "--quick: mse); sweep = uniform quantizers with the MSE clip's top times each --clip-scales "
-                        "value")
+                        "--quick: mse); sweep = quantizers (--sweep-kinds) with the MSE clip's top times each "
+                        "--clip-scales value")
     p.add_argument("--clip-scales", default=None,
                    help="clip sweep scales (default 1,1.3,1.6,2,2.5; quick: 1,1.6); needs sweep among the clips")
     p.add_argument("--kinds", default=None, help="lwfc quantizer kinds among uniform,ecsq for the mse and model "
-                   "clips (default: both; detector --quick: uniform); the sweep is uniform")
+                   "clips (default: both; detector --quick: uniform)")
+    p.add_argument("--sweep-kinds", default=None,
+                   help="quantizer kinds of the clip sweep among uniform,ecsq (default: uniform; ecsq adds a dead "
+                        "zone to the wider clip)")
     p.add_argument("--hevc-qps", default=None, help="8-bit HEVC QPs, e.g. 30,36,42 (10-bit QPs are then dropped)")
     p.add_argument("--av1-crfs", default=None, help="AV1 (libaom) constant-quality levels 0-63, e.g. 40,50,60")
     p.add_argument("--metric", default="auto",
@@ -167,7 +170,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     fields = {"levels": _values(args, "levels", int), "clip_scales": _values(args, "clip-scales", float),
               "contexts": _values(args, "contexts", str, tuple(CONTEXTS)),
               "sweep_contexts": _values(args, "sweep-contexts", str, tuple(CONTEXTS)),
-              "kinds": _values(args, "kinds", str, KINDS), "clips": _values(args, "clips", str, CLIPS)}
+              "kinds": _values(args, "kinds", str, KINDS), "sweep_kinds": _values(args, "sweep-kinds", str, KINDS),
+              "clips": _values(args, "clips", str, CLIPS)}
     qps = _values(args, "hevc-qps", int)
     if qps is not None:
         fields["hevc_qps"] = {8: qps}

@@ -62,7 +62,7 @@ def lwfc_combos(plan: Plan) -> list[Combo]:
     """(kind, clip, levels, clip scale) of every lwfc quantizer the plan asks for."""
     combos = [(k, cl, lv, 1.0) for k in plan.kinds for cl in plan.clips if cl != "sweep" for lv in plan.levels]
     if "sweep" in plan.clips:
-        combos += [("uniform", "sweep", lv, sc) for lv in plan.levels for sc in plan.clip_scales]
+        combos += [(k, "sweep", lv, sc) for k in plan.sweep_kinds for lv in plan.levels for sc in plan.clip_scales]
     return combos
 
 

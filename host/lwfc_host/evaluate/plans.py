@@ -23,7 +23,8 @@ KINDS = ("uniform", "ecsq")
 CLIPS = ("mse", "model", "sweep")
 METHODS = ("lwfc", "hevc", "av1", "jpeg", "webp", "rle", "zlib")
 # The plan fields each method reads (an override of a field no method to run reads is refused).
-METHOD_FIELDS = {"lwfc": ("levels", "kinds", "clips", "contexts", "clip_scales", "decode_check", "sweep_contexts"),
+METHOD_FIELDS = {"lwfc": ("levels", "kinds", "clips", "contexts", "clip_scales", "decode_check", "sweep_contexts",
+                          "sweep_kinds"),
                  "hevc": ("hevc_qps",), "av1": ("av1_crfs",), "jpeg": ("jpeg_qualities",), "webp": ("webp_qualities",),
                  "rle": ("rle_levels",), "zlib": ("zlib_bits",)}
 MIN_DETECTION_VIEWS = 100  # a full (not quick) detector evaluation needs at least this many views
@@ -46,7 +47,7 @@ class Plan:
     calib_images: int
     eval_images: int | None  # None: the whole test set
     decode_check: int  # tensors decoded per extra context variant (the main variant decodes them all)
-    # "sweep": uniform quantizers whose clip top is the MSE one times each scale, coded with the last context
+    # "sweep": quantizers (sweep_kinds) whose clip top is the MSE one times each scale, coded with the last context
     # variant only. Wider clips zero more small activations: far fewer bits for little task loss at 2-3 levels.
     clip_scales: list[float] = field(default_factory=lambda: [1.0, 1.3, 1.6, 2.0, 2.5])
     # AV1 all-intra constant-quality levels (libaom crf, 0-63); empty in plans written before AV1 was added
@@ -54,6 +55,9 @@ class Plan:
     # the context variants the clip sweep codes with (empty: the last of ``contexts``), e.g. auto-v1 and auto to
     # compare spec versions on the same quantizers
     sweep_contexts: list[str] = field(default_factory=list)
+    # the quantizer kinds of the clip sweep: uniform, and ecsq for a dead zone on top of the wider clip (ECSQ's
+    # lambda chosen as for the other clips, lwfc_points.ECSQ_RATE_RATIO)
+    sweep_kinds: list[str] = field(default_factory=lambda: ["uniform"])
 
 
 def full_plan(limit: int | None = None, dataset: str = "fashion-mnist") -> Plan:
@@ -120,7 +124,12 @@ def _check_overrides(plan: Plan, overrides: dict[str, Any], methods: set[str]) -
                          f"are {plan.clips}: add sweep to them (--clips)")
     if "kinds" in overrides and not any(c != "sweep" for c in plan.clips):
         raise ValueError(f"quantizer kinds {overrides['kinds']} apply to the mse and model clips only (the clip sweep "
-                         "is uniform): add mse or model to the clip choices (--clips)")
+                         "has its own, --sweep-kinds): add mse or model to the clip choices (--clips)")
+    if "sweep_kinds" in overrides and "sweep" not in plan.clips:
+        raise ValueError("sweep kinds apply to the clip sweep only: add sweep to the clip choices (--clips)")
+    unknown = [k for k in plan.kinds + plan.sweep_kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown quantizer kinds {unknown}; known: {', '.join(KINDS)}")
 
 
 def make_plan(detector: bool, dataset: str, quick: bool, limit: int | None, overrides: dict[str, Any] | None = None,
