@@ -153,6 +153,24 @@ def test_lwfc_info_prints_bundle(resnet_bundle, capsys):
     assert "resnet_fmnist" in text and "stage2" in text and "int8_edge_float_cloud_accuracy" in text
     assert "int8 error budget" in text and "output rounding alone" in text
     assert "int8 check: float_accuracy - int8_edge_float_cloud_accuracy" in text
+    assert "computed now" not in text
+
+
+def test_lwfc_info_judges_a_bundle_older_than_the_int8_check(resnet_bundle, tmp_path, capsys):
+    """A bundle.json written before int8_check existed is judged on the metrics it recorded."""
+    import shutil
+
+    from lwfc_host.cli import main
+
+    out, info = resnet_bundle
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    acc = dict(info["accuracy"], int8_edge_float_cloud_accuracy=info["accuracy"]["float_accuracy"] - 0.01)
+    legacy = {k: v for k, v in info.items() if k != "int8_check"} | {"accuracy": acc}
+    (old / "bundle.json").write_text(json.dumps(legacy))
+    assert main(["info", str(old)]) == 0
+    text = capsys.readouterr().out
+    assert "= 0.01 (OUTSIDE <= 0.005" in text and "computed now from the recorded metrics" in text
 
 
 def test_int8_check_thresholds():

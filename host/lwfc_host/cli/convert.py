@@ -106,15 +106,27 @@ def print_summary(info: dict[str, Any], where: Any) -> None:
               f", + int8 activations {budget['int8']:.2%}")
     elif budget:
         print(f"  int8 error budget: {budget.get('unavailable')}")
-    check = info.get("int8_check")  # bundles written before it existed lack it
+    check, how = info.get("int8_check"), ""
+    if check is None:  # a bundle written before the check existed: judge the metrics it recorded
+        check, how = _recorded_int8_check(info), ", computed now from the recorded metrics"
     if check:
         verdict = "within" if check["passed"] else "OUTSIDE"
         spread = (f"; 90% interval over photos and views {check['interval90'][0]:.4g}..{check['interval90'][1]:.4g}"
                   if check.get("interval90") else "")
         print(f"  int8 check: {check['metric']} = {check['value']:.4g} ({verdict} {check['rule']}, "
-              f"{check['images']} images{spread})")
+              f"{check['images']} images{spread}{how})")
     t = info["timing"]
     print(f"  conversion: {t['total_seconds']:.1f} s total, TFLite {t['tflite_conversion_seconds']:.1f} s")
+
+
+def _recorded_int8_check(info: dict[str, Any]) -> dict[str, Any] | None:
+    """``lwfc_convert.bundle.int8_check`` of a bundle's recorded metrics; None where they lack what it needs."""
+    try:
+        from lwfc_convert.bundle import int8_check
+
+        return int8_check(info["accuracy"], info.get("task") == "detection")
+    except (ImportError, KeyError, TypeError, ValueError):
+        return None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
