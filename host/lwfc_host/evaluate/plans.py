@@ -47,8 +47,8 @@ class Plan:
     calib_images: int
     eval_images: int | None  # None: the whole test set
     decode_check: int  # tensors decoded per extra context variant (the main variant decodes them all)
-    # "sweep": quantizers (sweep_kinds) whose clip top is the MSE one times each scale, coded with the last context
-    # variant only. Wider clips zero more small activations: far fewer bits for little task loss at 2-3 levels.
+    # "sweep": quantizers (sweep_kinds) whose clip top is the MSE one times each scale, coded with sweep_contexts.
+    # Wider clips zero more small activations: far fewer bits for little task loss at 2-3 levels.
     clip_scales: list[float] = field(default_factory=lambda: [1.0, 1.3, 1.6, 2.0, 2.5])
     # AV1 all-intra constant-quality levels (libaom crf, 0-63); empty in plans written before AV1 was added
     av1_crfs: list[int] = field(default_factory=list)

@@ -61,8 +61,8 @@ class TcpStream(Stream):
         except (OSError, asyncio.TimeoutError):
             pass
 
-
     async def _linger(self, linger_s: float) -> None:
+        """Shut the write side, then discard input until EOF, ``linger_s`` or LINGER_MAX_BYTES (see close)."""
         loop = asyncio.get_running_loop()
         until, discarded = loop.time() + linger_s, 0
         try:
