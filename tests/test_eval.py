@@ -289,3 +289,28 @@ def test_eval_extend_adds_points(quick_report, tmp_path):
     r = subprocess.run(base + limit + ["--extend", str(tmp_path / "nowhere"), "--output", str(bad)],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode != 0 and "evaluation.json" in r.stderr
+
+
+def test_a_sweep_scale_capped_at_the_data_maximum_is_not_evaluated_again():
+    """On a bounded layer (ReLU6-like int8 outputs piling up at the top) wider clip tops are capped at the data
+    maximum: the later scales make the same quantizer, which the run reports instead of evaluating twice."""
+    from lwfc_host.design.calibration import CalibrationStats
+    from lwfc_host.evaluate.lwfc_points import earlier_equal_scale, run_lwfc_combo, scaled_clip
+    from lwfc_host.evaluate.plans import make_plan
+
+    rng = np.random.default_rng(0)
+    q = np.clip(rng.normal(-40, 80, size=(64, 7, 7, 16)), -128, 127).astype(np.int8)  # a pile at +127
+    cs = CalibrationStats()
+    cs.add_int8(q, 6 / 255, -128, where="test")
+    stats = cs.loaded()
+    scales = [1.0, 1.6, 2.0, 2.5]
+    tops = {s: scaled_clip(stats, 8, s).c_max for s in scales}
+    assert tops[2.0] == tops[2.5] == pytest.approx(6.0)  # both capped at the largest value
+    first_capped = min(s for s in scales if tops[s] == tops[2.5])
+    assert earlier_equal_scale(stats, 8, 2.5, scales) == first_capped
+    assert earlier_equal_scale(stats, 8, first_capped, scales) is None  # the first of them is evaluated
+    assert earlier_equal_scale(stats, 8, 1.0, scales) is None
+    plan = make_plan(False, "fashion-mnist", True, None, {"clip_scales": scales, "levels": [8]})
+    (marker,) = run_lwfc_combo(("uniform", "sweep", 8, 2.5), stats, None, None, None, plan)
+    assert math.isnan(marker.bits_per_element) and marker.setting == "8 levels clip x2.5"
+    assert f"the same quantizer as clip x{first_capped:g}" in marker.notes

@@ -32,6 +32,16 @@ def scaled_clip(stats: Any, levels: int, clip_scale: float) -> Any:
     return scale_top(hist, choose_clip(hist, levels, "mse", zeros_of(stats)), clip_scale)
 
 
+def earlier_equal_scale(stats: Any, levels: int, clip_scale: float, clip_scales: list[float]) -> float | None:
+    """The first of ``clip_scales`` listed before ``clip_scale`` that gives the same clip range: scaled tops are
+    capped at the data maximum (bounded layers, many levels), so several scales can make one quantizer."""
+    top = scaled_clip(stats, levels, clip_scale).c_max
+    for s in clip_scales[:clip_scales.index(clip_scale)] if clip_scale in clip_scales else []:
+        if scaled_clip(stats, levels, s).c_max == top:
+            return s
+    return None
+
+
 def lwfc_designs(stats: Any, kind: str, clip: Any, levels: int, contexts: list[str]) -> list[tuple[str, Any]]:
     """(context name, Design) for one quantizer: the quantizer is designed once, each context variant only
     changes the entropy models. ECSQ's lambda is chosen so that its one-model entropy is ``ECSQ_RATE_RATIO``
@@ -149,6 +159,11 @@ def run_lwfc_combo(combo: Combo, stats: Any, data: EdgeData, session: Any, metri
     every variant's frames are all encoded (their sizes are the rate), the first is decoded in full and each
     other one on ``plan.decode_check`` tensors, checked to give the same indices."""
     kind, clip, levels, clip_scale = combo
+    if clip == "sweep" and (same := earlier_equal_scale(stats, levels, clip_scale, plan.clip_scales)) is not None:
+        # the same quantizer again: not designed, coded and scored twice, but said in the report
+        return [Point(f"lwfc {kind} clip=sweep", f"{levels} levels clip x{clip_scale:g}", math.nan, {}, math.nan,
+                      math.nan, 0, notes=f"the same quantizer as clip x{same:g}: the clip top is capped at the "
+                                         "data maximum")]
     n = len(data.q_eval)
     try:
         if clip == "sweep":
