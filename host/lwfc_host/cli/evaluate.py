@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "--quick: mse); sweep = quantizers (--sweep-kinds) with the MSE clip's top times each "
                         "--clip-scales value")
     p.add_argument("--clip-scales", default=None,
-                   help="clip sweep scales (default 1,1.3,1.6,2,2.5; quick: 1,1.6); needs sweep among the clips")
+                   help="clip sweep scales (default 1,1.3,1.6,2,2.5; quick: 1,1.6); needs sweep among the clips; a "
+                        "scale whose top the data maximum caps like an earlier scale's is reported, not run again")
     p.add_argument("--kinds", default=None, help="lwfc quantizer kinds among uniform,ecsq for the mse and model "
                    "clips (default: both; detector --quick: uniform)")
     p.add_argument("--sweep-kinds", default=None,
