@@ -154,6 +154,11 @@ def _point(combo: Combo, ctx: str, design: Any, coded: _Coded, metrics: dict[str
                         "clip_scale": clip_scale, "table": design.table})
 
 
+def _no_point(method: str, setting: str, why: str) -> Point:
+    """A setting that gave no point of its own; the report lists it with ``why``."""
+    return Point(method, setting, math.nan, {}, math.nan, math.nan, 0, notes=why)
+
+
 def run_lwfc_combo(combo: Combo, stats: Any, data: EdgeData, session: Any, metric: Any, plan: Plan) -> list[Point]:
     """The points of one quantizer: the cloud runs once on the decoded tensors of the first context variant;
     every variant's frames are all encoded (their sizes are the rate), the first is decoded in full and each
@@ -161,9 +166,8 @@ def run_lwfc_combo(combo: Combo, stats: Any, data: EdgeData, session: Any, metri
     kind, clip, levels, clip_scale = combo
     if clip == "sweep" and (same := earlier_equal_scale(stats, levels, clip_scale, plan.clip_scales)) is not None:
         # the same quantizer again: not designed, coded and scored twice, but said in the report
-        return [Point(f"lwfc {kind} clip=sweep", f"{levels} levels clip x{clip_scale:g}", math.nan, {}, math.nan,
-                      math.nan, 0, notes=f"the same quantizer as clip x{same:g}: the clip top is capped at the "
-                                         "data maximum")]
+        return [_no_point(f"lwfc {kind} clip=sweep", f"{levels} levels clip x{clip_scale:g}",
+                          f"the same quantizer as clip x{same:g}: the clip top is capped at the data maximum")]
     n = len(data.q_eval)
     try:
         if clip == "sweep":
@@ -172,8 +176,8 @@ def run_lwfc_combo(combo: Combo, stats: Any, data: EdgeData, session: Any, metri
         else:
             designs = lwfc_designs(stats, kind, clip, levels, plan.contexts)
     except Exception as exc:  # a design that cannot exist (e.g. ECSQ emptying all cells) is reported
-        return [Point(f"lwfc {kind} clip={clip}", f"{levels} levels", math.nan, {}, math.nan, math.nan, 0,
-                      notes=f"design failed: {type(exc).__name__}: {exc}")]
+        return [_no_point(f"lwfc {kind} clip={clip}", f"{levels} levels",
+                          f"design failed: {type(exc).__name__}: {exc}")]
     points: list[Point] = []
     metrics: dict[str, float] = {}
     mse = math.nan
