@@ -195,6 +195,25 @@ def test_int8_check_thresholds():
     disagree = bundle.int8_check(photos, detector=False)
     assert disagree["metric"] == "top1_agreement_int8_vs_float" and not disagree["passed"]
     assert bundle.int8_check({**photos, "top1_agreement_int8_vs_float": 1.0}, detector=False)["passed"]
+    # unlabeled views with the expected accuracy drop: either criterion passes; both failing warns of both
+    ties = bundle.int8_check({**photos, "expected_top1_accuracy_drop": 0.0007}, detector=False)
+    assert ties["metric"] == "expected_top1_accuracy_drop" and ties["passed"] and ties["warnings"] == []
+    assert ties["top1_agreement_int8_vs_float"] == 0.97
+    agreeing = {"images": 32, "top1_agreement_int8_vs_float": 0.995, "expected_top1_accuracy_drop": 0.02}
+    assert bundle.int8_check(agreeing, detector=False)["passed"]
+    both = bundle.int8_check({**photos, "expected_top1_accuracy_drop": 0.02}, detector=False)
+    assert not both["passed"] and "97.0% of 32 views" in both["warnings"][0] and "2.00 pp" in both["warnings"][0]
+
+
+def test_expected_accuracy_drop_weighs_a_flip_by_the_float_probabilities():
+    """A flip between two near-equal classes costs their difference; a flip away from a sure class costs it."""
+    tie = np.log(np.array([[0.50, 0.49, 0.01]]))
+    assert bundle.expected_accuracy_drop(tie, tie[:, [1, 0, 2]]) == pytest.approx(0.01)
+    sure = np.log(np.array([[0.98, 0.01, 0.01]]))
+    assert bundle.expected_accuracy_drop(sure, sure[:, [1, 0, 2]]) == pytest.approx(0.97)
+    both = np.concatenate([tie, sure])
+    assert bundle.expected_accuracy_drop(both, both) == 0.0
+    assert bundle.expected_accuracy_drop(both, both[:, [1, 0, 2]]) == pytest.approx((0.01 + 0.97) / 2)
 
 
 def test_tflite_runtime_matches_ai_edge_litert(resnet_bundle, tmp_path):

@@ -113,8 +113,10 @@ def print_summary(info: dict[str, Any], where: Any) -> None:
         verdict = "within" if check["passed"] else "OUTSIDE"
         spread = (f"; 90% interval over photos and views {check['interval90'][0]:.4g}..{check['interval90'][1]:.4g}"
                   if check.get("interval90") else "")
+        agreement = (f"; top-1 agreement {check['top1_agreement_int8_vs_float']:.2%}"
+                     if "top1_agreement_int8_vs_float" in check else "")
         print(f"  int8 check: {check['metric']} = {check['value']:.4g} ({verdict} {check['rule']}, "
-              f"{check['images']} images{spread}{how})")
+              f"{check['images']} images{spread}{agreement}{how})")
     t = info["timing"]
     print(f"  conversion: {t['total_seconds']:.1f} s total, TFLite {t['tflite_conversion_seconds']:.1f} s")
 
