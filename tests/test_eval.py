@@ -314,3 +314,18 @@ def test_a_sweep_scale_capped_at_the_data_maximum_is_not_evaluated_again():
     (marker,) = run_lwfc_combo(("uniform", "sweep", 8, 2.5), stats, None, None, None, plan)
     assert math.isnan(marker.bits_per_element) and marker.setting == "8 levels clip x2.5"
     assert f"the same quantizer as clip x{first_capped:g}" in marker.notes
+
+
+def test_report_lists_a_setting_without_a_point_once_not_as_a_nan_row():
+    """A capped sweep scale (no point of its own) is named under "Settings that gave no point", not in All points."""
+    from lwfc_host.evaluate.report import load_evaluation, markdown
+    from lwfc_host.evaluate.results import Point
+
+    ev = load_evaluation(Path(__file__).parent.parent / "results/eval/resnet_fmnist_stage2/evaluation.json")
+    ev.points.append(Point("lwfc uniform clip=sweep", "4 levels clip x9", math.nan, {}, math.nan, math.nan, 0,
+                           notes="the same quantizer as clip x2.5: the clip top is capped at the data maximum"))
+    md = markdown(ev)
+    listed, all_points = md.split("## All points")
+    assert "lwfc uniform clip=sweep, 4 levels clip x9 (the same quantizer as clip x2.5" in listed
+    assert "clip x9" not in all_points and "nan" not in all_points
+    assert all_points.count("\n| lwfc ") == sum(p.method.startswith("lwfc") for p in ev.points) - 1

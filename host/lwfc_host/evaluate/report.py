@@ -319,6 +319,8 @@ def markdown(ev: Evaluation) -> str:
     lines += ["## All points", "", "| method | setting | bits/element | " + label + " | enc ms | dec ms |",
               "|---|---|---|---|---|---|"]
     for p in ev.points:
+        if not math.isfinite(p.bits_per_element):
+            continue  # listed above under "Settings that gave no point"
         v = p.metrics.get(ev.primary, math.nan)
         extra = f" ({p.bits_per_element_no_param_sets:.4f} w/o param sets)" if math.isfinite(
             p.bits_per_element_no_param_sets) else ""
