@@ -75,7 +75,7 @@ def int8_check(metrics: dict[str, Any], detector: bool) -> dict[str, Any]:
                "threshold": threshold, "passed": value >= threshold}
         expected = metrics.get("expected_top1_accuracy_drop")  # bundles written before it existed lack it
         if expected is not None:
-            # the issue's first criterion (accuracy lost), estimated; agreement is the alternative
+            # the classifiers' first criterion (accuracy lost), estimated; agreement is the alternative
             drop = float(expected)
             res = {"metric": "expected_top1_accuracy_drop", "rule": f"<= {MAX_ACCURACY_DROP} or "
                    f"top1_agreement_int8_vs_float >= {threshold}", "value": drop, "threshold": MAX_ACCURACY_DROP,
