@@ -5,8 +5,9 @@ Spec v2 has one quantizer per table: every channel gets the same step. Where the
 very unequally, a finer step on the channels it is sensitive to and a coarser one elsewhere spends the bits
 where the task looks. This module estimates that gain before anyone adds per-channel quantizers to the spec.
 
-- **Shared step.** A uniform quantizer over [c_min, c_max] with ``levels`` levels (c_min = 0 for ReLU-like
-  layers, else the 0.1% quantile; c_max = the 99.9% quantile times ``clip_scale``), the same on every channel.
+- **Shared step.** A uniform quantizer over [c_min, c_max] with ``levels`` levels, the same on every channel:
+  ``coding_modes.clip_range`` (0 on ReLU-like or non-negative layers, else the 0.1% quantile; the 99.9%
+  quantile), its top times ``clip_scale``.
 - **Sensitivity** of channel c: the task loss when only channel c is quantized with the shared step, divided
   by that channel's mean squared error (task loss per unit of MSE).
 - **Allocated steps.** Step of channel c = k x shared step x sqrt(median sensitivity / sensitivity of c)
@@ -184,24 +185,22 @@ def model_setup(model_name: str, split_at: str, images: int) -> tuple[Any, TaskL
     from lwfc_convert.detection import is_detector
     from lwfc_convert.zoo import load_model
 
+    from .coding_modes import calibration_batches
+
     model = load_model(model_name).eval()
     points = {p.path: p for p in splitting.list_split_points(model)}
     activation = points[split_at].activation if split_at in points else ""
-    if is_detector(model_name):
+    detector = is_detector(model_name)
+    if detector:
         from lwfc_convert.centernet import without_decode
-        from lwfc_convert.detection import detection_eval_data
 
         edge, head = splitting.split(without_decode(model), split_at)
-        calib, _, _ = detection_eval_data(model_name, images, 1, seed=0, progress=False)
-        make_loss: Callable[[Any, Any], TaskLoss] = heads_loss
     else:
-        from lwfc_convert.bundle import calibration_and_eval_data
-
         edge, head = splitting.split(model, split_at)
-        calib, _, _ = calibration_and_eval_data(model_name, images, 1, seed=0, progress=False)
-        make_loss = kl_loss
+    calib = calibration_batches(model_name, images, detector, progress=False)
     with torch.no_grad():
         x = torch.cat([edge(xb) for xb in calib])[:images]
+    make_loss: Callable[[Any, Any], TaskLoss] = heads_loss if detector else kl_loss
     return x, make_loss(head, x), activation, f"{model_name} {split_at}, float edge half, {len(x)} images"
 
 
@@ -215,12 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-scale", type=float, default=1.0,
                     help="c_max = the 99.9%% quantile times this (default 1)")
     args = ap.parse_args(argv)
-    import torch
+    from .coding_modes import clip_range
 
     x, loss, activation, described = model_setup(args.model, args.split, args.images)
-    sample = x.flatten()[:: max(1, x.numel() // 2_000_000)]
-    c_min = 0.0 if activation in ("relu", "relu6") else float(torch.quantile(sample, 0.001))
-    c_max = float(torch.quantile(sample, 0.999)) * args.clip_scale
+    c_min, top = clip_range(x.numpy(), activation)
+    c_max = top * args.clip_scale
     print(described)
     for levels in (int(v) for v in args.levels.split(",")):
         for line in measure(x, loss, levels, c_min, c_max).lines():

@@ -217,7 +217,21 @@ def measure(layer: LayerTensors, levels: list[int], qps: list[int], progress: bo
 
 # --- where the tensors come from -------------------------------------------------------------------------------
 
-def _clip_range(x: np.ndarray, activation: str) -> tuple[float, float]:
+def calibration_batches(model_name: str, images: int, detector: bool, progress: bool = True) -> list[Any]:
+    """The preprocessed calibration batches (NCHW) of zoo model ``model_name``: ``images`` detector views, or
+    calibration images of the model's data set; the same ones for every measurement of this package."""
+    if detector:
+        from lwfc_convert.detection import detection_eval_data
+
+        calib, _, _ = detection_eval_data(model_name, images, 1, seed=0, progress=progress)
+    else:
+        from lwfc_convert.bundle import calibration_and_eval_data
+
+        calib, _, _ = calibration_and_eval_data(model_name, images, 1, seed=0, progress=progress)
+    return calib
+
+
+def clip_range(x: np.ndarray, activation: str) -> tuple[float, float]:
     """[c_min, c_max]: 0 (or the 0.1% quantile of a linear layer) to the 99.9% quantile of the values."""
     flat = x.ravel()
     sample = flat[:: max(1, flat.size // 2_000_000)]
@@ -234,20 +248,13 @@ def bundle_tensors(bundle_dir: str, images: int, progress: bool = True) -> Layer
     from lwfc_host.evaluate.metrics import bundle_task
 
     bundle = load_bundle(bundle_dir)
-    if bundle_task(bundle.info) == "detection":
-        from lwfc_convert.detection import detection_eval_data
-
-        calib, _, _ = detection_eval_data(bundle.model, images, 1, seed=0, progress=progress)
-    else:
-        from lwfc_convert.bundle import calibration_and_eval_data
-
-        calib, _, _ = calibration_and_eval_data(bundle.model, images, 1, seed=0, progress=progress)
+    calib = calibration_batches(bundle.model, images, bundle_task(bundle.info) == "detection", progress)
     interp = make_interpreter(bundle.edge_path)
     q = np.concatenate([run_tflite(interp, xb)[0] for xb in calib])[:images]
     feature = bundle.info["feature"]
     x = (float(feature["scale"]) * (q.astype(np.float32) - int(feature["zero_point"]))).astype(np.float32)
     activation = str(feature.get("activation", bundle.info.get("activation", "")))
-    return LayerTensors(f"{bundle.model} {bundle.info['split']}", x, *_clip_range(x, activation),
+    return LayerTensors(f"{bundle.model} {bundle.info['split']}", x, *clip_range(x, activation),
                         f"int8 edge half of bundle {bundle_dir}, {len(x)} calibration images")
 
 
@@ -256,23 +263,17 @@ def model_tensors(model_name: str, split_at: str, images: int, progress: bool = 
     import torch
 
     from lwfc_convert import split as splitting
+    from lwfc_convert.detection import is_detector
     from lwfc_convert.zoo import load_model
 
     model = load_model(model_name)
     edge, _ = splitting.split(model, split_at)
     points = {p.path: p for p in splitting.list_split_points(model)}
     activation = points[split_at].activation if split_at in points else ""
-    if model_name.startswith("centernet"):
-        from lwfc_convert.detection import detection_eval_data
-
-        calib, _, _ = detection_eval_data(model_name, images, 1, seed=0, progress=progress)
-    else:
-        from lwfc_convert.bundle import calibration_and_eval_data
-
-        calib, _, _ = calibration_and_eval_data(model_name, images, 1, seed=0, progress=progress)
+    calib = calibration_batches(model_name, images, is_detector(model_name), progress)
     with torch.no_grad():
         x = torch.cat([edge(xb) for xb in calib])[:images].permute(0, 2, 3, 1).contiguous().numpy()
-    return LayerTensors(f"{model_name} {split_at}", x, *_clip_range(x, activation),
+    return LayerTensors(f"{model_name} {split_at}", x, *clip_range(x, activation),
                         f"float edge half (PyTorch) of {model_name} at {split_at}, {len(x)} calibration images")
 
 
