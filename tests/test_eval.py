@@ -329,3 +329,27 @@ def test_report_lists_a_setting_without_a_point_once_not_as_a_nan_row():
     assert "lwfc uniform clip=sweep, 4 levels clip x9 (the same quantizer as clip x2.5" in listed
     assert "clip x9" not in all_points and "nan" not in all_points
     assert all_points.count("\n| lwfc ") == sum(p.method.startswith("lwfc") for p in ev.points) - 1
+
+
+def test_a_fine_tuned_model_is_held_to_the_higher_of_its_own_and_the_original_accuracy():
+    """A model fine-tuned for the codec (zoo ``fine_tuned_from``) must not lower the 1-pp bar: when the model it
+    came from was more accurate, that accuracy is the reference; when it was less, the model's own is."""
+    from lwfc_host.evaluate.report import reference_value
+
+    lower = SimpleNamespace(primary="accuracy", reference={"float accuracy": 0.920, "original float accuracy": 0.925})
+    higher = SimpleNamespace(primary="accuracy", reference={"float accuracy": 0.927, "original float accuracy": 0.925})
+    plain = SimpleNamespace(primary="accuracy", reference={"float accuracy": 0.925})
+    assert reference_value(lower) == (0.925, "accuracy of the model it was fine-tuned from (above its own float "
+                                              "accuracy)")
+    assert reference_value(higher) == (0.927, "float model accuracy")
+    assert reference_value(plain) == (0.925, "float model accuracy")
+
+
+def test_the_edge_cache_knows_which_model_a_zoo_model_was_fine_tuned_from():
+    """The evaluation runs the original float model beside a fine-tuned one (and only then)."""
+    pytest.importorskip("torch", reason="the zoo needs torch")
+    from lwfc_host.evaluate.edge_cache import _original_name
+
+    assert _original_name(SimpleNamespace(model="resnet_fmnist_rate")) == "resnet_fmnist"
+    assert _original_name(SimpleNamespace(model="resnet_fmnist")) is None
+    assert _original_name(SimpleNamespace(model="not_in_the_zoo")) is None

@@ -25,6 +25,33 @@ def _evaluate(model: Any, images: np.ndarray, labels: np.ndarray, preprocess: An
     return correct / len(labels)
 
 
+SHIFT = 2  # pixels: the ResNet's augmentation shifts images by up to this much in each direction
+
+
+def pad_for_shifts(images: np.ndarray) -> np.ndarray:
+    """Fashion-MNIST images (N, 28, 28) zero-padded by SHIFT pixels on each side, for :func:`shifted_and_flipped`."""
+    return np.pad(images, ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT)))
+
+
+def shifted_and_flipped(padded: np.ndarray, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The ResNet's training augmentation of images ``idx`` of ``padded``: one random shift by up to SHIFT
+    pixels for the batch, and a random horizontal flip per image."""
+    size = padded.shape[1] - 2 * SHIFT
+    dx, dy = rng.integers(0, 2 * SHIFT + 1, size=2)
+    xb = padded[idx, dy : dy + size, dx : dx + size]
+    flip = rng.random(len(idx)) < 0.5
+    return np.where(flip[:, None, None], xb[:, :, ::-1], xb)
+
+
+def resnet_input(images: np.ndarray) -> Any:
+    """Fashion-MNIST images (N, 28, 28) uint8 as the ResNet's normalized float input (N, 1, 28, 28)."""
+    import torch
+
+    from .resnet_fmnist import MEAN, STD
+
+    return (torch.from_numpy(images.astype(np.float32))[:, None] / 255.0 - MEAN) / STD
+
+
 def train_resnet_fmnist(
     output: str | Path | None = None,
     epochs: int = 12,
@@ -46,7 +73,7 @@ def train_resnet_fmnist(
     from tqdm import tqdm
 
     from .datasets import load_fashion_mnist_arrays
-    from .resnet_fmnist import MEAN, STD, ResNetFMNIST
+    from .resnet_fmnist import ResNetFMNIST
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -60,23 +87,15 @@ def train_resnet_fmnist(
     steps = epochs * ((len(tr_y) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
 
-    def norm(a: np.ndarray) -> torch.Tensor:
-        return (torch.from_numpy(a.astype(np.float32))[:, None] / 255.0 - MEAN) / STD
-
     t0 = time.time()
     for epoch in range(epochs):
         model.train()
         order = rng.permutation(len(tr_y))
-        padded = np.pad(tr_x, ((0, 0), (2, 2), (2, 2)))
+        padded = pad_for_shifts(tr_x)
         bar = tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress)
         for i in bar:
             idx = order[i : i + batch_size]
-            # Augmentation: random shift by up to 2 pixels and random horizontal flip.
-            dx, dy = rng.integers(0, 5, size=2)
-            xb = padded[idx, dy : dy + 28, dx : dx + 28]
-            flip = rng.random(len(idx)) < 0.5
-            xb = np.where(flip[:, None, None], xb[:, :, ::-1], xb)
-            x = norm(xb)
+            x = resnet_input(shifted_and_flipped(padded, idx, rng))
             y = torch.from_numpy(tr_y[idx])
             loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
             opt.zero_grad()
@@ -87,7 +106,7 @@ def train_resnet_fmnist(
             if not progress and (i // batch_size) % 100 == 0:
                 print(f"epoch {epoch + 1} step {i // batch_size} loss {loss.item():.3f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
-        acc = _evaluate(model, te_x, te_y, norm)
+        acc = _evaluate(model, te_x, te_y, resnet_input)
         print(f"epoch {epoch + 1}: test accuracy {acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
     out = Path(output) if output else WEIGHTS_DIR / "resnet_fmnist.pt"
     out.parent.mkdir(parents=True, exist_ok=True)

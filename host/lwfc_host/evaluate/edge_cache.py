@@ -40,7 +40,9 @@ class EdgeData:
     labels: np.ndarray
     scale: float
     zero_point: int
-    ref: dict[str, np.ndarray]  # "int8": cloud(int8 edge), "float": the float model (when its weights load)
+    # "int8": cloud(int8 edge); "float": the float model (when its weights load); "original float": the model it
+    # was fine-tuned from (ModelSpec.fine_tuned_from)
+    ref: dict[str, np.ndarray]
     description: str
     seconds: float
 
@@ -107,15 +109,26 @@ def _images(bundle: Bundle, plan: Plan, progress: bool) -> tuple[Any, Any, str]:
     return calibration_and_eval_data(bundle.model, plan.calib_images, plan.eval_images, seed=0, progress=progress)
 
 
-def _float_model(bundle: Bundle) -> tuple[Any, str]:
-    """The float model (its own outputs give agreement with it and its accuracy on exactly these images), or
-    None and why not: where its weights are not installed, the float numbers come from bundle.json."""
+def _float_model(name: str) -> tuple[Any, str]:
+    """The float zoo model ``name`` (its own outputs give agreement with it and its accuracy on exactly these
+    images), or None and why not: where its weights are not installed, the float numbers come from
+    bundle.json."""
     try:
         from lwfc_convert.zoo import load_model
 
-        return load_model(bundle.model), ""
+        return load_model(name), ""
     except Exception as exc:
-        return None, f"; float model not loaded ({type(exc).__name__}: {exc})"
+        return None, f"; float model {name} not loaded ({type(exc).__name__}: {exc})"
+
+
+def _original_name(bundle: Bundle) -> str | None:
+    """The zoo model the bundle's model was fine-tuned from, if any (``ModelSpec.fine_tuned_from``)."""
+    try:
+        from lwfc_convert.zoo import get_spec
+
+        return get_spec(bundle.model).fine_tuned_from
+    except Exception:  # a model the zoo does not know has no recorded origin
+        return None
 
 
 def _compute(bundle: Bundle, plan: Plan, session: Any, progress: bool) -> EdgeData:
@@ -131,20 +144,27 @@ def _compute(bundle: Bundle, plan: Plan, session: Any, progress: bool) -> EdgeDa
     interp = make_interpreter(bundle.edge_path)
     q_calib = np.concatenate([run_tflite(interp, x)[0] for x in tqdm(calib, desc="edge half (calibration)",
                                                                      disable=not progress, leave=False)])
-    model, why_not = _float_model(bundle)
-    q_eval, labels, float_logits = [], [], []
+    model, why_not = _float_model(bundle.model)
+    original_name = _original_name(bundle)
+    original, why_not_original = _float_model(original_name) if original_name else (None, "")
+    q_eval, labels, float_logits, original_logits = [], [], [], []
     for x, y in tqdm(ev, desc="edge half (evaluation)", disable=not progress, leave=False):
         q_eval.append(run_tflite(interp, x)[0])
         labels.append(np.asarray(y))
-        if model is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if model is not None:
                 float_logits.append(model(x).numpy())
+            if original is not None:
+                original_logits.append(original(x).numpy())
     feature = bundle.info["feature"]
     data = EdgeData(np.concatenate(q_eval), q_calib, np.concatenate(labels).astype(np.int64),
-                    float(feature["scale"]), int(feature["zero_point"]), {}, desc + why_not, 0.0)
+                    float(feature["scale"]), int(feature["zero_point"]), {}, desc + why_not + why_not_original,
+                    0.0)
     data.ref["int8"] = data.cloud(session, data.q_eval)
     if float_logits:
         data.ref["float"] = np.concatenate(float_logits)
+    if original_logits:
+        data.ref["original float"] = np.concatenate(original_logits)
     data.seconds = time.time() - t0
     return data
 

@@ -78,12 +78,16 @@ def resolve_dataset(info: dict, dataset: str) -> str:
 
 
 def _reference(metric: Any, data: EdgeData, info: dict) -> dict[str, float]:
-    """The metric of the uncompressed int8 pipeline and of the float model on the evaluation images."""
+    """The metric of the uncompressed int8 pipeline, of the float model and, for a fine-tuned model, of the model
+    it was fine-tuned from, on the evaluation images."""
     reference = {f"int8 {k}": v for k, v in metric(data.ref["int8"], data.labels, data.ref).items()}
     if "float" in data.ref:
         reference.update({f"float {k}": v for k, v in metric(data.ref["float"], data.labels, data.ref).items()})
     elif data.labeled and "float_accuracy" in info.get("accuracy", {}):
         reference["float accuracy"] = float(info["accuracy"]["float_accuracy"])  # whole test set (bundle.json)
+    if "original float" in data.ref:
+        reference.update({f"original float {k}": v
+                          for k, v in metric(data.ref["original float"], data.labels, data.ref).items()})
     return reference
 
 
