@@ -329,6 +329,13 @@ def test_report_lists_a_setting_without_a_point_once_not_as_a_nan_row():
     assert "lwfc uniform clip=sweep, 4 levels clip x9 (the same quantizer as clip x2.5" in listed
     assert "clip x9" not in all_points and "nan" not in all_points
     assert all_points.count("\n| lwfc ") == sum(p.method.startswith("lwfc") for p in ev.points) - 1
+    # The no-point setting's method has no context suffix, so it would have made a "lwfc v1" family of its own
+    # in an evaluation that ran only the v2 contexts.
+    ev.points = [p for p in ev.points if not p.method.startswith("lwfc") or p.method.endswith("ctx=auto")]
+    ev.points.append(Point("lwfc uniform clip=sweep", "4 levels clip x9", math.nan, {}, math.nan, math.nan, 0,
+                           notes="capped"))
+    assert [r["family"] for r in family_headline(ev)] == ["lwfc v2 (designed contexts + reference channels)",
+                                                          "HEVC (x265)", "AV1 (libaom)"]
 
 
 def test_a_fine_tuned_model_is_held_to_the_higher_of_its_own_and_the_original_accuracy():

@@ -151,9 +151,12 @@ def envelope(points: list[Point], metric: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def families(ev: Evaluation) -> dict[str, list[Point]]:
+    """The measured points of each family. A setting without a point (a failed design, a capped sweep scale) is
+    left out: the report names it once under its own heading, and alone it would make a family of nothing."""
     out: dict[str, list[Point]] = {}
     for p in ev.points:
-        out.setdefault(family(p.method), []).append(p)
+        if math.isfinite(p.bits_per_element):
+            out.setdefault(family(p.method), []).append(p)
     return out
 
 
