@@ -127,7 +127,7 @@ def _original_name(bundle: Bundle) -> str | None:
         from lwfc_convert.zoo import get_spec
 
         return get_spec(bundle.model).fine_tuned_from
-    except Exception:  # a model the zoo does not know has no recorded origin
+    except (ImportError, KeyError):  # no converters installed, or a model the zoo does not know: no origin
         return None
 
 
