@@ -40,6 +40,7 @@ def test_the_rate_term_makes_the_split_tensor_sparser(fmnist, tmp_path):
     (["--model", "efficientnet_lite0_fmnist", "--rate-weight", "1"], "only for --model resnet_fmnist"),
     (["--model", "resnet_fmnist", "--rate-split", "stage3"], "go with --rate-weight"),
     (["--model", "resnet_fmnist", "--rate-weight", "-1"], "--rate-weight must be >= 0"),
+    (["--model", "resnet_fmnist_rate"], "lwfc train --model resnet_fmnist --rate-weight 1"),
 ])
 def test_train_refuses_rate_options_where_they_do_not_apply(args, message, capsys):
     assert main(["train", *args]) == 2

@@ -150,6 +150,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train resnet_fmnist or the efficientnet_lite0_fmnist head."""
+    if args.model == "resnet_fmnist_rate":
+        raise CommandError("resnet_fmnist_rate is resnet_fmnist fine-tuned for the codec: lwfc train --model "
+                           "resnet_fmnist --rate-weight 1")
     if args.model not in TRAINABLE:
         raise CommandError(f"no training recipe for {args.model!r}; trainable: {', '.join(TRAINABLE)}")
     _at_least("--epochs", args.epochs, 1)  # 0 would silently mean the default
