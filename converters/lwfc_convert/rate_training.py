@@ -16,15 +16,27 @@ training images, which the fine-tuning does not see, never on the test set.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from .train import pad_for_shifts, resnet_input, shifted_and_flipped
-from .zoo import RATE_WEIGHTS_FILE, WEIGHTS_DIR
+from .zoo import RATE_WEIGHTS_FILE, RESNET_WEIGHTS_FILE, WEIGHTS_DIR, resnet_fmnist_from
 
 VALIDATION_IMAGES = 10_000  # the last training images: held out from the fine-tuning, used to choose the weight
+
+
+@contextmanager
+def _outputs_of(module: Any) -> Iterator[list[Any]]:
+    """A list that receives every output of ``module`` while the context is open (a forward hook)."""
+    seen: list[Any] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def split_statistics(model: Any, split: str, images: np.ndarray, labels: np.ndarray,
@@ -33,23 +45,17 @@ def split_statistics(model: Any, split: str, images: np.ndarray, labels: np.ndar
     and the fraction of non-zero elements of the output of its submodule ``split``."""
     import torch
 
-    module = model.get_submodule(split)
-    seen: list[Any] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
     model.eval()
     correct, abs_sum, nonzero, elements = 0, 0.0, 0, 0
-    try:
-        with torch.no_grad():
-            for i in range(0, len(labels), batch):
-                seen.clear()
-                logits = model(resnet_input(images[i : i + batch]))
-                correct += int((logits.argmax(1).numpy() == labels[i : i + batch]).sum())
-                f = seen[0]
-                abs_sum += float(f.abs().sum())
-                nonzero += int((f != 0).sum())
-                elements += f.numel()
-    finally:
-        handle.remove()
+    with _outputs_of(model.get_submodule(split)) as seen, torch.no_grad():
+        for i in range(0, len(labels), batch):
+            seen.clear()
+            logits = model(resnet_input(images[i : i + batch]))
+            correct += int((logits.argmax(1).numpy() == labels[i : i + batch]).sum())
+            f = seen[0]
+            abs_sum += float(f.abs().sum())
+            nonzero += int((f != 0).sum())
+            elements += f.numel()
     return {"accuracy": correct / len(labels), "mean_abs": abs_sum / elements, "nonzero": nonzero / elements}
 
 
@@ -84,9 +90,6 @@ def finetune_for_rate(
     from tqdm import tqdm
 
     from .datasets import load_fashion_mnist_arrays
-    from .resnet_fmnist import ResNetFMNIST
-    from .weight_files import load_state_dict, load_strict
-
     if rate_weight < 0:
         raise ValueError(f"rate_weight must be >= 0, got {rate_weight}")
     if epochs < 1:
@@ -100,23 +103,21 @@ def finetune_for_rate(
     va_x, va_y = images[n_train:][:validation_limit], labels[n_train:][:validation_limit]
     te_x, te_y = load_fashion_mnist_arrays("test")
     te_x, te_y = te_x[:validation_limit], te_y[:validation_limit]
-    init_path = Path(init) if init else WEIGHTS_DIR / "resnet_fmnist.pt"
-    model = load_strict(ResNetFMNIST(), load_state_dict(init_path), init_path)
+    init_path = Path(init) if init else WEIGHTS_DIR / RESNET_WEIGHTS_FILE
+    model = resnet_fmnist_from(init_path)
     try:
         module = model.get_submodule(split)
     except AttributeError as exc:
         raise ValueError(f"resnet_fmnist has no submodule {split!r}: use stage1, stage2 or stage3") from exc
     before = {"validation": split_statistics(model, split, va_x, va_y),
               "test": split_statistics(model, split, te_x, te_y)}
-    seen: list[Any] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
     batch_size = 128
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * ((len(tr_y) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     padded = pad_for_shifts(tr_x)
     t0 = time.time()
-    try:
+    with _outputs_of(module) as seen:
         for epoch in range(epochs):
             model.train()
             order = rng.permutation(len(tr_y))
@@ -133,8 +134,6 @@ def finetune_for_rate(
                 opt.step()
                 sched.step()
                 bar.set_postfix(task=f"{task.item():.3f}", mean_abs=f"{rate.item():.4f}")
-    finally:
-        handle.remove()
     after = {"validation": split_statistics(model, split, va_x, va_y),
              "test": split_statistics(model, split, te_x, te_y)}
     out = Path(output) if output else WEIGHTS_DIR / RATE_WEIGHTS_FILE

